@@ -1,0 +1,259 @@
+"""The `tunewiz` command. Bare, it opens the wizard; subcommands drive the same engine code headlessly.
+
+Headless commands never import textual, and import torch only when they must.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from engine import __version__, launcher, locations, presets, rundir
+from engine.errors import TunewizError
+from engine.events import EventReader
+from engine.render import duration, format_event
+from engine.spec import SpecError
+
+FOLLOW_INTERVAL_S = 0.5
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"tunewiz: {message}", file=sys.stderr)
+    return code
+
+
+def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
+           until_finished: bool = True) -> str:
+    """Print the run's events as they come; return the final state once the engine is gone."""
+    reader = EventReader(run.events_path)
+    if not from_start:
+        reader.offset = run.events_path.stat().st_size if run.events_path.exists() else 0
+    while True:
+        result = reader.poll()
+        if result.reset:
+            print("-- events file was truncated; reading it again from the start --", flush=True)
+        for event in result.events:
+            if as_json:
+                print(json.dumps({"v": event.v, "seq": event.seq, "time": event.time, "type": event.type,
+                                  **event.data}), flush=True)
+            else:
+                print(format_event(event), flush=True)
+            if event.type == "finished" and until_finished:
+                return str(event.data.get("status"))
+        state = run.state()
+        if state in ("dead", *rundir.FINAL_STATES) and not reader.poll().events:
+            # one last read above found nothing new: nothing more will come
+            if state == "dead":
+                print(f"the engine is gone without finishing (killed?). Resume it: tunewiz resume {run.run_id}",
+                      flush=True)
+            return state
+        if not until_finished:
+            return state
+        time.sleep(FOLLOW_INTERVAL_S)
+
+
+def _follow_with_stop_on_ctrl_c(run: rundir.RunDir) -> int:
+    """Follow a run in the foreground: the first Ctrl-C asks for a graceful stop, the second detaches."""
+    presses = 0
+
+    def on_interrupt(_signum: int, _frame: object) -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            run.request_stop("ctrl-c")
+            print("\nstopping after this step (a checkpoint is saved); Ctrl-C again to detach and leave "
+                  "the run going", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        state = follow(run)
+    except KeyboardInterrupt:
+        print(f"\ndetached; the run goes on. Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0 if state in ("completed", "cancelled") else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine import preflight
+
+    spec, source = presets.resolve(args.preset, args.set or [])
+    if args.name:
+        spec.name = args.name
+    preflight.check(spec)
+    run = rundir.create(spec)
+    pid = launcher.launch(run)
+    print(f"run {run.run_id} started (engine pid {pid}); files in {run.path}")
+    if args.detach:
+        print(f"follow it: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
+        return 0
+    return _follow_with_stop_on_ctrl_c(run)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run = rundir.find(args.run)
+    state = run.state()
+    if state in rundir.LIVE_STATES:
+        return _fail(f"run {run.run_id} is still {state}; nothing to resume")
+    if state == "completed":
+        return _fail(f"run {run.run_id} completed; relaunch it instead: tunewiz train {run.spec_path}")
+    launcher.launch(run, resume=True)
+    print(f"resuming run {run.run_id}")
+    if args.detach:
+        return 0
+    return _follow_with_stop_on_ctrl_c(run)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    rows = []
+    for run in rundir.list_runs():
+        status = run.status()
+        state = run.state()
+        started = status.get("started") or status.get("created")
+        end = status.get("finished") or (time.time() if state in rundir.LIVE_STATES else status.get("updated"))
+        rows.append({"run_id": run.run_id, "state": state, "name": status.get("name"),
+                     "model": status.get("model"), "method": status.get("method"),
+                     "step": status.get("step"), "total_steps": status.get("total_steps"),
+                     "loss": status.get("loss"), "started": started,
+                     "duration_s": (end - started) if started and end else None})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no runs yet; start one with: tunewiz train demo")
+        return 0
+    print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}")
+    for row in rows:
+        step = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
+        loss = f"{row['loss']:.4f}" if isinstance(row["loss"], (int, float)) else "-"
+        print(f"{row['run_id']:<36} {row['state']:<10} {str(row['model'])[:24]:<24} {step:>11} {loss:>8} "
+              f"{duration(row['duration_s']):>7}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    run = rundir.find(args.run)
+    try:
+        state = follow(run, as_json=args.json, until_finished=args.follow)
+    except KeyboardInterrupt:
+        return 0
+    return 0 if state != "failed" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    run = rundir.find(args.run)
+    outcome = launcher.stop(run, grace_s=args.wait, on_progress=lambda msg: print(msg, flush=True))
+    if outcome == "not running":
+        print(f"run {run.run_id} is not running ({run.state()})")
+        return 0
+    print(f"run {run.run_id}: {outcome}; state {run.state()}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    found = presets.list_presets()
+    if args.json:
+        print(json.dumps([{"name": p.name, "description": p.description, "origin": p.origin,
+                           "path": str(p.path)} for p in found], indent=1))
+        return 0
+    width = max((len(p.name) for p in found), default=4)
+    for p in found:
+        print(f"{p.name:<{width}}  {p.origin:<8}  {p.description}")
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    places = {"config": locations.config_dir, "state": locations.state_dir, "data": locations.data_dir,
+              "cache": locations.cache_dir, "runs": locations.runs_dir, "presets": locations.user_presets_dir}
+    if args.what:
+        print(places[args.what]())
+    else:
+        for name, getter in places.items():
+            print(f"{name:<8} {getter()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunewiz",
+        description="Fine-tune an LLM from your terminal. Run `tunewiz` alone for the guided wizard.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunewiz {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="start a run from a preset name or a spec file")
+    p.add_argument("preset", metavar="PRESET_OR_FILE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set training.max_steps=20 (repeatable)")
+    p.add_argument("--name", help="name for this run (default: the preset's)")
+    p.add_argument("--detach", action="store_true", help="start the run and return at once")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list runs, newest first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("tail", help="print a run's events as plain text")
+    p.add_argument("run", metavar="RUN", help="run id or a unique prefix of it ('last' for the newest)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
+    p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("stop", help="stop a run gracefully (checkpoint, then cancelled)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for a graceful stop before signalling (default 120)")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("resume", help="continue a stopped, failed or dead run from its latest checkpoint")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("presets", help="list built-in and user presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("locate", help="show where tunewiz keeps its files")
+    p.add_argument("what", nargs="?", choices=["config", "state", "data", "cache", "runs", "presets"])
+    p.set_defaults(func=cmd_locate)
+    return parser
+
+
+def _open_app() -> int:
+    try:
+        from tui.app import run_app
+    except ImportError:
+        build_parser().print_help()
+        return 0
+    return run_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return _open_app()
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        build_parser().print_help()
+        return 0
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        return _fail(exc.render())
+    except (rundir.RunNotFound, TunewizError) as exc:
+        hint = getattr(exc, "hint", None)
+        return _fail(f"{exc}{f'{chr(10)}hint: {hint}' if hint else ''}")
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""What a trainer gets from the engine process: the run, its spec, the event writer and stop state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.events import EventWriter
+from engine.rundir import RunDir
+from engine.spec import RunSpec
+
+STATUS_INTERVAL_S = 1.0
+
+
+@dataclass
+class TrainOutcome:
+    """How a trainer ended (exceptions end a run as `failed` instead)."""
+
+    status: str  # "completed" or "cancelled"
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineContext:
+    """Shared by the engine process and the trainer it runs."""
+
+    run: RunDir
+    spec: RunSpec
+    events: EventWriter
+    resume: bool = False
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    _last_status: float = 0.0
+
+    def should_stop(self) -> bool:
+        """True once a stop file or SIGTERM asked the run to end."""
+        if not self.stop_event.is_set() and self.run.stop_requested():
+            self.stop_event.set()
+        return self.stop_event.is_set()
+
+    def emit(self, kind: str, **data: Any) -> dict[str, Any]:
+        """Write an event and keep status.json's summary current (throttled for `step`/`gpu`)."""
+        event = self.events.emit(kind, **data)
+        now = time.monotonic()
+        if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S:
+            return event
+        self._last_status = now
+        summary: dict[str, Any] = {"last_seq": event["seq"], "last_event": kind}
+        if kind == "phase":
+            summary["phase"] = data["phase"]
+        elif kind == "step":
+            summary.update(step=data["step"], total_steps=data["total_steps"], loss=data["loss"],
+                           epoch=data["epoch"], eta_s=data.get("eta_s"))
+        elif kind == "eval":
+            summary["eval_loss"] = data["eval_loss"]
+        self.run.update_status(**summary)
+        return event
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)

@@ -1,0 +1,217 @@
+"""Typed, versioned events: the engine appends them to `events.jsonl`; readers follow the file.
+
+Each line is one JSON object written whole, with at least `v` (protocol version), `seq` (1, 2, 3,
+... across the run's life, resumes included), `time` (Unix seconds) and `type`. The fields of each
+type are listed in `SCHEMA`; docs/run-protocol.md describes them for other clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+NUM = (int, float)
+OPT_NUM = (int, float, type(None))
+
+# type -> {field: (allowed python types, required)}
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "started": {"pid": ((int,), True), "host": ((str,), True), "run_id": ((str,), True),
+                "resumed_from_step": ((int, type(None)), False), "version": ((str,), True),
+                "python": ((str,), False), "argv": ((list,), False)},
+    "phase": {"phase": ((str,), True), "message": ((str,), True), "stats": ((dict,), False)},
+    "step": {"step": ((int,), True), "total_steps": ((int,), True), "epoch": (NUM, True),
+             "loss": (NUM, True), "learning_rate": (NUM, True), "grad_norm": (OPT_NUM, False),
+             "tokens_per_s": (OPT_NUM, False), "samples_per_s": (OPT_NUM, False),
+             "tokens_seen": ((int,), False), "elapsed_s": (NUM, True), "eta_s": (OPT_NUM, False)},
+    "eval": {"step": ((int,), True), "eval_loss": (NUM, True), "eval_tokens": ((int,), False)},
+    "gpu": {"devices": ((list,), True), "process": ((dict,), False)},
+    "sample": {"step": ((int,), True), "samples": ((list,), True)},
+    "checkpoint": {"step": ((int,), True), "path": ((str,), True)},
+    "log": {"level": ((str,), True), "message": ((str,), True)},
+    "error": {"error_type": ((str,), True), "message": ((str,), True), "hint": ((str, type(None)), False),
+              "traceback": ((str,), False)},
+    "finished": {"status": ((str,), True), "step": ((int,), False), "metrics": ((dict,), False),
+                 "output_dir": ((str,), False)},
+}
+
+FINISHED_STATUSES = ("completed", "failed", "cancelled")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One decoded event; `data` holds the type's own fields."""
+
+    v: int
+    seq: int
+    time: float
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+def validate(obj: Any) -> list[str]:
+    """Every way `obj` breaks the schema (an empty list means it is a valid event)."""
+    if not isinstance(obj, dict):
+        return ["not a JSON object"]
+    problems = []
+    for key, tp in (("v", int), ("seq", int), ("time", NUM), ("type", str)):
+        if not isinstance(obj.get(key), tp if isinstance(tp, tuple) else (tp,)) or isinstance(obj.get(key), bool):
+            problems.append(f"{key}: missing or not {'a number' if key == 'time' else tp.__name__}")
+    kind = obj.get("type")
+    fields = SCHEMA.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return problems + [f"type: unknown event type {kind!r}"]
+    for name, (types_, required) in fields.items():
+        if name not in obj:
+            if required:
+                problems.append(f"{kind}.{name}: missing")
+        elif not isinstance(obj[name], types_) or (isinstance(obj[name], bool) and bool not in types_):
+            problems.append(f"{kind}.{name}: {obj[name]!r} has the wrong type")
+    if kind == "finished" and obj.get("status") not in FINISHED_STATUSES:
+        problems.append(f"finished.status: {obj.get('status')!r} is not one of {FINISHED_STATUSES}")
+    if kind == "log" and obj.get("level") not in LOG_LEVELS:
+        problems.append(f"log.level: {obj.get('level')!r} is not one of {LOG_LEVELS}")
+    return problems
+
+
+def _last_seq(path: Path) -> int:
+    """The highest `seq` in an existing file (read from its tail), or 0."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            tail = handle.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail):
+        try:
+            seq = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            return seq
+    return 0
+
+
+class EventWriter:
+    """Appends events, each as one whole line in one write; safe to call from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._seq = _last_seq(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.last_event: dict[str, Any] | None = None
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def emit(self, kind: str, **data: Any) -> dict[str, Any]:
+        """Write one event and return it; raises ValueError if it would break the schema."""
+        with self._lock:
+            event = {"v": PROTOCOL_VERSION, "seq": self._seq + 1, "time": round(time.time(), 3),
+                     "type": kind, **data}
+            problems = validate(event)
+            if problems:
+                raise ValueError(f"invalid {kind} event: {'; '.join(problems)}")
+            line = (json.dumps(event, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+            os.write(self._fd, line)
+            self._seq += 1
+            self.last_event = event
+            return event
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+@dataclass
+class ReadResult:
+    """What one poll of the file brought."""
+
+    events: list[Event]
+    reset: bool = False
+    skipped: int = 0
+
+
+class EventReader:
+    """Follows `events.jsonl` by byte offset.
+
+    A partial last line is held back until its newline arrives; malformed lines, unknown types and
+    newer protocol versions are skipped (counted in `skipped`); a file that shrank or was replaced
+    is read again from the start and the result says `reset`, so a viewer clears what it had.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self._pending = b""
+        self._inode: int | None = None
+
+    def poll(self, max_bytes: int | None = None) -> ReadResult:
+        reset = False
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return ReadResult([])
+        if self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self.offset):
+            self.offset, self._pending, reset = 0, b"", True
+        self._inode = stat.st_ino
+        if stat.st_size == self.offset:
+            return ReadResult([], reset)
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read(max_bytes if max_bytes else -1)
+        self.offset += len(chunk)
+        data = self._pending + chunk
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        events, skipped = [], 0
+        for line in lines:
+            event = decode_line(line)
+            if event is None:
+                skipped += line.strip() != b""
+            else:
+                events.append(event)
+        return ReadResult(events, reset, skipped)
+
+    def read_all(self) -> list[Event]:
+        """Everything currently complete in the file (for one-shot readers)."""
+        events = []
+        while True:
+            result = self.poll()
+            events.extend(result.events)
+            if not result.events and not result.skipped:
+                return events
+
+
+def decode_line(line: bytes) -> Event | None:
+    """An Event from one line, or None for garbage, unknown types and newer protocol versions."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") not in SCHEMA:
+        return None
+    v = obj.get("v")
+    if not isinstance(v, int) or v > PROTOCOL_VERSION:
+        return None
+    seq, when = obj.get("seq"), obj.get("time")
+    if not isinstance(seq, int) or not isinstance(when, NUM):
+        return None
+    data = {k: val for k, val in obj.items() if k not in ("v", "seq", "time", "type")}
+    return Event(v, seq, float(when), obj["type"], data)

@@ -1,0 +1,79 @@
+"""Start the engine detached from the terminal, and stop it: request, then SIGTERM, then SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from engine.rundir import RunDir, acquire_lock
+
+LOCK_FD_ENV = "TUNEWIZ_LOCK_FD"
+
+
+def engine_command(run: RunDir, resume: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "engine.worker", str(run.path)]
+    return command + ["--resume"] if resume else command
+
+
+def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None) -> int:
+    """Start the engine on `run` in its own session and return its pid.
+
+    The launcher takes the engine lock first and hands the locked descriptor to the child, so the
+    run never looks dead between the start of the process and its first line of Python.
+    """
+    lock_fd = acquire_lock(run.lock_path)
+    child_env = {**os.environ, **(env or {}), LOCK_FD_ENV: str(lock_fd), "PYTHONUNBUFFERED": "1"}
+    try:
+        with run.log_path.open("ab") as log:
+            process = subprocess.Popen(
+                engine_command(run, resume),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, pass_fds=(lock_fd,), env=child_env,
+            )
+    finally:
+        os.close(lock_fd)  # the child's copy keeps the lock
+    # The engine records its own pid and process group in status.json (one writer, no race).
+    return process.pid
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def stop(run: RunDir, grace_s: float = 120.0, term_grace_s: float = 30.0,
+         on_progress: Callable[[str], None] | None = None) -> str:
+    """Stop a run and return how: `not running`, `graceful`, `terminated` or `killed`.
+
+    First a stop request (the engine finishes its step, saves a checkpoint and ends `cancelled`),
+    then SIGTERM to the engine's process group (handled the same way), then SIGKILL.
+    """
+    say = on_progress or (lambda _msg: None)
+    if not run.engine_alive():
+        return "not running"
+    run.request_stop()
+    say("stop requested: the engine finishes its step and saves a checkpoint")
+    if _wait(lambda: not run.engine_alive(), grace_s):
+        return "graceful"
+    pgid = run.status().get("pgid")
+    if not isinstance(pgid, int):
+        return "graceful" if not run.engine_alive() else "no pid recorded; cannot signal"
+    for sig, wait_s, outcome in ((signal.SIGTERM, term_grace_s, "terminated"), (signal.SIGKILL, 10.0, "killed")):
+        if not run.engine_alive():  # checked right before signalling: the pid is still ours
+            return "graceful"
+        say(f"engine still running after the grace period; sending {sig.name}")
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        if _wait(lambda: not run.engine_alive(), wait_s):
+            return outcome
+    return "killed"

@@ -1,0 +1,30 @@
+"""A stand-in trainer for tests of the launcher and the TUI only (never for engine behaviour).
+
+Set TUNEWIZ_TRAINER=tests.fake_trainer:train. FAKE_STEPS and FAKE_STEP_S set its pace;
+FAKE_FAIL=1 makes it raise like a CUDA out-of-memory error at step 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from engine.context import EngineContext, TrainOutcome
+
+
+def train(ctx: EngineContext) -> TrainOutcome:
+    total = int(os.environ.get("FAKE_STEPS", "20"))
+    pause = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    start_step = int(ctx.run.status().get("step") or 0) if ctx.resume else 0
+    ctx.emit("phase", phase="train", message=f"fake training for {total} steps")
+    started = time.monotonic()
+    for step in range(start_step + 1, total + 1):
+        if ctx.should_stop():
+            ctx.emit("checkpoint", step=step - 1, path=str(ctx.run.path / f"checkpoint-{step - 1}"))
+            return TrainOutcome("cancelled", step - 1)
+        time.sleep(pause)
+        if os.environ.get("FAKE_FAIL") and step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ctx.emit("step", step=step, total_steps=total, epoch=step / total, loss=2.0 / step,
+                 learning_rate=1e-4, elapsed_s=time.monotonic() - started)
+    return TrainOutcome("completed", total, {"train_loss": 2.0 / total})

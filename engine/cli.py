@@ -27,12 +27,20 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
-           until_finished: bool = True) -> str:
-    """Print the run's events as they come; return the final state once the engine is gone."""
+           until_finished: bool = True, offset: int | None = None) -> str:
+    """Print the run's events as they come; return the final state once the engine is gone.
+
+    The end is read from the lock and status.json, not from a `finished` event: a resumed run's file
+    holds the `finished` of each earlier engine life. `offset` starts reading at that byte.
+    """
     reader = EventReader(run.events_path)
-    if not from_start:
+    if offset is not None:
+        reader.offset = offset
+    elif not from_start:
         reader.offset = run.events_path.stat().st_size if run.events_path.exists() else 0
     while True:
+        # Read the state before the events: once it says the engine is gone, this read gets the rest.
+        state = run.state()
         result = reader.poll()
         if result.reset:
             print("-- events file was truncated; reading it again from the start --", flush=True)
@@ -42,21 +50,18 @@ def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
                                   **event.data}), flush=True)
             else:
                 print(format_event(event), flush=True)
-            if event.type == "finished" and until_finished:
-                return str(event.data.get("status"))
-        state = run.state()
-        if state in ("dead", *rundir.FINAL_STATES) and not reader.poll().events:
-            # one last read above found nothing new: nothing more will come
+        if state in ("dead", *rundir.FINAL_STATES):
             if state == "dead":
                 print(f"the engine is gone without finishing (killed?). Resume it: tunewiz resume {run.run_id}",
                       flush=True)
             return state
         if not until_finished:
             return state
-        time.sleep(FOLLOW_INTERVAL_S)
+        finishing = any(event.type == "finished" for event in result.events)
+        time.sleep(FOLLOW_INTERVAL_S / 10 if finishing else FOLLOW_INTERVAL_S)
 
 
-def _follow_with_stop_on_ctrl_c(run: rundir.RunDir) -> int:
+def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -> int:
     """Follow a run in the foreground: the first Ctrl-C asks for a graceful stop, the second detaches."""
     presses = 0
 
@@ -72,7 +77,7 @@ def _follow_with_stop_on_ctrl_c(run: rundir.RunDir) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        state = follow(run)
+        state = follow(run, offset=offset)
     except KeyboardInterrupt:
         print(f"\ndetached; the run goes on. Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
         return 0
@@ -87,7 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec, source = presets.resolve(args.preset, args.set or [])
     if args.name:
         spec.name = args.name
-    preflight.check(spec)
+    stats = preflight.check(spec, on_progress=lambda msg: print(msg, flush=True))
+    print(f"data: {stats['train_examples']} training examples ({stats['format']}), "
+          f"{stats['dropped_total']} rows skipped, {stats['truncated']} truncated")
     run = rundir.create(spec)
     pid = launcher.launch(run)
     print(f"run {run.run_id} started (engine pid {pid}); files in {run.path}")
@@ -104,11 +111,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _fail(f"run {run.run_id} is still {state}; nothing to resume")
     if state == "completed":
         return _fail(f"run {run.run_id} completed; relaunch it instead: tunewiz train {run.spec_path}")
+    offset = run.events_path.stat().st_size if run.events_path.exists() else 0  # follow only the new engine
     launcher.launch(run, resume=True)
     print(f"resuming run {run.run_id}")
     if args.detach:
         return 0
-    return _follow_with_stop_on_ctrl_c(run)
+    return _follow_with_stop_on_ctrl_c(run, offset)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -26,6 +26,10 @@ def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None)
     run never looks dead between the start of the process and its first line of Python.
     """
     lock_fd = acquire_lock(run.lock_path)
+    # While we hold the lock we are the only writer. A resumed run's status still says how the last
+    # engine ended (`cancelled`, `failed`) or names its dead pid/pgid; mark it live, and forget those
+    # ids so nobody signals a stale process group, before the new engine records its own.
+    run.update_status(state="starting", pid=None, pgid=None)
     child_env = {**os.environ, **(env or {}), LOCK_FD_ENV: str(lock_fd), "PYTHONUNBUFFERED": "1"}
     try:
         with run.log_path.open("ab") as log:

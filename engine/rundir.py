@@ -167,3 +167,14 @@ def find(prefix: str, runs_root: Path | None = None) -> RunDir:
         raise RunNotFound(f"no run id starts with {prefix!r} (newest: {known}); see `tunewiz runs`")
     names = ", ".join(r.run_id for r in matches[:6])
     raise RunNotFound(f"{prefix!r} matches {len(matches)} runs ({names}); type more of the id")
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint under `output_dir/checkpoints` and its step, if any."""
+    best: tuple[Path, int] | None = None
+    for path in (output_dir / "checkpoints").glob("checkpoint-*"):
+        step_text = path.name.rpartition("-")[2]
+        if step_text.isdigit() and (path / "trainer_state.json").exists():
+            if best is None or int(step_text) > best[1]:
+                best = (path, int(step_text))
+    return best

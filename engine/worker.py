@@ -23,7 +23,7 @@ from engine.context import EngineContext, TrainOutcome
 from engine.errors import TunewizError, hint_for
 from engine.events import EventWriter
 from engine.launcher import LOCK_FD_ENV
-from engine.rundir import RunDir, acquire_lock
+from engine.rundir import RunDir, acquire_lock, latest_checkpoint
 
 TRAINER_ENV = "TUNEWIZ_TRAINER"
 DEFAULT_TRAINER = "engine.trainer:train"
@@ -67,8 +67,9 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
         run.stop_path.unlink(missing_ok=True)
     run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), started=round(time.time(), 3),
                       finished=None, error=None)
+    checkpoint = latest_checkpoint(run.output_dir(spec)) if resume else None
     ctx.emit("started", pid=os.getpid(), host=socket.gethostname(), run_id=run.run_id, version=__version__,
-             python=sys.version.split()[0], argv=sys.argv)
+             python=sys.version.split()[0], argv=sys.argv, resumed_from_step=checkpoint[1] if checkpoint else None)
     try:
         outcome = _load_trainer()(ctx)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the stream visibly

@@ -1,0 +1,159 @@
+"""Row formats: detect which one a dataset uses and turn each row into a conversation or plain text.
+
+Formats and the fields they need (rename your columns onto these with `dataset.columns`):
+  messages           messages: [{role, content}, ...]
+  sharegpt           conversations: [{from, value}, ...]
+  alpaca             instruction, output (optional: input, system)
+  prompt_completion  prompt, completion (strings, or lists of messages)
+  text               text (trained on every token, no chat template)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system"}
+
+
+class RowProblem(ValueError):
+    """Why one row cannot be used; `kind` groups problems in reports."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Example:
+    """A normalised row: a conversation (list of role/content) or a plain text."""
+
+    messages: tuple[tuple[str, str], ...] = ()
+    text: str | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.text is None
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+def _mapped(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """The row with its columns renamed onto the format's field names."""
+    renamed = dict(row)
+    for field_name, column in columns.items():
+        if column in row:
+            renamed[field_name] = row[column]
+    return renamed
+
+
+def format_hint(found: list[str]) -> str:
+    wanted = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMATS.items())
+    return (f"columns found: {', '.join(found) or 'none'}. Known formats and the columns they need: {wanted}. "
+            "Map your columns with dataset.columns, e.g. { instruction = \"question\", output = \"answer\" }")
+
+
+def detect(row: Mapping[str, Any], columns: Mapping[str, str]) -> str | None:
+    """The format whose required fields this row has (after mapping), or None."""
+    mapped = _mapped(row, columns)
+    for name, fields in FORMATS.items():
+        if all(f in mapped for f in fields):
+            return name
+    return None
+
+
+def _text(value: Any, field_name: str, required: bool = True) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RowProblem("empty_field", f"field {field_name!r} is empty")
+        return ""
+    if not isinstance(value, str):
+        raise RowProblem("non_string", f"field {field_name!r} is a {type(value).__name__}, not text")
+    return value
+
+
+def _turns(items: Any, field_name: str, role_key: str, content_key: str, role_map: Mapping[str, str] | None
+           ) -> list[tuple[str, str]]:
+    if not isinstance(items, list):
+        raise RowProblem("non_string", f"field {field_name!r} is a {type(items).__name__}, not a list of turns")
+    if not items:
+        raise RowProblem("empty_field", f"field {field_name!r} is an empty conversation")
+    turns = []
+    for position, turn in enumerate(items, start=1):
+        if not isinstance(turn, Mapping):
+            raise RowProblem("non_string", f"turn {position} of {field_name!r} is not an object")
+        if role_key not in turn or content_key not in turn:
+            raise RowProblem("missing_field", f"turn {position} of {field_name!r} lacks "
+                                              f"{role_key!r} or {content_key!r} (has {', '.join(map(str, turn))})")
+        raw_role = turn[role_key]
+        role = (role_map or {r: r for r in ROLES}).get(str(raw_role).lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise RowProblem("unknown_role", f"turn {position} has unknown role {raw_role!r} "
+                                             f"(allowed: {', '.join(role_map or ROLES)})")
+        content = turn[content_key]
+        if not isinstance(content, str):
+            raise RowProblem("non_string", f"turn {position} content is a {type(content).__name__}, not text")
+        if not content.strip():
+            raise RowProblem("empty_field", f"turn {position} ({role}) is empty")
+        turns.append((role, content))
+    return turns
+
+
+def _check_conversation(turns: list[tuple[str, str]]) -> None:
+    if not any(role == "assistant" for role, _ in turns):
+        raise RowProblem("no_assistant", "the conversation has no assistant turn, so nothing would be learned")
+    if turns[-1][0] != "assistant":
+        raise RowProblem("not_ending_with_assistant", f"the conversation ends with a {turns[-1][0]} turn, "
+                                                      "not an assistant turn")
+    if any(role == "system" for role, _ in turns[1:]):
+        raise RowProblem("misplaced_system", "a system message may only come first")
+
+
+def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str | None = None) -> Example:
+    """Turn one raw row into an Example, or raise RowProblem saying what is wrong with it."""
+    if not isinstance(row, Mapping):
+        raise RowProblem("not_object", f"the row is a JSON {type(row).__name__}, not an object")
+    mapped = _mapped(row, columns)
+    missing = [f for f in FORMATS[fmt] if f not in mapped]
+    if missing:
+        raise RowProblem("missing_field", f"missing field(s) {', '.join(missing)} for format {fmt}; "
+                                          f"columns here: {', '.join(map(str, row)) or 'none'}")
+    role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
+    if fmt == "text":
+        return Example(text=_text(mapped["text"], "text"))
+    if fmt == "messages":
+        turns = _turns(mapped["messages"], "messages", role_key, content_key, None)
+    elif fmt == "sharegpt":
+        turns = _turns(mapped["conversations"], "conversations", columns.get("from", "from"),
+                       columns.get("value", "value"), SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        instruction = _text(mapped["instruction"], "instruction")
+        extra = _text(mapped.get("input"), "input", required=False)
+        turns = [("user", f"{instruction}\n\n{extra}" if extra else instruction),
+                 ("assistant", _text(mapped["output"], "output"))]
+        system = _text(mapped.get("system"), "system", required=False)
+        if system:
+            turns.insert(0, ("system", system))
+    else:  # prompt_completion
+        prompt, completion = mapped["prompt"], mapped["completion"]
+        prompt_turns = (_turns(prompt, "prompt", role_key, content_key, None) if isinstance(prompt, list)
+                        else [("user", _text(prompt, "prompt"))])
+        completion_turns = (_turns(completion, "completion", role_key, content_key, None)
+                            if isinstance(completion, list) else [("assistant", _text(completion, "completion"))])
+        turns = prompt_turns + completion_turns
+    _check_conversation(turns)
+    if system_prompt and turns[0][0] != "system":
+        turns.insert(0, ("system", system_prompt))
+    return Example(messages=tuple(turns))

@@ -1,0 +1,220 @@
+"""The data pipeline shared by training, preflight and `tunewiz data check`: read, normalise, split,
+encode with the chat template, mask labels, truncate, and account for every row that is dropped."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import locations
+from engine.data import formats, sources
+from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from engine.data.formats import Example, RowProblem
+from engine.errors import DataError
+from engine.spec import RunSpec
+
+CACHE_VERSION = 1
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """A fixed prompt answered during training, with the dataset's own answer for comparison."""
+
+    messages: tuple[tuple[str, str], ...]
+    reference: str
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    @property
+    def last_user(self) -> str:
+        return next((c for r, c in reversed(self.messages) if r == "user"), "")
+
+
+@dataclass
+class PreparedData:
+    """Encoded train/eval examples, sample prompts and the accounting of what happened to each row."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    samples: list[SamplePrompt]
+    stats: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    result = {f"p{p}": ordered[min(len(ordered) - 1, (len(ordered) * p) // 100)] for p in points}
+    result.update(min=ordered[0], max=ordered[-1])
+    return result
+
+
+def read_examples(source: sources.DataSource, system_prompt: str | None = None
+                  ) -> tuple[list[Example], str, Counter[str], list[str], int]:
+    """All usable rows of `source` as Examples, the format, and the problems of the rest.
+
+    Returns (examples, format, problem counts by kind, first problem messages, rows read).
+    """
+    columns = dict(source.columns)
+    fmt = source.format
+    examples: list[Example] = []
+    problems: Counter[str] = Counter()
+    messages: list[str] = []
+    rows = 0
+    for row in sources.iter_rows(source):
+        rows += 1
+        if isinstance(row.data, sources.BadLine):
+            problems["invalid_json" if "JSON" in row.data.reason else "undecodable"] += 1
+            if len(messages) < MAX_REPORTED_PROBLEMS:
+                messages.append(f"{row.where}: {row.data.reason}")
+            continue
+        if fmt == "auto" and isinstance(row.data, dict):
+            detected = formats.detect(row.data, columns)
+            if detected is None:
+                raise DataError(f"{row.where}: cannot tell the data format", hint=formats.format_hint(list(row.data)))
+            fmt = detected
+        try:
+            if fmt == "auto":
+                raise RowProblem("not_object", f"the row is a JSON {type(row.data).__name__}, not an object")
+            examples.append(formats.normalise(row.data, fmt, columns, system_prompt))
+        except RowProblem as problem:
+            problems[problem.kind] += 1
+            if len(messages) < MAX_REPORTED_PROBLEMS:
+                messages.append(f"{row.where}: {problem}")
+    if rows == 0:
+        raise DataError(f"{source.label} has no rows", hint="add examples, one JSON object per line")
+    if not examples:
+        detail = "\n  ".join(messages[:5])
+        first_kind = problems.most_common(1)[0][0] if problems else ""
+        hint = formats.format_hint([]) if first_kind == "missing_field" else "fix the rows listed above"
+        raise DataError(f"none of the {rows} rows of {source.label} is usable:\n  {detail}", hint=hint)
+    return examples, fmt, problems, messages, rows
+
+
+def _fingerprint(spec: RunSpec, source: sources.DataSource, tokenizer: Any, template: str | None) -> str:
+    parts = [str(CACHE_VERSION), repr(source), spec.dataset.system_prompt or "", str(spec.dataset.max_rows),
+             str(spec.dataset.eval_fraction), str(spec.training.seed), str(spec.training.max_seq_length),
+             str(spec.training.sample_prompts), tokenizer.name_or_path, str(len(tokenizer)),
+             template or getattr(tokenizer, "chat_template", "") or "", str(tokenizer.eos_token)]
+    for path in (source.location, source.heldout):
+        if source.kind == "file" and path:
+            stat = Path(path).stat()
+            parts.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(order) * fraction)
+    if fraction > 0 and n_eval == 0 and len(order) >= 10:
+        n_eval = 1
+    return order[n_eval:], order[:n_eval]
+
+
+def _truncate(encoded: Encoded, limit: int) -> tuple[Encoded, bool]:
+    if len(encoded.input_ids) <= limit:
+        return encoded, False
+    return Encoded(encoded.input_ids[:limit], encoded.labels[:limit]), True
+
+
+def _sample_prompts(examples: list[Example], count: int) -> list[SamplePrompt]:
+    samples = []
+    for example in examples:
+        if len(samples) >= count:
+            break
+        if example.is_chat and example.messages[-1][0] == "assistant":
+            samples.append(SamplePrompt(example.messages[:-1], example.messages[-1][1]))
+    return samples
+
+
+def prepare(spec: RunSpec, tokenizer: Any, offline_sample: bool = False, use_cache: bool = True,
+            stop_ids: list[int] | None = None) -> PreparedData:
+    """Run the whole pipeline for `spec` (cached by a fingerprint of its inputs)."""
+    source = sources.resolve(spec.dataset, offline_sample=offline_sample)
+    template = resolve_template(spec.dataset.chat_template, tokenizer)
+    fingerprint = _fingerprint(spec, source, tokenizer, template)
+    cache = locations.cache_dir() / "datasets" / f"{fingerprint}.pkl"
+    if use_cache and cache.exists():
+        try:
+            with cache.open("rb") as handle:
+                return pickle.load(handle)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            cache.unlink(missing_ok=True)
+    encoder = ChatEncoder(tokenizer, template)
+    if stop_ids:
+        encoder.add_stop_ids(stop_ids)
+    data = _prepare(spec, source, encoder)
+    data.fingerprint = fingerprint
+    if use_cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        with tmp.open("wb") as handle:
+            pickle.dump(data, handle)
+        tmp.replace(cache)
+    return data
+
+
+def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) -> PreparedData:
+    examples, fmt, problems, problem_messages, rows = read_examples(source, spec.dataset.system_prompt)
+    if spec.dataset.max_rows and len(examples) > spec.dataset.max_rows:
+        examples = random.Random(spec.training.seed).sample(examples, spec.dataset.max_rows)
+    train_rows, eval_rows = _split(examples, spec.dataset.eval_fraction, spec.training.seed)
+    limit = spec.training.max_seq_length
+    dropped = Counter(problems)
+    truncated = 0
+    lengths: list[int] = []
+    supervised_total = 0
+    shortest_answer_end: int | None = None
+
+    def encode_all(items: list[Example]) -> list[Encoded]:
+        nonlocal truncated, supervised_total, shortest_answer_end
+        out = []
+        for example in items:
+            encoded = encoder.encode(example)
+            lengths.append(len(encoded.input_ids))
+            if encoded.supervised == 0:
+                dropped["no_supervised_tokens"] += 1
+                continue
+            first_label = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+            if shortest_answer_end is None or first_label + 1 < shortest_answer_end:
+                shortest_answer_end = first_label + 1
+            cut, was_cut = _truncate(encoded, limit)
+            truncated += was_cut
+            if cut.supervised == 0:
+                dropped["truncated_before_answer"] += 1
+                continue
+            supervised_total += cut.supervised
+            out.append(cut)
+        return out
+
+    train, evaluation = encode_all(train_rows), encode_all(eval_rows)
+    if not train:
+        if dropped["truncated_before_answer"]:
+            raise DataError(f"training.max_seq_length = {limit} is shorter than every example: each one is cut "
+                            f"before its answer starts (the earliest answer starts at token {shortest_answer_end})",
+                            hint=f"raise training.max_seq_length (the median example has {percentiles(lengths)['p50']} "
+                                 "tokens)")
+        raise DataError(f"no trainable examples in {source.label}: {dict(dropped)}",
+                        hint="every example needs an assistant answer to learn from")
+    heldout_examples: list[Example] = []
+    if source.heldout:
+        heldout_examples, *_ = read_examples(sources.DataSource("file", source.heldout, format=fmt,
+                                                                columns=source.columns), spec.dataset.system_prompt)
+    samples = _sample_prompts(heldout_examples or eval_rows or train_rows, spec.training.sample_prompts)
+    stats = {
+        "source": source.label, "format": fmt, "rows_read": rows, "examples": len(examples),
+        "train_examples": len(train), "eval_examples": len(evaluation),
+        "dropped": dict(dropped), "dropped_total": sum(dropped.values()), "problems": problem_messages,
+        "truncated": truncated, "max_seq_length": limit, "token_lengths": percentiles(lengths),
+        "supervised_tokens": supervised_total, "train_tokens": sum(len(e.input_ids) for e in train),
+    }
+    return PreparedData(train, evaluation, samples, stats)

@@ -1,0 +1,337 @@
+"""The real trainer: LoRA/QLoRA fine-tuning with transformers' Trainer and peft, streaming events.
+
+We tokenise and mask the data ourselves (engine/data), so transformers' Trainer is all the loop we
+need; trl's SFTTrainer would add ten seconds of imports and a bf16-on-CPU default that makes CPU
+training about 25 times slower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from engine import __version__, models, monitor
+from engine.context import EngineContext, TrainOutcome
+from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from engine.data.prepare import PreparedData, prepare
+from engine.errors import HardwareError, TunewizError
+from engine.fileio import atomic_write_json
+from engine.generate import answers, matches
+from engine.rundir import latest_checkpoint
+from engine.spec import RunSpec
+
+
+def plan_steps(spec: RunSpec, n_train: int, world_size: int = 1) -> int:
+    """Optimiser steps the run will take."""
+    if spec.training.max_steps:
+        return spec.training.max_steps
+    batches = math.ceil(n_train / (spec.training.micro_batch_size * world_size))
+    per_epoch = max(1, math.ceil(batches / spec.training.gradient_accumulation))
+    return max(1, math.ceil(spec.training.epochs * per_epoch))
+
+
+def default_interval(total: int, times: int) -> int:
+    return max(1, total // times)
+
+
+class ExampleDataset:
+    """A map-style dataset over encoded examples, as transformers' Trainer expects."""
+
+    def __init__(self, examples: list[Encoded]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+class PaddingCollator:
+    """Right-pads a batch to its longest example (rounded up to `multiple` on GPU)."""
+
+    def __init__(self, pad_id: int, multiple: int = 1) -> None:
+        self.pad_id = pad_id
+        self.multiple = multiple
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(item["input_ids"]) for item in batch)
+        longest = math.ceil(longest / self.multiple) * self.multiple
+        ids, labels, mask = [], [], []
+        for item in batch:
+            pad = longest - len(item["input_ids"])
+            ids.append(item["input_ids"] + [self.pad_id] * pad)
+            labels.append(item["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(item["input_ids"]) + [0] * pad)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def _device() -> tuple[str, bool]:
+    """('cuda:0', bf16 supported) or ('cpu', False)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda:0", torch.cuda.is_bf16_supported()
+    return "cpu", False
+
+
+def check_method_supported(spec: RunSpec, cuda: bool) -> None:
+    if spec.method == "qlora" and not cuda:
+        raise HardwareError("QLoRA needs a CUDA GPU: its 4-bit weights are computed by bitsandbytes' GPU kernels, "
+                            "and this machine has no usable CUDA GPU",
+                            hint="use method = \"lora\" (fine for small models on a CPU), or run on a machine with "
+                                 "an NVIDIA GPU")
+    if spec.training.optimizer in ("adamw_8bit", "paged_adamw_8bit") and not cuda:
+        raise HardwareError(f"training.optimizer = {spec.training.optimizer!r} needs a CUDA GPU",
+                            hint="use \"adamw_torch\" on a CPU")
+
+
+def _apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.lora.target_modules
+    resolved = models.linear_target_names(model) if targets == ["all-linear"] else targets
+    missing = [t for t in resolved if not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        raise TunewizError(f"lora.target_modules {missing} are not modules of this model",
+                           hint=f"this model's linear layers: {', '.join(models.linear_target_names(model))}; "
+                                "or use [\"all-linear\"]")
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=resolved, use_rslora=spec.lora.use_rslora, use_dora=spec.lora.use_dora,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config), resolved
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"tunewiz": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    t = spec.training
+    return TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation, max_steps=total, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optimizer, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.log_every, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_every or default_interval(total, 5),
+        save_strategy="steps", save_steps=t.save_every or default_interval(total, 4),
+        save_total_limit=t.save_total_limit,
+        bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+    )
+
+
+def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
+                   sample_every: int) -> Any:
+    from transformers import TrainerCallback
+
+    spec = ctx.spec
+
+    class EventsCallback(TrainerCallback):
+        """Turns the Trainer's progress into events and checks for stop requests."""
+
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.first_step: int | None = None
+            self.last_log: tuple[float, int, int] | None = None  # (time, step, tokens)
+            self.last_train_loss: float | None = None
+            self.last_eval_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.monotonic()
+            self.first_step = state.global_step
+            self.last_log = (self.started, state.global_step, state.num_input_tokens_seen)
+            ctx.emit("phase", phase="train", message=f"training {total} steps"
+                     + (f" from step {state.global_step}" if state.global_step else ""),
+                     stats={"total_steps": total, "start_step": state.global_step})
+            if state.global_step == 0:
+                emit_samples(0)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            logs = logs or {}
+            now = time.monotonic()
+            if "eval_loss" in logs:
+                self.last_eval_loss = float(logs["eval_loss"])
+                ctx.emit("eval", step=state.global_step, eval_loss=self.last_eval_loss)
+            if "loss" not in logs:
+                return
+            assert self.last_log is not None and self.first_step is not None
+            last_time, last_step, last_tokens = self.last_log
+            dt = max(now - last_time, 1e-9)
+            steps_done = state.global_step - last_step
+            tokens = state.num_input_tokens_seen
+            per_step = (now - self.started) / max(1, state.global_step - self.first_step)
+            self.last_train_loss = float(logs["loss"])
+            ctx.emit("step", step=state.global_step, total_steps=total, epoch=float(state.epoch or 0),
+                     loss=self.last_train_loss, learning_rate=float(logs.get("learning_rate", 0.0)),
+                     grad_norm=_finite(logs.get("grad_norm")),
+                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done else None,
+                     samples_per_s=round(steps_done * args.train_batch_size * args.gradient_accumulation_steps
+                                         / dt, 3) if steps_done else None,
+                     tokens_seen=int(tokens), elapsed_s=round(now - self.started, 2),
+                     eta_s=round(per_step * (total - state.global_step), 1))
+            self.last_log = (now, state.global_step, tokens)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if ctx.should_stop():
+                control.should_training_stop = True
+                control.should_save = True
+                return
+            if state.global_step % sample_every == 0 or state.global_step == total:
+                emit_samples(state.global_step)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ctx.emit("checkpoint", step=state.global_step, path=str(path))
+
+    def emit_samples(step: int) -> None:
+        if not data.samples:
+            return
+        replies = answers(model, encoder, [s.as_dicts() for s in data.samples], spec.training.sample_max_new_tokens)
+        ctx.emit("sample", step=step, samples=[
+            {"prompt": s.last_user, "answer": reply, "reference": s.reference, "match": matches(reply, s.reference)}
+            for s, reply in zip(data.samples, replies)])
+
+    return EventsCallback()
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def train(ctx: EngineContext) -> TrainOutcome:
+    """Load, prepare, train, save; emits events all along. The engine process calls this."""
+    import torch
+
+    spec = ctx.spec
+    run = ctx.run
+    output = run.output_dir(spec)
+    device, bf16_ok = _device()
+    cuda = device != "cpu"
+    check_method_supported(spec, cuda)
+    torch.manual_seed(spec.training.seed)
+
+    ctx.emit("phase", phase="load_model", message=f"loading {spec.model.name} on {device}")
+    source = models.converted_folder(models.resolve(spec), on_progress=ctx.log)
+    tokenizer = models.load_tokenizer(source, spec)
+    dtype = models.choose_dtype(spec, cuda, bf16_ok)
+
+    ctx.emit("phase", phase="prepare_data", message="reading and tokenising the dataset")
+    model_stop_ids = _generation_stop_ids(source, spec)
+    data = prepare(spec, tokenizer, stop_ids=model_stop_ids)
+    ctx.emit("phase", phase="prepare_data", message=_data_summary(data.stats), stats=data.stats)
+    for problem in data.stats["problems"][:5]:
+        ctx.log(f"skipped row {problem}", level="warning")
+
+    model = models.load_model(source, spec, dtype, device)
+    model, targets = _apply_lora(model, spec)
+    trainable, total_params = model.get_nb_trainable_parameters()
+    ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
+             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "
+             f"{str(dtype).replace('torch.', '')} on {device}",
+             stats={"parameters": total_params, "trainable": trainable, "targets": targets,
+                    "dtype": str(dtype), "device": device})
+
+    encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
+    encoder.add_stop_ids(model_stop_ids)
+    total = plan_steps(spec, len(data.train))
+    sample_every = spec.training.sample_every or default_interval(total, 4)
+    args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
+    callback = _make_callback(ctx, model, encoder, data, total, sample_every)
+
+    from transformers import DataCollatorWithFlattening, Trainer
+
+    collator = (DataCollatorWithFlattening() if spec.training.packing
+                else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
+    trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                      eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                      data_collator=collator, callbacks=[callback])
+    checkpoint = None
+    if ctx.resume:
+        found = latest_checkpoint(output)
+        if found is None:
+            ctx.log("no checkpoint found; starting from the beginning", level="warning")
+        else:
+            checkpoint = str(found[0])
+    resources = monitor.ResourceMonitor(ctx.emit).start()
+    resources.sample()
+    started = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        resources.stop()
+    step = trainer.state.global_step
+    metrics = {"train_loss": callback.last_train_loss, "eval_loss": callback.last_eval_loss,
+               "train_runtime_s": round(time.time() - started, 1), "steps": step,
+               "tokens_seen": int(trainer.state.num_input_tokens_seen)}
+    if ctx.should_stop() and step < total:
+        ctx.emit("phase", phase="save", message=f"stopped at step {step}; checkpoint kept for resume")
+        return TrainOutcome("cancelled", step, metrics)
+    ctx.emit("phase", phase="save", message="saving the adapter")
+    adapter_dir = output / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    _write_run_card(ctx, output, source, data, metrics, device, result)
+    return TrainOutcome("completed", step, metrics)
+
+
+def _generation_stop_ids(source: models.ModelSource, spec: RunSpec) -> list[int]:
+    """The model's own stop tokens (generation_config.json), which may add to the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(source.name_or_path, revision=source.revision)
+    except OSError:
+        return []
+    eos = config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _data_summary(stats: dict[str, Any]) -> str:
+    lengths = stats.get("token_lengths", {})
+    dropped = f", dropped {stats['dropped_total']} ({stats['dropped']})" if stats["dropped_total"] else ""
+    return (f"{stats['format']} data: {stats['train_examples']} train / {stats['eval_examples']} eval examples"
+            f"{dropped}, {stats['truncated']} truncated at {stats['max_seq_length']} tokens; "
+            f"tokens p50 {lengths.get('p50')} p90 {lengths.get('p90')} max {lengths.get('max')}; "
+            f"{stats['supervised_tokens']} supervised tokens")
+
+
+def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource, data: PreparedData,
+                    metrics: dict[str, Any], device: str, result: Any) -> None:
+    import torch
+
+    from engine import spec as spec_mod
+
+    gpu = torch.cuda.get_device_name(0) if device != "cpu" else None
+    card = {"run_id": ctx.run.run_id, "spec": spec_mod.to_dict(ctx.spec), "base_model": source.name_or_path,
+            "base_model_label": source.label, "versions": _library_versions(), "device": device, "gpu": gpu,
+            "dataset": {"fingerprint": data.fingerprint, **{k: v for k, v in data.stats.items() if k != "problems"}},
+            "metrics": metrics, "trainer_metrics": dict(result.metrics) if result else {}}
+    atomic_write_json(output / "run_card.json", json.loads(json.dumps(card, default=str)))

@@ -165,6 +165,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine import export
+
+    run = rundir.find(args.run)
+    default_name = f"{run.run_id}-merged" if args.merged else f"{run.run_id}-adapter"
+    out = Path(args.out).expanduser() if args.out else Path.cwd() / default_name
+    if args.merged:
+        export.export_merged(run, out, args.dtype, on_progress=lambda msg: print(msg, flush=True))
+        print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    else:
+        export.export_adapter(run, out)
+        print(f"adapter copied to {out}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     found = presets.list_presets()
     if args.json:
@@ -224,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("export", help="copy a run's adapter, or write a merged model (--merged)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into a standalone 16-bit model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="merged weights' dtype")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: ./RUN-adapter or ./RUN-merged)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list built-in and user presets")
     p.add_argument("--json", action="store_true")

@@ -41,7 +41,10 @@ def format_event(event: Event) -> str:
         parts = [f"gpu{g.get('index')} {(g.get('mem_used_bytes') or 0) / 2**30:.1f}/"
                  f"{(g.get('mem_total_bytes') or 0) / 2**30:.0f} GiB {g.get('util_pct', '-')}%"
                  for g in d.get("devices", [])]
-        body = "  ".join(parts) or "no GPU"
+        process = d.get("process") or {}
+        if process:
+            parts.append(f"cpu {process.get('cpu_pct', 0):.0f}%  ram {(process.get('rss_bytes') or 0) / 2**30:.1f} GiB")
+        body = "  ".join(parts) or "no resource data"
     elif kind == "sample":
         lines = [f"samples at step {d['step']}:"]
         for sample in d.get("samples", []):

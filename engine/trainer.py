@@ -156,19 +156,22 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
         def __init__(self) -> None:
             self.started = time.monotonic()
             self.first_step: int | None = None
-            self.last_log: tuple[float, int, int] | None = None  # (time, step, tokens)
+            self.last_log: tuple[float, int, int] | None = None  # (compute time, step, tokens)
+            self.compute_s = 0.0  # time inside training steps, without eval, samples and saving
+            self.step_began = 0.0
             self.last_train_loss: float | None = None
             self.last_eval_loss: float | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.monotonic()
             self.first_step = state.global_step
-            self.last_log = (self.started, state.global_step, state.num_input_tokens_seen)
+            self.last_log = (0.0, state.global_step, state.num_input_tokens_seen)
             ctx.emit("phase", phase="train", message=f"training {total} steps"
                      + (f" from step {state.global_step}" if state.global_step else ""),
                      stats={"total_steps": total, "start_step": state.global_step})
             if state.global_step == 0:
                 emit_samples(0)
+            self.started = time.monotonic()  # ETA from training time, not the first samples
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kwargs: Any) -> None:
@@ -180,8 +183,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             if "loss" not in logs:
                 return
             assert self.last_log is not None and self.first_step is not None
-            last_time, last_step, last_tokens = self.last_log
-            dt = max(now - last_time, 1e-9)
+            last_compute, last_step, last_tokens = self.last_log
+            dt = max(self.compute_s - last_compute, 1e-9)
             steps_done = state.global_step - last_step
             tokens = state.num_input_tokens_seen
             per_step = (now - self.started) / max(1, state.global_step - self.first_step)
@@ -194,9 +197,13 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
                                          / dt, 3) if steps_done else None,
                      tokens_seen=int(tokens), elapsed_s=round(now - self.started, 2),
                      eta_s=round(per_step * (total - state.global_step), 1))
-            self.last_log = (now, state.global_step, tokens)
+            self.last_log = (self.compute_s, state.global_step, tokens)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_began = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.compute_s += time.monotonic() - self.step_began
             if ctx.should_stop():
                 control.should_training_stop = True
                 control.should_save = True
@@ -266,13 +273,14 @@ def train(ctx: EngineContext) -> TrainOutcome:
     args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)
 
-    from transformers import DataCollatorWithFlattening, Trainer
+    from transformers import DataCollatorWithFlattening, PrinterCallback, Trainer
 
     collator = (DataCollatorWithFlattening() if spec.training.packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
     trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(data.train),
                       eval_dataset=ExampleDataset(data.eval) if data.eval else None,
                       data_collator=collator, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # our events replace its prints
     checkpoint = None
     if ctx.resume:
         found = latest_checkpoint(output)

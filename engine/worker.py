@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def _hold_lock(run: RunDir) -> int:
         sys.exit(f"tunewiz: run {run.run_id} already has a live engine")
 
 
+def _route_warnings(ctx: EngineContext) -> None:
+    """Python warnings become `log` events (each once); library deprecation notices are dropped."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *_args: object, **_kwargs: object) -> None:
+        text = f"{category.__name__}: {message}"
+        if text not in seen:
+            seen.add(text)
+            ctx.log(text, level="warning")
+
+    warnings.showwarning = show
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+
 def run_engine(run: RunDir, resume: bool = False) -> int:
     """Run the trainer on `run` and record how it ended; returns the process exit code."""
     lock_fd = _hold_lock(run)
@@ -63,6 +79,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _route_warnings(ctx)
     if resume:
         run.stop_path.unlink(missing_ok=True)
     run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), started=round(time.time(), 3),

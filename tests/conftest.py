@@ -30,3 +30,53 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# The demo model is converted from its GGUF once (about 30 s) into a git-ignored folder of the
+# checkout, and every test home links to it, so tests never convert it again.
+SHARED_MODELS = ROOT / ".cache" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def shared_demo_model() -> Path:
+    import fcntl
+
+    from engine import catalog, models
+    from engine.spec import RunSpec
+
+    SHARED_MODELS.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("TUNEWIZ_HOME")
+    os.environ["TUNEWIZ_HOME"] = str(SHARED_MODELS.parent / "home")
+    try:
+        (SHARED_MODELS.parent / "home" / "data").mkdir(parents=True, exist_ok=True)
+        link = SHARED_MODELS.parent / "home" / "data" / "models"
+        if not link.exists():
+            link.symlink_to(SHARED_MODELS)
+        with open(SHARED_MODELS.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            spec = RunSpec(name="t")
+            spec.model.name = next(n for n, e in catalog.models().items() if e.bundled_gguf)
+            source = models.converted_folder(models.resolve(spec))
+    finally:
+        if previous is None:
+            os.environ.pop("TUNEWIZ_HOME", None)
+        else:
+            os.environ["TUNEWIZ_HOME"] = previous
+    return Path(source.name_or_path)
+
+
+@pytest.fixture
+def demo_model(shared_demo_model: Path, tunewiz_home: Path) -> Path:
+    """The converted demo model, linked into this test's TUNEWIZ_HOME."""
+    models_dir = tunewiz_home / "data" / "models"
+    models_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not models_dir.exists():
+        models_dir.symlink_to(SHARED_MODELS)
+    return shared_demo_model
+
+
+@pytest.fixture
+def demo_tokenizer(demo_model: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model)

@@ -57,9 +57,12 @@ def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99)) -> di
     return result
 
 
-def read_examples(source: sources.DataSource, system_prompt: str | None = None
+def read_examples(source: sources.DataSource, system_prompt: str | None = None, strict: bool = True
                   ) -> tuple[list[Example], str, Counter[str], list[str], int]:
     """All usable rows of `source` as Examples, the format, and the problems of the rest.
+
+    A line that is not JSON means a damaged file: with `strict` (training) it stops everything; rows
+    that are valid JSON but unusable are skipped and reported.
 
     Returns (examples, format, problem counts by kind, first problem messages, rows read).
     """
@@ -72,6 +75,10 @@ def read_examples(source: sources.DataSource, system_prompt: str | None = None
     for row in sources.iter_rows(source):
         rows += 1
         if isinstance(row.data, sources.BadLine):
+            if strict:
+                raise DataError(f"{row.where}: {row.data.reason}",
+                                hint="fix that line (each line of a .jsonl file must be one complete JSON object); "
+                                     "`tunewiz data check FILE` lists every problem")
             problems["invalid_json" if "JSON" in row.data.reason else "undecodable"] += 1
             if len(messages) < MAX_REPORTED_PROBLEMS:
                 messages.append(f"{row.where}: {row.data.reason}")

@@ -1,0 +1,1 @@
+"""Benchmarks and GPU calibration tools (need a CUDA GPU; not part of the installed package)."""

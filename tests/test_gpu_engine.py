@@ -1,0 +1,80 @@
+"""The real engine on a CUDA GPU: LoRA and QLoRA through the real CLI on randomly initialised
+Llama-shaped models (the demo model's shape and a 1B shape). Skipped without a GPU (CI).
+
+Set TUNEWIZ_GPU_RESULTS=path.jsonl to record each run's numbers (bench/results/ keeps them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import rundir
+from engine.events import validate
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+STEPS = 24
+CARRIED_TOKENIZER = ROOT / ".devcarry" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """Tokenizer files for the random models: carried to the GPU machine, else the demo model's."""
+    if CARRIED_TOKENIZER.exists():
+        return CARRIED_TOKENIZER
+    return request.getfixturevalue("shared_demo_model")
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("random-models")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3.2-1b"])
+def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: Path) -> None:
+    from bench.random_model import make
+
+    model_dir = make(shape, model_root / shape, tokenizer_dir)
+    result = subprocess.run(
+        [PYTHON, "-m", "engine", "train", "demo", "--name", f"gpu-{shape}-{method}",
+         "--set", f"model.name={model_dir}", "--set", f"method={method}",
+         "--set", f"training.max_steps={STEPS}", "--set", "training.micro_batch_size=8",
+         "--set", "training.gradient_accumulation=2", "--set", "training.gradient_checkpointing=true",
+         "--set", "training.sample_every=12", "--set", "training.eval_every=12"],
+        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+    run = rundir.list_runs()[0]
+    log = run.log_path.read_text(errors="replace")[-4000:] if run.log_path.exists() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log
+    stream = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert all(validate(e) == [] for e in stream)
+    steps = [e for e in stream if e["type"] == "step"]
+    assert len(steps) == STEPS and stream[-1]["status"] == "completed"
+    gpu = [e for e in stream if e["type"] == "gpu" and e["devices"]]
+    assert gpu, "no gpu events with devices"
+    device = max((e["devices"][0] for e in gpu), key=lambda d: d.get("torch_peak_reserved_bytes", 0))
+    assert device["mem_used_bytes"] > 0 and device["torch_peak_allocated_bytes"] > 0
+    record: dict[str, Any] = {
+        "shape": shape, "method": method, "steps": STEPS, "gpu": device.get("name"),
+        "micro_batch": 8, "grad_accum": 2, "gradient_checkpointing": True,
+        "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+        "median_tokens_per_s": sorted(e["tokens_per_s"] for e in steps[1:])[len(steps[1:]) // 2],
+        "torch_peak_allocated_gib": round(device["torch_peak_allocated_bytes"] / 2**30, 3),
+        "torch_peak_reserved_gib": round(device["torch_peak_reserved_bytes"] / 2**30, 3),
+        "nvml_used_gib": round(max(e["devices"][0]["mem_used_bytes"] for e in gpu) / 2**30, 3),
+        "gpu_events": len(gpu),
+    }
+    print(json.dumps(record))
+    results = os.environ.get("TUNEWIZ_GPU_RESULTS")
+    if results:
+        with open(results, "a") as handle:
+            handle.write(json.dumps(record) + "\n")

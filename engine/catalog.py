@@ -43,6 +43,13 @@ class DatasetEntry:
     heldout: str | None = None
     max_seq_length: int = 2048
     epochs: float = 1.0
+    system_prompt: str | None = None  # added to every conversation that has none
+    label_names: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> raw label -> text
+    notes: str = ""  # caveats a user should know (licence conditions, provenance)
+
+    @property
+    def url(self) -> str | None:
+        return f"https://huggingface.co/datasets/{self.hub_id}" if self.hub_id else None
 
     @property
     def sample_path(self) -> Path:

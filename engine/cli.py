@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, launcher, locations, presets, rundir
+from engine import __version__, cli_data, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.events import EventReader
 from engine.render import duration, format_event
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("locate", help="show where tunewiz keeps its files")
     p.add_argument("what", nargs="?", choices=["config", "state", "data", "cache", "runs", "presets"])
     p.set_defaults(func=cmd_locate)
+
+    cli_data.add_commands(sub)  # datasets, data check
     return parser
 
 

@@ -188,6 +188,18 @@ def load_tokenizer(source: ModelSource, spec: RunSpec) -> Any:
     return tokenizer
 
 
+def generation_stop_ids(source: ModelSource) -> list[int]:
+    """The model's own stop tokens (generation_config.json), which may add to the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(source.name_or_path, revision=source.revision)
+    except OSError:
+        return []
+    eos = config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def load_model(source: ModelSource, spec: RunSpec, dtype: "torch.dtype", device: str) -> Any:
     """The base model, on `device`, 4-bit for QLoRA."""
     import torch

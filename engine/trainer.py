@@ -251,7 +251,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
     dtype = models.choose_dtype(spec, cuda, bf16_ok)
 
     ctx.emit("phase", phase="prepare_data", message="reading and tokenising the dataset")
-    model_stop_ids = _generation_stop_ids(source, spec)
+    model_stop_ids = models.generation_stop_ids(source)
     data = prepare(spec, tokenizer, stop_ids=model_stop_ids)
     ctx.emit("phase", phase="prepare_data", message=_data_summary(data.stats), stats=data.stats)
     for problem in data.stats["problems"][:5]:
@@ -308,18 +308,6 @@ def train(ctx: EngineContext) -> TrainOutcome:
     tokenizer.save_pretrained(adapter_dir)
     _write_run_card(ctx, output, source, data, metrics, device, result)
     return TrainOutcome("completed", step, metrics)
-
-
-def _generation_stop_ids(source: models.ModelSource, spec: RunSpec) -> list[int]:
-    """The model's own stop tokens (generation_config.json), which may add to the tokenizer's EOS."""
-    from transformers import GenerationConfig
-
-    try:
-        config = GenerationConfig.from_pretrained(source.name_or_path, revision=source.revision)
-    except OSError:
-        return []
-    eos = config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def _data_summary(stats: dict[str, Any]) -> str:

@@ -1,11 +1,13 @@
 """Row formats: detect which one a dataset uses and turn each row into a conversation or plain text.
 
 Formats and the fields they need (rename your columns onto these with `dataset.columns`):
-  messages           messages: [{role, content}, ...]
-  sharegpt           conversations: [{from, value}, ...]
+  messages           messages: [{role, content}, ...] (optional: system)
+  sharegpt           conversations: [{from, value}, ...] (optional: system)
   alpaca             instruction, output (optional: input, system)
   prompt_completion  prompt, completion (strings, or lists of messages)
   text               text (trained on every token, no chat template)
+
+A field holding labels (e.g. integers) is turned into text with `label_names`: {field: {raw value: text}}.
 """
 
 from __future__ import annotations
@@ -121,11 +123,26 @@ def _check_conversation(turns: list[tuple[str, str]]) -> None:
         raise RowProblem("misplaced_system", "a system message may only come first")
 
 
-def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str | None = None) -> Example:
+def _apply_label_names(mapped: dict[str, Any], label_names: Mapping[str, Mapping[str, str]]) -> None:
+    """Replace label values (e.g. 0, 1, 2) by their names; values that already are names stay."""
+    for field_name, names in label_names.items():
+        if field_name not in mapped or mapped[field_name] in names.values():
+            continue
+        raw = mapped[field_name]
+        key = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        if key not in names:
+            raise RowProblem("unknown_label", f"field {field_name!r} has the value {raw!r}, which is not a known label "
+                                              f"({', '.join(f'{k}={v}' for k, v in names.items())})")
+        mapped[field_name] = names[key]
+
+
+def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str | None = None,
+              label_names: Mapping[str, Mapping[str, str]] | None = None) -> Example:
     """Turn one raw row into an Example, or raise RowProblem saying what is wrong with it."""
     if not isinstance(row, Mapping):
         raise RowProblem("not_object", f"the row is a JSON {type(row).__name__}, not an object")
     mapped = _mapped(row, columns)
+    _apply_label_names(mapped, label_names or {})
     missing = [f for f in FORMATS[fmt] if f not in mapped]
     if missing:
         raise RowProblem("missing_field", f"missing field(s) {', '.join(missing)} for format {fmt}; "
@@ -143,9 +160,6 @@ def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str
         extra = _text(mapped.get("input"), "input", required=False)
         turns = [("user", f"{instruction}\n\n{extra}" if extra else instruction),
                  ("assistant", _text(mapped["output"], "output"))]
-        system = _text(mapped.get("system"), "system", required=False)
-        if system:
-            turns.insert(0, ("system", system))
     else:  # prompt_completion
         prompt, completion = mapped["prompt"], mapped["completion"]
         prompt_turns = (_turns(prompt, "prompt", role_key, content_key, None) if isinstance(prompt, list)
@@ -153,6 +167,10 @@ def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str
         completion_turns = (_turns(completion, "completion", role_key, content_key, None)
                             if isinstance(completion, list) else [("assistant", _text(completion, "completion"))])
         turns = prompt_turns + completion_turns
+    if fmt != "prompt_completion":  # a `system` column of the row (alpaca, messages, sharegpt)
+        system = _text(mapped.get("system"), "system", required=False)
+        if system and turns[0][0] != "system":
+            turns.insert(0, ("system", system))
     _check_conversation(turns)
     if system_prompt and turns[0][0] != "system":
         turns.insert(0, ("system", system_prompt))

@@ -3,10 +3,12 @@ encode with the chat template, mask labels, truncate, and account for every row 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,40 @@ def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99)) -> di
     return result
 
 
+class ExampleReader:
+    """Streams a source's rows as (row, Example or RowProblem), one at a time.
+
+    The format is detected on the first row that is an object (unless the source names one) and is
+    then in `format`; a row that is not JSON comes out as an `invalid_json` or `undecodable` problem.
+    """
+
+    def __init__(self, source: sources.DataSource, system_prompt: str | None = None) -> None:
+        self.source = source
+        self.format = source.format
+        self.system_prompt = system_prompt or source.system_prompt
+        self.columns = dict(source.columns)
+
+    def __iter__(self) -> Iterator[tuple[sources.Row, Example | RowProblem]]:
+        for row in sources.iter_rows(self.source):
+            yield row, self._normalise(row)
+
+    def _normalise(self, row: sources.Row) -> Example | RowProblem:
+        if isinstance(row.data, sources.BadLine):
+            return RowProblem("invalid_json" if "JSON" in row.data.reason else "undecodable", row.data.reason)
+        if self.format == "auto" and isinstance(row.data, dict):
+            detected = formats.detect(row.data, self.columns)
+            if detected is None:
+                raise DataError(f"{row.where}: cannot tell the data format", hint=formats.format_hint(list(row.data)))
+            self.format = detected
+        try:
+            if self.format == "auto":
+                raise RowProblem("not_object", f"the row is a JSON {type(row.data).__name__}, not an object")
+            return formats.normalise(row.data, self.format, self.columns, self.system_prompt,
+                                     self.source.label_names)
+        except RowProblem as problem:
+            return problem
+
+
 def read_examples(source: sources.DataSource, system_prompt: str | None = None, strict: bool = True
                   ) -> tuple[list[Example], str, Counter[str], list[str], int]:
     """All usable rows of `source` as Examples, the format, and the problems of the rest.
@@ -66,36 +102,23 @@ def read_examples(source: sources.DataSource, system_prompt: str | None = None, 
 
     Returns (examples, format, problem counts by kind, first problem messages, rows read).
     """
-    columns = dict(source.columns)
-    fmt = source.format
+    reader = ExampleReader(source, system_prompt)
     examples: list[Example] = []
     problems: Counter[str] = Counter()
     messages: list[str] = []
     rows = 0
-    for row in sources.iter_rows(source):
+    for row, item in reader:
         rows += 1
-        if isinstance(row.data, sources.BadLine):
-            if strict:
-                raise DataError(f"{row.where}: {row.data.reason}",
-                                hint="fix that line (each line of a .jsonl file must be one complete JSON object); "
-                                     "`tunewiz data check FILE` lists every problem")
-            problems["invalid_json" if "JSON" in row.data.reason else "undecodable"] += 1
-            if len(messages) < MAX_REPORTED_PROBLEMS:
-                messages.append(f"{row.where}: {row.data.reason}")
+        if isinstance(item, Example):
+            examples.append(item)
             continue
-        if fmt == "auto" and isinstance(row.data, dict):
-            detected = formats.detect(row.data, columns)
-            if detected is None:
-                raise DataError(f"{row.where}: cannot tell the data format", hint=formats.format_hint(list(row.data)))
-            fmt = detected
-        try:
-            if fmt == "auto":
-                raise RowProblem("not_object", f"the row is a JSON {type(row.data).__name__}, not an object")
-            examples.append(formats.normalise(row.data, fmt, columns, system_prompt))
-        except RowProblem as problem:
-            problems[problem.kind] += 1
-            if len(messages) < MAX_REPORTED_PROBLEMS:
-                messages.append(f"{row.where}: {problem}")
+        if strict and item.kind in ("invalid_json", "undecodable"):
+            raise DataError(f"{row.where}: {item}",
+                            hint="fix that line (each line of a .jsonl file must be one complete JSON object); "
+                                 "`tunewiz data check FILE` lists every problem")
+        problems[item.kind] += 1
+        if len(messages) < MAX_REPORTED_PROBLEMS:
+            messages.append(f"{row.where}: {item}")
     if rows == 0:
         raise DataError(f"{source.label} has no rows", hint="add examples, one JSON object per line")
     if not examples:
@@ -103,7 +126,7 @@ def read_examples(source: sources.DataSource, system_prompt: str | None = None, 
         first_kind = problems.most_common(1)[0][0] if problems else ""
         hint = formats.format_hint([]) if first_kind == "missing_field" else "fix the rows listed above"
         raise DataError(f"none of the {rows} rows of {source.label} is usable:\n  {detail}", hint=hint)
-    return examples, fmt, problems, messages, rows
+    return examples, reader.format, problems, messages, rows
 
 
 def _fingerprint(spec: RunSpec, source: sources.DataSource, tokenizer: Any, template: str | None) -> str:
@@ -127,10 +150,15 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     return order[n_eval:], order[:n_eval]
 
 
-def _truncate(encoded: Encoded, limit: int) -> tuple[Encoded, bool]:
+def trim(encoded: Encoded, limit: int) -> tuple[Encoded, bool, str | None]:
+    """The example cut to `limit` tokens, whether it was cut, and why it cannot be trained on (or None):
+    `no_supervised_tokens` or `truncated_before_answer`."""
+    if encoded.supervised == 0:
+        return encoded, False, "no_supervised_tokens"
     if len(encoded.input_ids) <= limit:
-        return encoded, False
-    return Encoded(encoded.input_ids[:limit], encoded.labels[:limit]), True
+        return encoded, False, None
+    cut = Encoded(encoded.input_ids[:limit], encoded.labels[:limit])
+    return cut, True, None if cut.supervised else "truncated_before_answer"
 
 
 def _sample_prompts(examples: list[Example], count: int) -> list[SamplePrompt]:
@@ -188,16 +216,14 @@ def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) ->
         for example in items:
             encoded = encoder.encode(example)
             lengths.append(len(encoded.input_ids))
-            if encoded.supervised == 0:
-                dropped["no_supervised_tokens"] += 1
-                continue
-            first_label = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
-            if shortest_answer_end is None or first_label + 1 < shortest_answer_end:
-                shortest_answer_end = first_label + 1
-            cut, was_cut = _truncate(encoded, limit)
+            cut, was_cut, reason = trim(encoded, limit)
             truncated += was_cut
-            if cut.supervised == 0:
-                dropped["truncated_before_answer"] += 1
+            if reason != "no_supervised_tokens":
+                first_label = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+                if shortest_answer_end is None or first_label + 1 < shortest_answer_end:
+                    shortest_answer_end = first_label + 1
+            if reason:
+                dropped[reason] += 1
                 continue
             supervised_total += cut.supervised
             out.append(cut)
@@ -214,8 +240,8 @@ def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) ->
                         hint="every example needs an assistant answer to learn from")
     heldout_examples: list[Example] = []
     if source.heldout:
-        heldout_examples, *_ = read_examples(sources.DataSource("file", source.heldout, format=fmt,
-                                                                columns=source.columns), spec.dataset.system_prompt)
+        heldout_source = dataclasses.replace(source, kind="file", location=source.heldout, format=fmt, heldout=None)
+        heldout_examples, *_ = read_examples(heldout_source, spec.dataset.system_prompt)
     samples = _sample_prompts(heldout_examples or eval_rows or train_rows, spec.training.sample_prompts)
     stats = {
         "source": source.label, "format": fmt, "rows_read": rows, "examples": len(examples),

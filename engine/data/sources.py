@@ -10,7 +10,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Row:
     data: Any
     line: int  # 1-based line in a jsonl/csv file, 1-based index otherwise
     where: str  # "file.jsonl:12" or "org/data[train]#12"
+    offset: int = 0  # bytes of the file read once this row is read (estimated for .json/.parquet; 0 for the hub)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class DataSource:
     format: str = "auto"
     columns: tuple[tuple[str, str], ...] = ()
     heldout: str | None = None  # a file of held-out rows (dataset presets may ship one)
+    system_prompt: str | None = None  # the preset's system message (the spec's own one wins)
+    label_names: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)  # field -> raw value -> text
 
     @property
     def label(self) -> str:
@@ -64,9 +67,11 @@ def resolve(ds: DatasetSpec, offline_sample: bool = False) -> DataSource:
         columns = tuple(sorted({**entry.columns, **ds.columns}.items()))
         fmt = ds.format if ds.format != "auto" else entry.format
         heldout = str(entry.heldout_path) if entry.heldout_path else None
+        extra = {"system_prompt": entry.system_prompt, "label_names": entry.label_names}
         if entry.bundled or offline_sample:
-            return DataSource("file", str(entry.sample_path), format=fmt, columns=columns, heldout=heldout)
-        return DataSource("hub", entry.hub_id, entry.subset, ds.split or entry.split, fmt, columns, heldout)
+            return DataSource("file", str(entry.sample_path), format=fmt, columns=columns, heldout=heldout, **extra)
+        split = ds.split if ds.split != "train" else entry.split
+        return DataSource("hub", entry.hub_id, entry.subset, split, fmt, columns, heldout, **extra)
     assert ds.source is not None
     source = ds.source.strip()
     path = Path(source).expanduser()
@@ -118,21 +123,24 @@ class BadLine:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
+    offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            offset += len(raw)
             if not raw.strip():
                 continue
+            where = f"{path.name}:{number}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield Row(BadLine(f"not UTF-8 text (byte {exc.start})"), number, f"{path.name}:{number}")
+                yield Row(BadLine(f"not UTF-8 text (byte {exc.start})"), number, where, offset)
                 continue
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield Row(BadLine(f"invalid JSON: {exc.msg} at column {exc.colno}"), number, f"{path.name}:{number}")
+                yield Row(BadLine(f"invalid JSON: {exc.msg} at column {exc.colno}"), number, where, offset)
                 continue
-            yield Row(data, number, f"{path.name}:{number}")
+            yield Row(data, number, where, offset)
 
 
 def _iter_json(path: Path) -> Iterator[Row]:
@@ -151,19 +159,28 @@ def _iter_json(path: Path) -> Iterator[Row]:
     if not isinstance(data, list):
         raise DataError(f"{path} holds a JSON {type(data).__name__}, not an array of examples",
                         hint="write the examples as a JSON array, or one object per line in a .jsonl file")
+    size = path.stat().st_size
     for index, item in enumerate(data, start=1):
-        yield Row(item, index, f"{path.name}[{index}]")
+        yield Row(item, index, f"{path.name}[{index}]", size * index // len(data))
 
 
 def _iter_csv(path: Path) -> Iterator[Row]:
+    offset = 0
+
+    def lines(handle: Any) -> Iterator[str]:
+        nonlocal offset
+        for raw in handle:
+            offset += len(raw)
+            yield raw.decode("utf-8")
+
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+        with path.open("rb") as handle:
+            reader = csv.DictReader(lines(handle))
             if not reader.fieldnames:
                 raise DataError(f"{path} has no header row", hint="the first line must name the columns")
             for record in reader:
                 line = reader.line_num
-                yield Row(dict(record), line, f"{path.name}:{line}")
+                yield Row(dict(record), line, f"{path.name}:{line}", offset)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start})",
                         hint="re-save the file as UTF-8") from None
@@ -178,11 +195,11 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
         raise DataError(f"{path} is not a readable parquet file: {exc}") from None
-    index = 0
+    index, size, total = 0, path.stat().st_size, max(parquet.metadata.num_rows, 1)
     for batch in parquet.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             index += 1
-            yield Row(record, index, f"{path.name}[{index}]")
+            yield Row(record, index, f"{path.name}[{index}]", size * index // total)
 
 
 def _iter_hub(source: DataSource) -> Iterator[Row]:

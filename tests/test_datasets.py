@@ -1,0 +1,138 @@
+"""The dataset catalog: every preset's offline sample goes through the training pipeline and the checker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import catalog
+from engine.cli import main
+from engine.data import check, formats, sources
+from engine.data.chat import ChatEncoder
+from engine.data.formats import RowProblem
+from engine.data.prepare import prepare, read_examples
+from engine.spec import RunSpec
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+PRESETS = list(catalog.datasets())
+USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code"}
+
+
+def preset_spec(name: str) -> RunSpec:
+    spec = RunSpec(name="t")
+    spec.dataset.preset = name
+    spec.training.max_seq_length = catalog.datasets()[name].max_seq_length
+    return spec
+
+
+def sample_rows(name: str) -> list[dict[str, Any]]:
+    lines = catalog.datasets()[name].sample_path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_the_catalog_covers_the_uses() -> None:
+    entries = catalog.datasets()
+    assert USES <= {e.task for e in entries.values()}
+    assert entries["demo"].bundled
+    assert len([e for e in entries.values() if not e.bundled]) >= 8
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_entry_is_complete_and_its_mapping_fits_the_sample(name: str) -> None:
+    entry = catalog.datasets()[name]
+    assert entry.description and "\n" not in entry.description and len(entry.description) <= 110
+    assert entry.license and entry.size and entry.task
+    assert entry.format in formats.FORMATS
+    assert entry.max_seq_length >= 64 and entry.epochs > 0
+    if not entry.bundled:
+        assert sources.HUB_ID.match(entry.hub_id), entry.hub_id
+        assert entry.url == f"https://huggingface.co/datasets/{entry.hub_id}"
+    rows = sample_rows(name)
+    assert 10 <= len(rows) <= 50 or entry.bundled
+    columns = set(rows[0])
+    assert all(set(row) == columns for row in rows), "every sample row has the same columns, like the real data"
+    assert set(entry.columns.values()) <= columns, "the column mapping names real columns of the data"
+    assert set(entry.label_names) <= set(formats.FORMATS[entry.format]) | {"input", "system"}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_sample_trains_renders_and_passes_the_checker(name: str, demo_tokenizer: Any) -> None:
+    spec = preset_spec(name)
+    data = prepare(spec, demo_tokenizer, offline_sample=True, use_cache=False)
+    stats = data.stats
+    assert stats["dropped_total"] == 0, stats["problems"]
+    assert stats["train_examples"] + stats["eval_examples"] == stats["rows_read"]
+    assert stats["truncated"] == 0
+    assert data.samples, "sample prompts come from the data"
+    rendered = demo_tokenizer.decode(data.train[0].input_ids)
+    assert "<|im_start|>assistant" in rendered and rendered.rstrip().endswith("<|im_end|>")
+
+    report = check.check(sources.resolve(spec.dataset, offline_sample=True), ChatEncoder(demo_tokenizer),
+                         spec.training.max_seq_length)
+    assert report.ok, report.problems
+    assert report.rows == report.examples == stats["rows_read"]
+    assert report.format == catalog.datasets()[name].format
+    assert any(s.trained for s in report.example) and any(not s.trained for s in report.example)
+
+
+def test_label_names_turn_integer_labels_into_words() -> None:
+    spec = preset_spec("finance-sentiment")
+    examples, fmt, problems, _, rows = read_examples(sources.resolve(spec.dataset, offline_sample=True))
+    assert (fmt, rows, sum(problems.values())) == ("alpaca", len(sample_rows("finance-sentiment")), 0)
+    answers = {example.messages[-1][1] for example in examples}
+    assert answers == {"negative", "positive", "neutral"}
+    assert all(example.messages[0][0] == "system" for example in examples), "the preset's system prompt is added"
+    labels = {"output": {"0": "negative", "1": "positive"}}
+    columns = {"instruction": "text", "output": "label"}
+    already_named = formats.normalise({"text": "x", "label": "positive"}, "alpaca", columns, label_names=labels)
+    assert already_named.messages[-1] == ("assistant", "positive")
+    with pytest.raises(RowProblem, match="value 7, which is not a known label") as info:
+        formats.normalise({"text": "x", "label": 7}, "alpaca", columns, label_names=labels)
+    assert info.value.kind == "unknown_label"
+
+
+def test_a_system_column_of_sharegpt_and_messages_rows_comes_first() -> None:
+    row = {"system": "Think first.", "conversations": [{"from": "user", "value": "1+1?"},
+                                                       {"from": "assistant", "value": "2"}]}
+    assert formats.normalise(row, "sharegpt", {}).messages[0] == ("system", "Think first.")
+    row = {"system": "", "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    assert formats.normalise(row, "messages", {}, system_prompt="Be brief.").messages[0] == ("system", "Be brief.")
+
+
+def test_hub_presets_resolve_to_their_real_data_and_split() -> None:
+    spec = preset_spec("ultrachat")
+    hub = sources.resolve(spec.dataset)
+    assert (hub.kind, hub.location, hub.split, hub.format) == ("hub", "HuggingFaceH4/ultrachat_200k", "train_sft",
+                                                               "messages")
+    spec.dataset.split = "test_sft"
+    assert sources.resolve(spec.dataset).split == "test_sft"
+    gsm = sources.resolve(preset_spec("gsm8k").dataset)
+    assert (gsm.subset, dict(gsm.columns)) == ("main", {"instruction": "question", "output": "answer"})
+
+
+def test_datasets_command_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for name, entry in catalog.datasets().items():
+        assert name in out
+    assert "openai/gsm8k" in out and "CDLA-Sharing-1.0" in out
+    assert main(["datasets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in listed] == PRESETS
+    gsm = next(d for d in listed if d["name"] == "gsm8k")
+    assert gsm["subset"] == "main" and gsm["columns"] == {"instruction": "question", "output": "answer"}
+    assert Path(gsm["sample"]).exists()
+
+
+def test_datasets_command_does_not_import_torch() -> None:
+    code = ("import json, sys\nfrom engine.cli import main\nmain(['datasets']); main(['datasets', '--json'])\n"
+            "print(json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))")
+    result = subprocess.run([PYTHON, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert not loaded & {"torch", "transformers", "datasets", "textual"}

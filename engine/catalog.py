@@ -21,7 +21,16 @@ class ModelEntry:
     hub_id: str
     license: str
     gated: bool = False
-    params: int | None = None
+    params: int = 0
+    layers: int = 0
+    hidden: int = 0
+    intermediate: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    vocab: int = 0
+    tied_embeddings: bool = False
+    context: int = 0
+    head_dim: int | None = None
     bundled_gguf: dict[str, str] = field(default_factory=dict)
 
 

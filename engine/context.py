@@ -44,7 +44,8 @@ class EngineContext:
         """Write an event and keep status.json's summary current (throttled for `step`/`gpu`)."""
         event = self.events.emit(kind, **data)
         now = time.monotonic()
-        if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S:
+        last_step = kind == "step" and data["step"] >= data["total_steps"]
+        if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S and not last_step:
             return event
         self._last_status = now
         summary: dict[str, Any] = {"last_seq": event["seq"], "last_event": kind}

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 TRAIN_STEPS = 36
 
 
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "engine", *args], capture_output=True, text=True, cwd=ROOT,
                           env=subprocess_env(), timeout=timeout)
 

@@ -40,7 +40,7 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-@pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3.2-1b"])
+@pytest.mark.parametrize("shape", ["smollm2-135m-demo", "llama-3.2-1b"])
 def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: Path) -> None:
     from bench.random_model import make
 

@@ -1,0 +1,197 @@
+"""Peak GPU memory of a LoRA/QLoRA run, itemised, from the model's architecture and the settings.
+
+The terms follow the physics of training (docs: shared notes on LoRA/QLoRA memory):
+  weights      bf16 (2 B/param), or NF4 linear weights (0.5 B + quantisation constants) with
+               embeddings, norms and the LM head kept in bf16;
+  adapters     r * (d_in + d_out) per adapted linear, fp32 weights, gradients and optimiser state;
+  activations  what autograd keeps per token: every layer's saved tensors without checkpointing,
+               or each layer's input plus one recomputed layer with it;
+  logits       the vocabulary-wide logits and their fp32 loss copies;
+  overhead     the allocator's reserve beyond what tensors hold.
+The free coefficients (how much of the theoretical activation and logit bytes autograd really
+holds, and the allocator overhead) are fitted to real measurements: tests/data/memory_calibration.jsonl,
+measured by running the engine on a GPU (bench/calibrate_memory.py). The estimate is of torch's
+peak *reserved* memory; the CUDA context comes on top (CUDA_CONTEXT_BYTES).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.catalog import ModelEntry
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # driver context, cuBLAS handles: NVML sees it, torch does not
+
+# Fitted on tests/data/memory_calibration.jsonl (bench/calibrate_memory.py --fit prints them).
+COEFFICIENTS = {
+    "activations_no_checkpointing": 1.0,
+    "activations_checkpointing": 1.0,
+    "logits_bytes_per_vocab_token": 12.0,
+    "overhead_fraction": 0.05,
+    "overhead_bytes": 256 * 1024**2,
+}
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The architecture facts the estimate needs (decoder-only transformer with a gated MLP)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    head_dim: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one layer."""
+        h, f = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.layers * 2 * self.hidden + self.hidden
+
+    @classmethod
+    def from_entry(cls, entry: ModelEntry) -> "ModelArch":
+        return cls(entry.layers, entry.hidden, entry.intermediate, entry.heads, entry.kv_heads, entry.vocab,
+                   entry.tied_embeddings, entry.head_dim)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelArch":
+        """From a Hugging Face config.json (decoder-only models with the usual key names)."""
+        text = config.get("text_config", config)
+        try:
+            return cls(layers=text["num_hidden_layers"], hidden=text["hidden_size"],
+                       intermediate=text["intermediate_size"], heads=text["num_attention_heads"],
+                       kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
+                       vocab=text["vocab_size"], tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                       head_dim=text.get("head_dim"))
+        except KeyError as missing:
+            raise ValueError(f"config.json lacks {missing}: not a decoder-only model tunewiz can estimate") from None
+
+    @classmethod
+    def from_config_file(cls, path: Path) -> "ModelArch":
+        return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run settings that move memory."""
+
+    method: str = "lora"
+    r: int = 16
+    targets: tuple[str, ...] = ALL_LINEAR
+    micro_batch_size: int = 2
+    seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw_torch"
+    lora_dropout: bool = True
+    double_quant: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of peak GPU memory, by what holds them."""
+
+    weights: int
+    adapters_optimizer: int
+    activations: int
+    logits: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters_optimizer + self.activations + self.logits + self.overhead
+
+    def breakdown(self) -> dict[str, int]:
+        return {"weights": self.weights, "adapters_optimizer": self.adapters_optimizer,
+                "activations": self.activations, "logits": self.logits, "overhead": self.overhead,
+                "total": self.total}
+
+
+def weight_bytes(arch: ModelArch, settings: Settings) -> int:
+    other = arch.params - arch.linear_params  # embeddings, LM head, norms stay 16-bit
+    if settings.method == "qlora":
+        # NF4: 4 bits per weight; one absmax per 64 weights, itself 8-bit with double quantisation.
+        constants = (1 / 64 + 4 / (64 * 256)) if settings.double_quant else 4 / 64
+        return int(arch.linear_params * (0.5 + constants) + 2 * other)
+    return 2 * arch.params
+
+
+def adapter_params(arch: ModelArch, settings: Settings) -> int:
+    shapes = arch.linear_shapes()
+    return arch.layers * settings.r * sum(i + o for name, (i, o) in shapes.items() if name in settings.targets)
+
+
+def adapter_bytes(arch: ModelArch, settings: Settings) -> int:
+    """fp32 adapter weights and gradients, plus the optimiser's state."""
+    return adapter_params(arch, settings) * (4 + 4 + OPTIMIZER_STATE_BYTES.get(settings.optimizer, 8))
+
+
+def layer_activation_bytes_per_token(arch: ModelArch, settings: Settings) -> int:
+    """Bytes autograd keeps per token for one decoder layer (bf16 activations, SDPA attention)."""
+    h, f, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
+    saved = 2 * 6 * h  # two RMSNorms: fp32 input and bf16 output each
+    saved += 2 * q + 2 * 2 * kv + 2 * q  # attention: q, k, v and its output
+    saved += 3 * 2 * f  # gate output, activation output, up output
+    saved += 2 * f  # down projection input
+    if settings.lora_dropout:
+        # each adapted linear keeps its own dropout copy of its input (bf16) and mask (1 B)
+        inputs = {name: i for name, (i, _) in arch.linear_shapes().items()}
+        saved += sum(3 * inputs[name] for name in settings.targets if name in inputs)
+    return saved
+
+
+def activation_bytes(arch: ModelArch, settings: Settings) -> int:
+    per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens
+    if settings.gradient_checkpointing:
+        theory = arch.layers * 2 * arch.hidden * settings.tokens + per_layer
+        return int(theory * COEFFICIENTS["activations_checkpointing"])
+    theory = arch.layers * per_layer + 2 * arch.hidden * settings.tokens
+    return int(theory * COEFFICIENTS["activations_no_checkpointing"])
+
+
+def logits_bytes(arch: ModelArch, settings: Settings) -> int:
+    return int(arch.vocab * settings.tokens * COEFFICIENTS["logits_bytes_per_vocab_token"])
+
+
+def estimate(arch: ModelArch, settings: Settings) -> MemoryEstimate:
+    """Torch's peak reserved memory for one GPU running these settings."""
+    weights = weight_bytes(arch, settings)
+    adapters = adapter_bytes(arch, settings)
+    activations = activation_bytes(arch, settings)
+    logits = logits_bytes(arch, settings)
+    held = weights + adapters + activations + logits
+    overhead = int(held * COEFFICIENTS["overhead_fraction"] + COEFFICIENTS["overhead_bytes"])
+    return MemoryEstimate(weights, adapters, activations, logits, overhead)

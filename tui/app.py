@@ -1,0 +1,250 @@
+"""The tunewiz wizard: a Textual app that guides a beginner from "what GPU do I have?" to a launched run.
+
+Workers never touch widgets: they call the injected services and post messages (tui/messages.py);
+`@on` handlers here change the shared WizardState and publish `state_signal`, and screens redraw.
+Worker errors end up in one place, `report_worker_error`, which shows them as dialogs.
+
+The app never imports the training stack. Runs are started detached (their own session), so they
+keep going when the app quits, loses its terminal or gets SIGHUP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.signal import Signal
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from engine.errors import TunewizError
+from engine.spec import RunSpec, SpecError
+from tui import wizard
+from tui.messages import DataChecked, HardwareProbed, ModelEstimated, ReviewEstimated, RunLaunched
+from tui.services import ServiceError, Services
+from tui.wizard import CheckRequest, CheckResult, WizardState
+
+TTY_CHECK_S = 2.0
+
+WORKER_TITLES = {
+    "probe": "The hardware check failed",
+    "data-check": "The data check failed",
+    "estimate": "Could not estimate that model",
+    "review-estimate": "Could not estimate memory",
+    "launch": "Could not start the run",
+    "runs": "Could not list the runs",
+    "tail": "Could not read the run's events",
+}
+
+
+class TunewizApp(App[int]):
+    """The wizard. `services` holds everything outside the app (fakes in tests)."""
+
+    CSS_PATH = "tunewiz.tcss"
+    TITLE = "tunewiz"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+
+    def __init__(self, services: Services | None = None, *, watch_terminal: bool = False) -> None:
+        super().__init__()
+        self.services = services or Services()
+        self.base = wizard.base_spec()
+        """The spec every new fine-tune starts from: the demo preset."""
+        self.state = WizardState(spec=self.base)
+        self.state_signal: Signal[None] = Signal(self, "state")
+        """Published after every change to `state`."""
+        self.launched: list[Any] = []
+        """Run directories started from this app (they outlive it)."""
+        self.hung_up = False
+        """True when the app ended because its terminal went away."""
+        self._watch_terminal = watch_terminal
+        self._checking: CheckRequest | None = None
+
+    # ---------------------------------------------------------------- start and stop
+
+    def on_mount(self) -> None:
+        from tui.screens.welcome import WelcomeScreen
+
+        self.push_screen(WelcomeScreen())
+        self.probe_hardware()
+        if self._watch_terminal:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._terminal_lost)
+            self.set_interval(TTY_CHECK_S, self._check_terminal)
+
+    def _check_terminal(self) -> None:
+        """Dolphie's guard: a terminal that vanished without SIGHUP leaves stdin no longer a tty."""
+        try:
+            alive = os.isatty(sys.__stdin__.fileno())
+        except (OSError, ValueError, AttributeError):
+            alive = False
+        if not alive:
+            self._terminal_lost()
+
+    def _terminal_lost(self) -> None:
+        self.hung_up = True
+        self.exit(0)
+
+    def reset_wizard(self) -> None:
+        """Start a new fine-tune from the demo preset (keeps the hardware report)."""
+        self.state.spec = self.base
+        self.state.choice = None
+        self.state.dataset = wizard.DatasetSelection(preset=wizard.DEMO_PRESET)
+        self.state.review_estimate = None
+        self.state.relaunch_of = None
+        self.state_signal.publish(None)
+
+    # ---------------------------------------------------------------- errors
+
+    def report_worker_error(self, event: Worker.StateChanged) -> None:
+        """The one place where a failed worker becomes a dialog."""
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        title = WORKER_TITLES.get(event.worker.group, "Something went wrong")
+        self.show_error(title, error)
+
+    def show_error(self, title: str, error: BaseException | str, hint: str | None = None) -> None:
+        from tui.screens.dialogs import MessageDialog
+
+        if isinstance(error, SpecError):
+            message = error.render()
+        elif isinstance(error, BaseException):
+            message = str(error) or type(error).__name__
+            if not isinstance(error, (TunewizError, ServiceError, OSError)):
+                message = f"{type(error).__name__}: {message}"
+            hint = hint or getattr(error, "hint", None)
+        else:
+            message = error
+        self.push_screen(MessageDialog(title, message, hint))
+
+    @on(Worker.StateChanged)
+    def _app_worker_changed(self, event: Worker.StateChanged) -> None:
+        self.report_worker_error(event)
+
+    # ---------------------------------------------------------------- hardware and recommendation
+
+    @work(thread=True, exclusive=True, group="probe", exit_on_error=False)
+    def probe_hardware(self) -> None:
+        report = self.services.probe()
+        try:
+            recommendation = self.services.recommend(report, wizard.RECOMMEND_SEQ_LEN)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - shown on the model step instead of a crash
+            recommendation, error = None, f"{type(exc).__name__}: {exc}"
+        self.post_message(HardwareProbed(report, recommendation, error))
+
+    @on(HardwareProbed)
+    def _probed(self, message: HardwareProbed) -> None:
+        self.state.report = message.report
+        self.state.recommendation = message.recommendation
+        self.state.recommend_error = message.recommend_error
+        self.state_signal.publish(None)
+
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
+    def estimate_model(self, name: str) -> None:
+        try:
+            choice = self.services.choice_for(name, self.state.report, wizard.RECOMMEND_SEQ_LEN)
+        except (TunewizError, ServiceError) as exc:
+            self.post_message(ModelEstimated(name, error=str(exc), hint=getattr(exc, "hint", None)))
+            return
+        self.post_message(ModelEstimated(name, choice=choice))
+
+    @on(ModelEstimated)
+    def _model_estimated(self, message: ModelEstimated) -> None:
+        if message.error:
+            self.show_error(f"Could not estimate {message.name}", message.error, message.hint)
+            return
+        self.state.extra_choices = [c for c in self.state.extra_choices if c.model != message.choice.model]
+        self.state.extra_choices.insert(0, message.choice)
+        self.state_signal.publish(None)
+
+    @work(thread=True, exclusive=True, group="review-estimate", exit_on_error=False)
+    def estimate_review(self, spec: RunSpec) -> None:
+        try:
+            choice = self.services.choice_for(spec.model.name, self.state.report, spec.training.max_seq_length)
+        except (TunewizError, ServiceError):
+            choice = None
+        self.post_message(ReviewEstimated(choice))
+
+    @on(ReviewEstimated)
+    def _review_estimated(self, message: ReviewEstimated) -> None:
+        self.state.review_estimate = message.choice
+        self.state_signal.publish(None)
+
+    # ---------------------------------------------------------------- data check
+
+    def request_data_check(self, request: CheckRequest) -> None:
+        """Start the check unless it ran already (or is running) for exactly this request."""
+        done = self.state.checks.get(request)
+        if not request.target or (done is not None and (done.report or done.error)):
+            return
+        if request == self._checking and any(w.group == "data-check" and w.is_running for w in self.workers):
+            return
+        self._checking = request
+        self.state.checks[request] = CheckResult(request)  # pending: no report, no error
+        self.state_signal.publish(None)
+        self.check_data(request)
+
+    @work(thread=True, exclusive=True, group="data-check", exit_on_error=False)
+    def check_data(self, request: CheckRequest) -> None:
+        worker = get_current_worker()
+        try:
+            report = self.services.check_data(request, lambda: worker.is_cancelled)
+        except (TunewizError, ServiceError) as exc:
+            self.post_message(DataChecked(CheckResult(request, error=str(exc), hint=getattr(exc, "hint", None))))
+            return
+        if worker.is_cancelled or not report:
+            self.post_message(DataChecked(CheckResult(request, error="cancelled")))
+            return
+        self.post_message(DataChecked(CheckResult(request, report=report)))
+
+    @on(DataChecked)
+    def _data_checked(self, message: DataChecked) -> None:
+        if message.result.error == "cancelled":
+            self.state.checks.pop(message.result.request, None)  # run it again when asked
+        else:
+            self.state.checks[message.result.request] = message.result
+        self.state_signal.publish(None)
+
+    # ---------------------------------------------------------------- launch
+
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def launch_run(self, spec: RunSpec) -> None:
+        spec = wizard.validated(spec)
+        run = self.services.launch(spec, self.services.runs_root)
+        self.post_message(RunLaunched(run))
+
+    @on(RunLaunched)
+    def _launched(self, message: RunLaunched) -> None:
+        from tui.screens.run_view import RunViewScreen
+        from tui.screens.welcome import WelcomeScreen
+
+        self.launched.append(message.run)
+        while len(self.screen_stack) > 2 and not isinstance(self.screen, WelcomeScreen):
+            self.pop_screen()
+        self.push_screen(RunViewScreen(message.run))
+
+
+def run_app(services: Services | None = None) -> int:
+    """Run the wizard in this terminal; return the exit status for `tunewiz`."""
+    app = TunewizApp(services, watch_terminal=True)
+    try:
+        app.run()
+    except OSError:  # the terminal went away while the app was drawing or restoring it
+        return 0
+    if app.hung_up:
+        return 0
+    for run in app.launched:
+        try:
+            print(f"run {run.run_id} keeps going. Follow it: tunewiz tail {run.run_id} -f    "
+                  f"stop it: tunewiz stop {run.run_id}")
+        except OSError:
+            break
+    return app.return_code or 0

@@ -1,0 +1,75 @@
+"""Messages that workers post; `@on` handlers on the App and screens turn them into state and widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from textual.message import Message
+
+from tui.wizard import CheckResult
+
+
+@dataclass
+class HardwareProbed(Message):
+    """The probe and the recommender answered."""
+
+    report: Any
+    recommendation: Any
+    recommend_error: str | None = None
+
+
+@dataclass
+class ModelEstimated(Message):
+    """A typed-in model was estimated (`choice`), or could not be (`error`, `hint`)."""
+
+    name: str
+    choice: Any = None
+    error: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class ReviewEstimated(Message):
+    """The memory estimate for the spec on the review step."""
+
+    choice: Any
+
+
+@dataclass
+class DataChecked(Message):
+    """A data check finished (its report or its error)."""
+
+    result: CheckResult
+
+
+@dataclass
+class RunLaunched(Message):
+    """The engine started on a new run directory."""
+
+    run: Any  # engine.rundir.RunDir
+
+
+@dataclass
+class RunEvents(Message):
+    """New events from a run directory, and its state after reading them."""
+
+    run_id: str
+    events: list[Any]
+    state: str
+    reset: bool = False
+
+
+@dataclass
+class RunsListed(Message):
+    """The past runs, newest first, each with its status summary."""
+
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class DataFilePeeked(Message):
+    """The first row of a local data file was read (tui.datafile.Peek)."""
+
+    source: str
+    peek: Any

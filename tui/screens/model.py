@@ -1,0 +1,138 @@
+"""Step 3: the recommender's ranked models and methods, each with a memory bar; or any model typed in."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.widgets import Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from engine.spec import SpecError
+from tui import wizard
+from tui.screens.base import WizardScreen
+from tui.widgets.memory import estimate_total, fit_text, memory_bar
+
+METHODS = (
+    "LoRA trains a small add-on (an adapter) on the model's 16-bit weights; QLoRA trains it on a 4-bit copy: "
+    "a quarter of the weight memory, a little slower, NVIDIA GPUs only."
+)
+
+
+def choice_id(choice: Any) -> str:
+    return f"{choice.model}|{choice.method}"
+
+
+def choice_prompt(choice: Any, rank: int) -> Text:
+    """Three lines: model and method with the verdict, the memory bar, and the reason in plain words."""
+    head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
+                         "  ", fit_text(choice.fit))
+    head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
+    bar = Text("   ").append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit))
+    return Text("\n").join([head, bar, Text(f"   {choice.reason}", style="dim")])
+
+
+class ModelScreen(WizardScreen):
+    STEP = "Model"
+    MAIN = "#choices"
+    EXPLANATION = "Pick a model and method (best first). Bars: memory needed vs. memory free."
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *WizardScreen.BINDINGS,
+        Binding("o", "other", "Other model"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        yield Static(METHODS, classes="note")
+        yield OptionList(id="choices")
+        with Horizontal(classes="row"):
+            yield Static("Other model:", classes="label")
+            yield Input(placeholder="a hub id (org/name) or a local folder; Enter estimates it", id="other",
+                        compact=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#choices", OptionList).focus()
+
+    def refresh_state(self) -> None:
+        options = self.query_one("#choices", OptionList)
+        choices = self.state.choices
+        ids = [choice_id(c) for c in choices]
+        current = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        if ids == current and choices:
+            return
+        if not choices:
+            message = self.state.recommend_error or "Waiting for the hardware check..."
+            options.clear_options()
+            options.add_option(Option(Text(message, style="dim"), id="none", disabled=True))
+            return
+        keep = self.state.choice and choice_id(self.state.choice)
+        new_ids = set(ids) - set(current)
+        options.clear_options()
+        options.add_options(Option(choice_prompt(c, rank), id=choice_id(c)) for rank, c in enumerate(choices, 1))
+        typed = [i for i, c in enumerate(choices) if choice_id(c) in new_ids and c in self.state.extra_choices]
+        if typed:
+            options.highlighted = typed[0]
+            options.focus()
+        elif keep in ids:
+            options.highlighted = ids.index(keep)
+        else:
+            options.highlighted = 0
+
+    def _highlighted_choice(self) -> Any:
+        options = self.query_one("#choices", OptionList)
+        index = options.highlighted
+        choices = self.state.choices
+        return choices[index] if index is not None and index < len(choices) else None
+
+    @on(OptionList.OptionSelected, "#choices")
+    def _selected(self) -> None:
+        self.action_next()
+
+    @on(Input.Submitted, "#other")
+    def _other_submitted(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        if not name:
+            return
+        if self.state.report is None:
+            self.notify("Still checking the hardware; try again in a moment.")
+            return
+        self.notify(f"Estimating {name}...")
+        self.tw.estimate_model(name)
+
+    def action_other(self) -> None:
+        self.query_one("#other", Input).focus()
+
+    def action_next(self) -> None:
+        choice = self._highlighted_choice()
+        if choice is None:
+            self.notify("No model to pick yet: wait for the hardware check, or type one under Other model.")
+            return
+        if choice.fit == "too_big":
+            from tui.screens.dialogs import ConfirmDialog
+
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self._pick(choice)
+
+            self.app.push_screen(ConfirmDialog(
+                "This probably does not fit",
+                f"{choice.reason}\n\nTraining would most likely stop with an out-of-memory error. Pick it anyway?",
+                yes="Pick it anyway", no="Choose another"), answered)
+            return
+        self._pick(choice)
+
+    def _pick(self, choice: Any) -> None:
+        from tui.screens.dataset import DatasetScreen
+
+        try:
+            spec = wizard.apply_choice(self.state.spec, choice, self.tw.base)
+        except SpecError as exc:
+            self.tw.show_error("That choice gives an invalid spec", exc)
+            return
+        self.state.choice = choice
+        self.state.spec = spec
+        self.app.push_screen(DatasetScreen())

@@ -1,0 +1,165 @@
+"""Step 6: the run spec as TOML, the memory estimate, the data check, where outputs go; save or launch."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.console import Group
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Button, Static
+
+from engine import presets, spec as spec_mod
+from engine.spec import RunSpec, SpecError
+from tui import wizard
+from tui.screens.base import WizardScreen
+from tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar
+
+
+def estimate_for(state: wizard.WizardState, spec: RunSpec) -> tuple[Any, str]:
+    """The Choice whose estimate best matches `spec`, and a note when it assumes other settings."""
+    candidates = [c for c in (state.review_estimate, state.choice) if c is not None and c.model == spec.model.name]
+    same_method = [c for c in candidates if c.method == spec.method]
+    candidate = (same_method or candidates or [None])[0]
+    if candidate is None:
+        return None, ""
+    notes = []
+    if candidate.method != spec.method:
+        notes.append(f"estimated for {candidate.method.upper()}, you chose {spec.method.upper()}")
+    t = spec.training
+    if (candidate.micro_batch_size, candidate.max_seq_length) != (t.micro_batch_size, t.max_seq_length):
+        notes.append(f"estimated for batch {candidate.micro_batch_size} x {candidate.max_seq_length} tokens, "
+                     f"you have {t.micro_batch_size} x {t.max_seq_length}")
+    return candidate, "; ".join(notes)
+
+
+def check_line(state: wizard.WizardState, spec: RunSpec) -> Text:
+    result = state.check_for(spec)
+    if result is None:
+        return Text("not checked yet", style="dim")
+    if result.error:
+        return Text(f"the check failed: {result.error}", style="red")
+    if result.report is None:
+        return Text("checking...", style="yellow")
+    r = result.report
+    text = Text(f"{r.get('examples', 0):,} usable examples of {r.get('rows', 0):,} read")
+    if r.get("skipped"):
+        text.append(f", {r['skipped']:,} skipped", style="yellow")
+    if r.get("truncated"):
+        text.append(f", {r['truncated']:,} cut at {r.get('max_seq_length')} tokens", style="yellow")
+    if not r.get("examples"):
+        text.append(" (training would stop at once)", style="bold red")
+    return text
+
+
+class ReviewScreen(WizardScreen):
+    STEP = "Review"
+    EXPLANATION = "Check what will run. Launch trains in the background; quitting won't stop it."
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *WizardScreen.BINDINGS,
+        Binding("l", "launch", "Launch"),
+        Binding("s", "save", "Save as preset"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        yield Static(id="review-summary")
+        with VerticalScroll(id="review-toml"):
+            yield Static(id="toml")
+        with Horizontal(classes="buttons"):
+            yield Button("Launch (l)", id="launch", variant="primary", compact=True)
+            yield Button("Save as preset (s)", id="save", compact=True)
+            yield Button("Back (esc)", id="back", compact=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        spec = self.state.spec
+        self.state.review_estimate = None
+        if self.state.report is not None:
+            self.tw.estimate_review(spec)
+        self.tw.request_data_check(self.state.check_request(spec))
+        self.query_one("#launch", Button).focus()
+
+    def refresh_state(self) -> None:
+        spec = self.state.spec
+        runs = self.tw.services.runs_dir()
+        choice, note = estimate_for(self.state, spec)
+        lines: list[Any] = [Text.assemble(
+            ("Run ", "dim"), (spec.name, "bold"), ("  model ", "dim"), spec.model.name, ("  method ", "dim"),
+            spec.method.upper(), ("  data ", "dim"), str(spec.dataset.preset or spec.dataset.source))]
+        if choice is not None:
+            memory = Text("Memory: ", style="bold")
+            memory.append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, width=16))
+            memory.append("  ")
+            memory.append_text(fit_text(choice.fit))
+            lines.append(memory)
+            detail = estimate_breakdown(choice)
+            if note:
+                detail = f"{detail} ({note})" if detail else note
+            if detail:
+                lines.append(Text(f"        {detail}", style="dim"))
+        else:
+            lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
+                                                              else "no estimate", "dim")))
+        lines.append(Text.assemble(("Data: ", "bold"), check_line(self.state, spec)))
+        where = (f"adapter in {spec.output_dir}; logs in {runs}/<run id>/" if spec.output_dir else
+                 f"{runs}/<run id>/ (the adapter goes in its output/ folder)")
+        lines.append(Text.assemble(("Outputs: ", "bold"), where))
+        if spec.method == "qlora" and self.state.report is not None and not self.state.report.has_gpu:
+            lines.append(Text("QLoRA needs an NVIDIA GPU and none was found: this run would fail. Go back and "
+                              "pick LoRA.", style="bold red"))
+        self.query_one("#review-summary", Static).update(Group(*lines))
+        self.query_one("#toml", Static).update(Text(spec_mod.dumps(spec)))
+
+    @on(Button.Pressed, "#launch")
+    def action_launch(self) -> None:
+        try:
+            spec = wizard.validated(self.state.spec)
+        except SpecError as exc:
+            self.tw.show_error("The run spec is not valid", exc)
+            return
+        self.query_one("#launch", Button).disabled = True
+        self.tw.launch_run(spec)
+
+    def action_next(self) -> None:
+        self.action_launch()
+
+    @on(Button.Pressed, "#back")
+    def _back_pressed(self) -> None:
+        self.action_back()
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        from tui.screens.dialogs import NameDialog
+
+        spec = self.state.spec
+        self.app.push_screen(NameDialog(
+            "Save as a preset",
+            "A preset relaunches this exact run later: from the Welcome screen, or with `tunewiz train NAME`. "
+            "Name it (letters, digits, '.', '_' or '-'):", value=spec.name), self._save_named)
+
+    def _save_named(self, name: str | None, overwrite: bool = False) -> None:
+        from tui.screens.dialogs import ConfirmDialog
+
+        if not name:
+            return
+        try:
+            path = presets.save_user_preset(self.state.spec, name, overwrite=overwrite)
+        except SpecError as exc:
+            if "exists already" in exc.render() and not overwrite:
+                self.app.push_screen(
+                    ConfirmDialog("Replace the preset?", f"You already saved a preset called {name!r}. Replace it?",
+                                  yes="Replace", no="Keep the old one"),
+                    lambda yes: self._save_named(name, overwrite=True) if yes else None)
+                return
+            self.tw.show_error("Could not save the preset", exc)
+            return
+        except OSError as exc:
+            self.tw.show_error("Could not save the preset", exc)
+            return
+        self.notify(f"Saved {path}. Relaunch it with: tunewiz train {name}", title="Preset saved", timeout=8)
+
+    def on_screen_resume(self) -> None:
+        self.query_one("#launch", Button).disabled = False

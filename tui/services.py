@@ -1,0 +1,194 @@
+"""What the app asks of the outside world, passed to the App so tests can hand in fakes.
+
+The defaults call the engine: the hardware probe and the recommender in-process (both torch-free),
+the data check as a subprocess (`python -m engine data check ... --json`, which loads a tokenizer),
+and the launcher, which starts the engine detached in its own session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.spec import RunSpec
+from tui.wizard import CheckRequest
+
+DATA_CHECK_TIMEOUT_S = 600.0
+
+
+class ServiceError(Exception):
+    """A service failed in a way the user can act on; `hint` says how."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+
+def default_probe() -> Any:
+    from engine import hardware
+
+    return hardware.probe()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommender (engine.recommend; a stand-in that offers the demo model while it is missing)
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    weights: int = 0
+    adapters_optimizer: int = 0
+    activations: int = 0
+    logits: int = 0
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters_optimizer + self.activations + self.logits + self.overhead
+
+
+@dataclass(frozen=True)
+class _DemoChoice:
+    """The demo preset's own settings, offered when engine.recommend is not installed."""
+
+    model: str
+    method: str = "lora"
+    micro_batch_size: int = 4
+    gradient_accumulation: int = 1
+    max_seq_length: int = 2048
+    gradient_checkpointing: bool = False
+    estimate: _Estimate = field(default_factory=_Estimate)
+    available_bytes: int | None = None
+    fit: str = "fits"
+    reason: str = "The bundled demo model trains anywhere, even on a CPU, in a few minutes."
+
+    def apply(self, spec: RunSpec) -> RunSpec:
+        new = copy.deepcopy(spec)
+        new.model.name, new.method = self.model, self.method
+        new.training.micro_batch_size = self.micro_batch_size
+        new.training.gradient_accumulation = self.gradient_accumulation
+        new.training.max_seq_length = self.max_seq_length
+        new.training.gradient_checkpointing = self.gradient_checkpointing
+        return new
+
+
+@dataclass(frozen=True)
+class _Recommendation:
+    choices: list[Any]
+    summary: str
+    available_bytes: int | None = None
+
+
+def default_recommend(report: Any, seq_len: int) -> Any:
+    try:
+        from engine import recommend
+    except ImportError:
+        return _Recommendation([_DemoChoice("smollm2-135m-demo")],
+                               "The recommender is not installed yet; the demo model is offered.")
+    return recommend.recommend(report, seq_len=seq_len)
+
+
+def default_choice_for(model: str, report: Any, seq_len: int) -> Any:
+    try:
+        from engine import recommend
+    except ImportError:
+        raise ServiceError(f"cannot estimate {model}: the recommender is not installed yet") from None
+    return recommend.choice_for(model, report, seq_len=seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data check (a subprocess: it needs the tokenizer, which the app must not import)
+
+
+def _engine_env() -> dict[str, str]:
+    """The child's environment: this checkout importable, wherever the app was started from."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TQDM_DISABLE", "1")
+    return env
+
+
+def _error_from_stderr(stderr: str, returncode: int) -> ServiceError:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    message = next((line.removeprefix("tunewiz: ") for line in lines if line.startswith("tunewiz: ")), None)
+    hint = next((line.removeprefix("hint: ") for line in lines if line.startswith("hint: ")), None)
+    if message is None:
+        message = lines[-1] if lines else f"the data check stopped (exit status {returncode})"
+    return ServiceError(message, hint)
+
+
+def default_check_data(request: CheckRequest, is_cancelled: Callable[[], bool]) -> dict[str, Any]:
+    """Run the data checker and return its JSON report; raise ServiceError with its message."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", *request.argv()], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=_engine_env(), start_new_session=True,
+    )
+    waited = 0.0
+    while True:
+        try:
+            stdout, stderr = process.communicate(timeout=0.25)
+            break
+        except subprocess.TimeoutExpired:
+            waited += 0.25
+            if is_cancelled() or waited > DATA_CHECK_TIMEOUT_S:
+                process.kill()
+                process.communicate()
+                if waited > DATA_CHECK_TIMEOUT_S:
+                    raise ServiceError("the data check took too long and was stopped") from None
+                return {}
+    if process.returncode in (0, 1):
+        try:
+            return json.loads(stdout)
+        except ValueError:
+            pass
+    raise _error_from_stderr(stderr, process.returncode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def default_launch(spec: RunSpec, runs_root: Path | None) -> Any:
+    """Create the run directory and start the engine detached; return the engine.rundir.RunDir."""
+    from engine import launcher, rundir
+
+    run = rundir.create(spec, runs_root)
+    launcher.launch(run)
+    return run
+
+
+@dataclass
+class Services:
+    """Everything the app needs from outside; every field has a working default."""
+
+    probe: Callable[[], Any] = default_probe
+    """() -> engine.hardware.HardwareReport"""
+    recommend: Callable[[Any, int], Any] = default_recommend
+    """(report, seq_len) -> engine.recommend.Recommendation"""
+    choice_for: Callable[[str, Any, int], Any] = default_choice_for
+    """(model name or path, report, seq_len) -> engine.recommend.Choice; raises for unknown models"""
+    check_data: Callable[[CheckRequest, Callable[[], bool]], dict[str, Any]] = default_check_data
+    """(request, is_cancelled) -> the checker's JSON report ({} when cancelled)"""
+    launch: Callable[[RunSpec, Path | None], Any] = default_launch
+    """(validated spec, runs root) -> engine.rundir.RunDir of the started run"""
+    runs_root: Path | None = None
+    """Where run directories go (None: engine.locations.runs_dir())."""
+
+    def runs_dir(self) -> Path:
+        if self.runs_root is not None:
+            return self.runs_root
+        from engine import locations
+
+        return locations.runs_dir()

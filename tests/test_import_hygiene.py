@@ -1,0 +1,93 @@
+"""What each module drags in, checked in a fresh interpreter per module (harlequin style).
+
+The engine (and the headless CLI) must never import textual; the TUI must never import the training
+stack (it only reads run directories); and the light engine modules that the CLI and TUI use must not
+import torch, which costs seconds, until a command really needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+TRAINING_STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
+TORCH_FREE = ("engine.cli", "engine.rundir", "engine.events", "engine.launcher", "engine.presets", "engine.spec",
+              "engine.hardware")
+
+
+def _modules(package: str) -> list[str]:
+    """Every module of `package` found on disk (without importing anything), minus `__main__`s."""
+    root = ROOT / package
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__main__":  # importing it runs the program
+            continue
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
+    return names
+
+
+PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))
+"""
+
+
+def _loaded_after_import(module: str) -> set[str]:
+    """Top-level packages in sys.modules after importing `module` in a fresh interpreter."""
+    result = subprocess.run([PYTHON, "-c", PROBE, module], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"importing {module} failed:\n{result.stderr[-3000:]}"
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_module_discovery_sees_the_packages() -> None:
+    engine_modules = _modules("engine")
+    assert {"engine", "engine.cli", "engine.worker", "engine.data"} <= set(engine_modules)
+    assert "engine.__main__" not in engine_modules
+    assert "tui" in _modules("tui")
+    assert "textual" in _loaded_after_import("textual.app")  # the probe does see imports
+
+
+@pytest.mark.parametrize("module", _modules("engine"))
+def test_engine_modules_never_import_textual(module: str) -> None:
+    loaded = _loaded_after_import(module)
+    assert "textual" not in loaded, f"{module} imports textual"
+
+
+@pytest.mark.parametrize("module", _modules("tui"))
+def test_tui_modules_never_import_the_training_stack(module: str) -> None:
+    loaded = _loaded_after_import(module)
+    assert not loaded & set(TRAINING_STACK), f"{module} imports {sorted(loaded & set(TRAINING_STACK))}"
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_light_engine_modules_do_not_import_torch(module: str) -> None:
+    loaded = _loaded_after_import(module)
+    assert not loaded & set(TRAINING_STACK), f"{module} imports {sorted(loaded & set(TRAINING_STACK))}"
+
+
+HEADLESS = """
+import json, sys
+from engine.cli import main
+for argv in (["runs"], ["runs", "--json"], ["presets"], ["locate"], ["tail", "nosuchrun"], ["stop", "nosuchrun"]):
+    main(argv)
+print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))
+"""
+
+
+def test_headless_commands_that_only_read_do_not_import_torch(tunewiz_home: Path) -> None:
+    result = subprocess.run([PYTHON, "-c", HEADLESS], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert not loaded & set(TRAINING_STACK), sorted(loaded & set(TRAINING_STACK))
+    assert "textual" not in loaded

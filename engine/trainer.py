@@ -93,7 +93,7 @@ def check_method_supported(spec: RunSpec, cuda: bool) -> None:
                             hint="use \"adamw_torch\" on a CPU")
 
 
-def _apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
+def apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
     from peft import LoraConfig, get_peft_model
 
     targets = spec.lora.target_modules
@@ -258,7 +258,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.log(f"skipped row {problem}", level="warning")
 
     model = models.load_model(source, spec, dtype, device)
-    model, targets = _apply_lora(model, spec)
+    model, targets = apply_lora(model, spec)
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
              f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "

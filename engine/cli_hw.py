@@ -1,0 +1,158 @@
+"""`tunewiz doctor`, `recommend`, `models` and `probe`: what this machine can train, and a real check.
+
+Only `probe` imports torch (it runs a real training step); the rest answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata as md
+import json
+from typing import Any
+
+from engine import catalog, hardware
+from engine.estimator import CUDA_CONTEXT_BYTES, GIB
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "textual", "nvidia-ml-py")
+
+
+def add_commands(sub: Any) -> None:
+    """Register the commands on the top-level subparsers."""
+    p = sub.add_parser("doctor", help="check the GPU, drivers and libraries, and say how to fix problems")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("recommend", help="which model and method fit this GPU (or another: --vram)")
+    p.add_argument("--seq-len", type=int, default=2048, help="longest training sequence in tokens (default 2048)")
+    p.add_argument("--vram", type=float, metavar="GB", help="advise for a GPU with this much free memory")
+    p.add_argument("--model", help="only this model (catalog name, hub id or local folder)")
+    p.add_argument("--top", type=int, default=8, help="how many choices to show (default 8)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("models", help="list the model catalog")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("probe", help="run one real training step at full length on the GPU: measured peak "
+                                     "memory next to the estimate")
+    p.add_argument("preset", metavar="PRESET_OR_FILE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def doctor_report() -> dict[str, Any]:
+    """Hardware, library versions and problems (each with a fix)."""
+    report = hardware.probe()
+    versions = _versions()
+    problems = [{"problem": w, "fix": ""} for w in report.warnings]
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        if versions.get(name) is None:
+            problems.append({"problem": f"{name} is not installed", "fix": "run `make run` (or pip install -e .)"})
+    if not report.has_gpu:
+        verdict = "No GPU: tunewiz can train the bundled demo model on the CPU (tunewiz train demo)."
+    else:
+        best = max(report.gpus, key=lambda g: g.memory_free_bytes or 0)
+        verdict = (f"Ready: {best.name} with {(best.memory_free_bytes or 0) / GIB:.1f} GiB free. "
+                   "See `tunewiz recommend` for what fits.")
+    return {"verdict": verdict, "hardware": report.to_dict(), "versions": versions, "problems": problems}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    data = doctor_report()
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+        return 0
+    hw = data["hardware"]
+    print(f"tunewiz doctor\n\n{data['verdict']}\n")
+    for gpu in hw.get("gpus", []):
+        total = (gpu.get("memory_total_bytes") or 0) / GIB
+        free = (gpu.get("memory_free_bytes") or 0) / GIB
+        print(f"  GPU {gpu['index']}: {gpu['name']}  {free:.1f} of {total:.1f} GiB free  "
+              f"compute {gpu.get('compute_capability')}  bf16 {'yes' if gpu.get('bf16_supported') else 'no'}")
+    if hw.get("driver_version"):
+        print(f"  driver {hw['driver_version']}, CUDA {hw.get('cuda_driver_version')}")
+    ram = (hw.get("ram_total_bytes") or 0) / GIB
+    disk = (hw.get("disk_free_bytes") or 0) / GIB
+    print(f"  CPU cores {hw.get('cpu_count')}, RAM {ram:.1f} GiB, free disk {disk:.0f} GiB")
+    print("\nlibraries: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in data["versions"].items()))
+    if data["problems"]:
+        print("\nto look at:")
+        for item in data["problems"]:
+            print(f"  - {item['problem']}" + (f"\n    fix: {item['fix']}" if item["fix"] else ""))
+    else:
+        print("\nno problems found")
+    return 0
+
+
+def _choice_dict(choice: Any) -> dict[str, Any]:
+    data = {k: v for k, v in dataclasses.asdict(choice).items() if k != "estimate"}
+    data["estimate"] = choice.estimate.breakdown()
+    data["needed_bytes"] = choice.needed_bytes
+    return data
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from engine import recommend as rec
+
+    report = hardware.probe(check_libraries=False)
+    vram = int(args.vram * 1e9) if args.vram else None
+    if args.model:
+        choices = [rec.choice_for(args.model, report, args.seq_len, vram)]
+        summary = choices[0].reason
+    else:
+        result = rec.recommend(report, args.seq_len, vram)
+        choices, summary = result.choices[: args.top], result.summary
+    if args.json:
+        print(json.dumps({"summary": summary, "choices": [_choice_dict(c) for c in choices]}, indent=1))
+        return 0
+    print(summary + "\n")
+    print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<8} {'BATCH':>7} {'CKPT':<5}")
+    for c in choices:
+        print(f"{c.model:<20} {c.method:<6} {c.needed_bytes / 1e9:>6.1f}GB {c.fit:<8} "
+              f"{c.micro_batch_size:>3}x{c.gradient_accumulation:<3} {'on' if c.gradient_checkpointing else 'off':<5}")
+    print(f"\nNEEDS includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context. Use one: "
+          "tunewiz train demo --set model.name=MODEL --set method=METHOD")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    entries = catalog.models()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries.values()], indent=1))
+        return 0
+    for e in entries.values():
+        gated = " (gated)" if e.gated else ""
+        print(f"{e.name:<20} {e.params / 1e9:>6.2f}B  {e.license:<14} {e.description}{gated}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from engine import presets
+    from engine.probe_step import probe_step
+
+    spec, _ = presets.resolve(args.preset, args.set or [])
+    result = probe_step(spec)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"one training step of {spec.model.name} ({spec.method}), micro-batch {spec.training.micro_batch_size} "
+          f"x {spec.training.max_seq_length} tokens, checkpointing "
+          f"{'on' if spec.training.gradient_checkpointing else 'off'}, on {result['gpu']}:")
+    print(f"  measured peak {result['measured_reserved_bytes'] / GIB:.2f} GiB reserved by torch "
+          f"({result['measured_allocated_bytes'] / GIB:.2f} GiB allocated)")
+    print(f"  estimated     {result['estimate']['total'] / GIB:.2f} GiB ({result['error']:+.1%})")
+    print(f"  free on the GPU before the step: {result['free_bytes_before'] / GIB:.1f} GiB")
+    return 0

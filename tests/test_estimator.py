@@ -1,0 +1,68 @@
+"""The memory estimator against real GPU measurements (tests/data/memory_calibration.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import catalog
+from engine.estimator import ModelArch, Settings, adapter_params, estimate
+
+CALIBRATION = Path(__file__).parent / "data" / "memory_calibration.jsonl"
+ROWS = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
+
+
+def test_calibration_covers_what_the_estimator_claims() -> None:
+    done = [r for r in ROWS if r["status"] == "completed"]
+    assert len(done) >= 16
+    assert len({r["model"] for r in done}) >= 3
+    assert {r["method"] for r in done} == {"lora", "qlora"}
+    assert {r["gradient_checkpointing"] for r in done} == {True, False}
+    assert len({r["seq_len"] for r in done}) >= 2
+    assert all(r["gpu"] and r["torch_peak_reserved_bytes"] > 0 and r["nvml_used_bytes"] > 0 for r in done)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r["status"] == "completed"],
+                         ids=lambda r: f"{r['model']}-{r['method']}-{r['seq_len']}-gc{int(r['gradient_checkpointing'])}")
+def test_estimate_within_ten_percent_of_measured(row: dict) -> None:
+    arch = ModelArch.from_entry(catalog.models()[row["model"]])
+    settings = Settings(method=row["method"], r=row["r"], micro_batch_size=row["micro_batch_size"],
+                        seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
+                        optimizer=row["optimizer"], lora_dropout=row["lora_dropout"] > 0)
+    predicted = estimate(arch, settings).total
+    measured = row["torch_peak_reserved_bytes"]
+    assert abs(predicted - measured) / measured <= 0.10, (predicted / 2**30, measured / 2**30)
+
+
+@pytest.mark.parametrize("name", sorted(catalog.models()))
+def test_architecture_facts_match_the_parameter_count(name: str) -> None:
+    entry = catalog.models()[name]
+    assert abs(ModelArch.from_entry(entry).params - entry.params) / entry.params < 0.01
+
+
+def test_adapter_size_matches_the_known_llama_8b_figure() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    assert adapter_params(arch, Settings(r=16)) == 41_943_040  # peft's count for r=16 on all 7 projections
+
+
+def test_estimate_moves_the_right_way() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    base = Settings()
+    assert estimate(arch, Settings(method="qlora")).weights < estimate(arch, base).weights / 2.5
+    assert estimate(arch, Settings(gradient_checkpointing=False)).activations > 3 * estimate(arch, base).activations
+    assert estimate(arch, Settings(seq_len=4096)).total > estimate(arch, base).total
+    assert estimate(arch, Settings(r=64)).adapters_optimizer == 4 * estimate(arch, base).adapters_optimizer
+    assert estimate(arch, Settings(optimizer="adamw_8bit")).adapters_optimizer < estimate(arch, base).adapters_optimizer
+    breakdown = estimate(arch, base).breakdown()
+    assert breakdown["total"] == sum(v for k, v in breakdown.items() if k != "total")
+
+
+def test_arch_from_config_json() -> None:
+    config = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}
+    arch = ModelArch.from_config(config)
+    assert arch.kv_dim == 32 and arch.q_dim == 64
+    with pytest.raises(ValueError, match="lacks 'hidden_size'"):
+        ModelArch.from_config({"num_hidden_layers": 2})

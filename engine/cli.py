@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     except (rundir.RunNotFound, TunewizError) as exc:
         hint = getattr(exc, "hint", None)
         return _fail(f"{exc}{f'{chr(10)}hint: {hint}' if hint else ''}")
+    except BlockingIOError:
+        return _fail("that run's engine is already running (another resume or train started it)")
     except BrokenPipeError:
         return 0
 

@@ -32,6 +32,7 @@ class EngineContext:
     events: EventWriter
     resume: bool = False
     stop_event: threading.Event = field(default_factory=threading.Event)
+    last_step: int = 0  # the newest `step` event's step, for the final events
     _last_status: float = 0.0
 
     def should_stop(self) -> bool:
@@ -43,6 +44,8 @@ class EngineContext:
     def emit(self, kind: str, **data: Any) -> dict[str, Any]:
         """Write an event and keep status.json's summary current (throttled for `step`/`gpu`)."""
         event = self.events.emit(kind, **data)
+        if kind == "step":
+            self.last_step = data["step"]
         now = time.monotonic()
         last_step = kind == "step" and data["step"] >= data["total_steps"]
         if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S and not last_step:

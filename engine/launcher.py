@@ -30,6 +30,7 @@ def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None)
     # engine ended (`cancelled`, `failed`) or names its dead pid/pgid; mark it live, and forget those
     # ids so nobody signals a stale process group, before the new engine records its own.
     run.update_status(state="starting", pid=None, pgid=None)
+    run.stop_path.unlink(missing_ok=True)  # a stop request belongs to the engine life it stopped
     child_env = {**os.environ, **(env or {}), LOCK_FD_ENV: str(lock_fd), "PYTHONUNBUFFERED": "1"}
     try:
         with run.log_path.open("ab") as log:

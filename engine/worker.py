@@ -80,8 +80,6 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _route_warnings(ctx)
-    if resume:
-        run.stop_path.unlink(missing_ok=True)
     run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), started=round(time.time(), 3),
                       finished=None, error=None)
     checkpoint = latest_checkpoint(run.output_dir(spec)) if resume else None
@@ -109,7 +107,7 @@ def _record_failure(ctx: EngineContext, exc: BaseException) -> None:
     if not isinstance(exc, TunewizError):
         traceback.print_exception(exc)  # the full traceback goes to engine.log
     ctx.emit("error", error_type=type(exc).__name__, message=message, hint=hint, traceback="\n".join(tail))
-    ctx.emit("finished", status="failed", step=int(ctx.run.status().get("step") or 0))
+    ctx.emit("finished", status="failed", step=ctx.last_step)
     ctx.run.update_status(state="failed", finished=round(time.time(), 3),
                           error={"type": type(exc).__name__, "message": message, "hint": hint})
 

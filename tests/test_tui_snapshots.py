@@ -133,7 +133,7 @@ async def launched(pilot: Any) -> None:
     await review(pilot)
     await pilot.press("l")
     await on_screen(pilot, RunViewScreen)
-    await wait_until(pilot, lambda: pilot.app.screen.query_one("#run-log").line_count >= 4, "the events")
+    await wait_until(pilot, lambda: len(pilot.app.screen.query_one("#run-log").lines) >= 4, "the events")
 
 
 async def past_runs(pilot: Any) -> None:
@@ -168,6 +168,7 @@ CASES: dict[str, tuple[Callable[[], Any], Steps]] = {
     "model_no_gpu": (no_gpu_report, model),
     "model_24gb": (gpu24_report, model),
     "model_80gb": (gpu80_report, model),
+    "model_24gb_no_bitsandbytes": (lambda: gpu24_report(bitsandbytes=False), model),
     "model_error_dialog": (gpu24_report, error_dialog),
     "model_too_big_dialog": (gpu24_report, too_big_dialog),
     "dataset": (no_gpu_report, dataset),

@@ -238,6 +238,19 @@ async def test_a_model_that_does_not_fit_asks_first(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_qlora_without_bitsandbytes_asks_first(tmp_path: Path) -> None:
+    app, fakes = make_app(gpu24_report(bitsandbytes=False), tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await to_model_step(pilot)
+        await pilot.press("enter")  # the first choice is QLoRA
+        await on_screen(pilot, ConfirmDialog)
+        assert "bitsandbytes" in app.screen.message
+        await pilot.press("escape", "down", "enter")  # LoRA instead
+        await on_screen(pilot, DatasetScreen)
+        assert app.state.spec.method == "lora"
+
+
+@pytest.mark.asyncio
 async def test_typed_model_is_estimated_and_offered_first(tmp_path: Path) -> None:
     app, fakes = make_app(gpu24_report(), tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -369,7 +382,7 @@ async def test_past_runs_are_listed_and_open_in_the_run_view(tmp_path: Path) -> 
         await on_screen(pilot, SettingsScreen)
         await pilot.press("ctrl+n")
         await launch_from_review(pilot, fakes)
-        await wait_until(pilot, lambda: app.screen.query_one("#run-log").line_count >= 4, "the events")
+        await wait_until(pilot, lambda: len(app.screen.query_one("#run-log").lines) >= 4, "the events")
         assert "step 2/40" in text_of(app.screen.query_one("#run-progress"))
         await pilot.press("escape")
         await on_screen(pilot, WelcomeScreen)
@@ -561,7 +574,7 @@ async def test_end_to_end_the_wizard_launches_a_real_engine_process(tmp_path: Pa
             await wait_until(pilot, lambda: steps() >= 3, "step events in the run directory", timeout=60)
             await wait_until(pilot, lambda: "step " in text_of(app.screen.query_one("#run-progress")),
                              "the run view to show progress", timeout=30)
-            assert app.screen.query_one("#run-log").line_count >= 3
+            assert len(app.screen.query_one("#run-log").lines) >= 3
             await pilot.press("s")
             await on_screen(pilot, ConfirmDialog)
             await pilot.press("y")

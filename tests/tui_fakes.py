@@ -12,7 +12,7 @@ from typing import Any
 
 from engine import rundir
 from engine.errors import ModelError
-from engine.hardware import GpuInfo, HardwareReport
+from engine.hardware import GpuInfo, GpuProcess, HardwareReport
 from engine.spec import RunSpec
 from tui.services import Services
 from tui.wizard import CheckRequest
@@ -34,14 +34,18 @@ def no_gpu_report() -> HardwareReport:
                                     "for the tiny demo model."])
 
 
-def gpu24_report() -> HardwareReport:
+def gpu24_report(bitsandbytes: bool = True) -> HardwareReport:
+    """An RTX 4090 with 2 GB held by another program (a desktop session)."""
     gpu = GpuInfo(index=0, name="NVIDIA GeForce RTX 4090", cuda_index=0, memory_total_bytes=24 * GIB,
                   memory_used_bytes=2 * GIB, memory_free_bytes=22 * GIB, compute_capability=(8, 9),
-                  bf16_supported=True)
-    return HardwareReport(**_common(torch_cuda="12.4"), gpus=[gpu], driver_version="550.54",
-                          cuda_driver_version="12.4", total_gpu_count=1,
-                          warnings=["bitsandbytes is not installed, so QLoRA (4-bit) is unavailable; plain LoRA "
-                                    "still works. Install it with `pip install bitsandbytes`."])
+                  bf16_supported=True, other_processes=[GpuProcess(1234, "Xorg", 2 * GIB)])
+    warnings = ["Other processes hold 2.0 GiB on GPU 0 (NVIDIA GeForce RTX 4090): Xorg (pid 1234, 2.0 GiB). That "
+                "memory is not available for training."]
+    if not bitsandbytes:
+        warnings.append("bitsandbytes is not installed, so QLoRA (4-bit) is unavailable; plain LoRA still works. "
+                        "Install it with `pip install bitsandbytes`.")
+    return HardwareReport(**_common(torch_cuda="12.4", bitsandbytes="0.45.0" if bitsandbytes else None), gpus=[gpu],
+                          driver_version="550.54", cuda_driver_version="12.4", total_gpu_count=1, warnings=warnings)
 
 
 def gpu80_report() -> HardwareReport:

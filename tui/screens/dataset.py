@@ -83,7 +83,8 @@ def check_renderable(result: CheckResult | None, limit: int | None, custom: bool
     example = r.get("example") or []
     if example:
         parts.append(Text.assemble(("Preview ", "bold"), (str(r.get("example_where", "")), "dim"),
-                                   " as the model sees it; ", ("trained tokens", TRAINED_STYLE), " highlighted:"))
+                                   " as the model sees it; ", ("trained tokens", TRAINED_STYLE), " highlighted "
+                                   "(Tab moves here; arrows scroll):"))
         preview = Text()
         shown = 0
         for segment in example:

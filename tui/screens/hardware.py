@@ -25,8 +25,7 @@ def _gpu_rows(report: Any) -> list[tuple[str, Text]]:
         parts.append("bf16 yes" if gpu.bf16_supported else "bf16 no")
         rows.append((f"GPU {gpu.index}", Text.assemble((gpu.name, "bold"), "  ", " · ".join(parts))))
     if not report.gpus:
-        reason = report.nvml_error or "no NVIDIA GPU found"
-        rows.append(("GPU", Text(f"none ({reason})", style="yellow")))
+        rows.append(("GPU", Text("none found (see below)", style="bold yellow")))
     return rows
 
 
@@ -48,12 +47,15 @@ def report_renderable(report: Any, summary: str | None) -> Group:
         bnb = f"bitsandbytes {report.bitsandbytes}" if report.bitsandbytes else "bitsandbytes missing"
         table.add_row("Software", f"{torch} · {bnb}")
     parts: list[Any] = [table, Text()]
-    if report.warnings:
+    warnings_found = list(report.warnings)
+    if report.nvml_error:  # the driver's own words say more than "no GPU"; keep one of the two
+        warnings_found = [report.nvml_error] + [w for w in warnings_found if not w.startswith("No NVIDIA GPU")]
+    if warnings_found:
         parts.append(Text("Worth knowing:", style="bold"))
         warnings = Table.grid(padding=(0, 1))
         warnings.add_column(no_wrap=True)
         warnings.add_column()
-        for warning in report.warnings:
+        for warning in warnings_found:
             warnings.add_row(Text(" !", style="bold yellow"), warning)
         parts += [warnings, Text()]
     else:

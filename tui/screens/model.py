@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.console import Group
+from rich.padding import Padding
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -27,13 +29,28 @@ def choice_id(choice: Any) -> str:
     return f"{choice.model}|{choice.method}"
 
 
-def choice_prompt(choice: Any, rank: int) -> Text:
+def qlora_problem(choice: Any, report: Any) -> str | None:
+    """Why QLoRA cannot run here, when the hardware report says so."""
+    if choice.method != "qlora" or report is None:
+        return None
+    if not report.has_gpu:
+        return "QLoRA needs an NVIDIA GPU, and none was found."
+    if report.libraries_checked and not report.bitsandbytes:
+        return "QLoRA needs bitsandbytes, which is not installed (pip install bitsandbytes)."
+    return None
+
+
+def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     """Three lines: model and method with the verdict, the memory bar, and the reason in plain words."""
     head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
                          "  ", fit_text(choice.fit))
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
-    bar = Text("   ").append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit))
-    return Text("\n").join([head, bar, Text(f"   {choice.reason}", style="dim")])
+    bar = memory_bar(estimate_total(choice), choice.available_bytes, choice.fit)
+    lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
+    problem = qlora_problem(choice, report)
+    if problem:
+        lines.append(Padding(Text(f"! {problem}", style="bold yellow"), (0, 0, 0, 3)))
+    return Group(*lines)
 
 
 class ModelScreen(WizardScreen):
@@ -72,7 +89,8 @@ class ModelScreen(WizardScreen):
         keep = self.state.choice and choice_id(self.state.choice)
         new_ids = set(ids) - set(current)
         options.clear_options()
-        options.add_options(Option(choice_prompt(c, rank), id=choice_id(c)) for rank, c in enumerate(choices, 1))
+        options.add_options(Option(choice_prompt(c, rank, self.state.report), id=choice_id(c))
+                            for rank, c in enumerate(choices, 1))
         typed = [i for i, c in enumerate(choices) if choice_id(c) in new_ids and c in self.state.extra_choices]
         if typed:
             options.highlighted = typed[0]
@@ -111,17 +129,20 @@ class ModelScreen(WizardScreen):
         if choice is None:
             self.notify("No model to pick yet: wait for the hardware check, or type one under Other model.")
             return
-        if choice.fit == "too_big":
+        problem = qlora_problem(choice, self.state.report)
+        if problem or choice.fit == "too_big":
             from tui.screens.dialogs import ConfirmDialog
 
             def answered(yes: bool | None) -> None:
                 if yes:
                     self._pick(choice)
 
-            self.app.push_screen(ConfirmDialog(
-                "This probably does not fit",
-                f"{choice.reason}\n\nTraining would most likely stop with an out-of-memory error. Pick it anyway?",
-                yes="Pick it anyway", no="Choose another"), answered)
+            if problem:
+                title, message = "This cannot run here yet", f"{problem}\n\nThe run would stop at once. Pick it anyway?"
+            else:
+                title = "This probably does not fit"
+                message = f"{choice.reason}\n\nTraining would most likely stop with an out-of-memory error. Pick it anyway?"
+            self.app.push_screen(ConfirmDialog(title, message, yes="Pick it anyway", no="Choose another"), answered)
             return
         self._pick(choice)
 

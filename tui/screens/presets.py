@@ -7,7 +7,7 @@ from typing import ClassVar
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import BindingType
+from textual.binding import Binding, BindingType
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
@@ -19,7 +19,10 @@ from tui.screens.base import WizardScreen
 class PresetsScreen(WizardScreen):
     STEP = "Saved presets"
     EXPLANATION = "Saved recipes: pick one and press Enter to review it and launch it again."
-    BINDINGS: ClassVar[list[BindingType]] = [*WizardScreen.BINDINGS]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "back", "Back"),
+        Binding("ctrl+n", "next", "Open", show=False, priority=True),
+    ]
 
     def compose_body(self) -> ComposeResult:
         options = [Option(Text.assemble((p.name, "bold"), f"  ({p.origin})\n   ", (p.description, "dim")), id=p.name)

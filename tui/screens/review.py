@@ -96,7 +96,7 @@ class ReviewScreen(WizardScreen):
             memory.append_text(fit_text(choice.fit))
             lines.append(memory)
             detail = estimate_breakdown(choice)
-            if note:
+            if note and estimate_total(choice):
                 detail = f"{detail} ({note})" if detail else note
             if detail:
                 lines.append(Text(f"        {detail}", style="dim"))

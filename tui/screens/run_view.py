@@ -14,7 +14,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import Footer, Log, Static
+from textual.widgets import Footer, RichLog, Static
 from textual.worker import Worker, get_current_worker
 
 from engine.events import EventReader
@@ -46,7 +46,7 @@ def event_lines(event: Any) -> list[str]:
     return format_event(event).splitlines()
 
 
-def progress_text(state: str, last_step: dict[str, Any] | None, width: int = 30) -> Text:
+def progress_text(state: str, last_step: dict[str, Any] | None, width: int = 20) -> Text:
     text = Text.assemble(("State: ", "bold"), (state, STATE_STYLES.get(state, "bold")))
     if last_step:
         step, total = last_step.get("step", 0), last_step.get("total_steps") or 0
@@ -68,20 +68,21 @@ class RunViewScreen(Screen[None]):
         Binding("s", "stop", "Stop the run"),
     ]
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, step: str = "Launch") -> None:
         super().__init__()
         self.run = run
+        self.step = step
         self.run_state = "starting"
         self.last_step: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
-        yield StepBar("Launch")
+        yield StepBar(self.step)
         yield Static(Text.assemble(("Run ", "dim"), (self.run.run_id, "bold"), ("  in ", "dim"), str(self.run.path)),
                      classes="explain")
         yield Static(progress_text(self.run_state, None), id="run-progress")
         yield Static(Text(f"Training runs in the background: leaving this screen or quitting does not stop it. "
                           f"Later: tunewiz tail {self.run.run_id} -f", style="dim"), classes="note")
-        yield Log(id="run-log", highlight=False)
+        yield RichLog(id="run-log", wrap=True, markup=False, highlight=False, min_width=20)
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -107,7 +108,7 @@ class RunViewScreen(Screen[None]):
 
     @on(RunEvents)
     def _events(self, message: RunEvents) -> None:
-        log = self.query_one("#run-log", Log)
+        log = self.query_one("#run-log", RichLog)
         if message.reset:
             log.clear()
             self.last_step = None
@@ -116,8 +117,8 @@ class RunViewScreen(Screen[None]):
             if event.type == "step":
                 self.last_step = event.data
             lines.extend(event_lines(event))
-        if lines:
-            log.write_lines(lines)
+        for line in lines:
+            log.write(Text(line))
         self.run_state = message.state
         text = progress_text(message.state, self.last_step)
         if message.state == "dead":

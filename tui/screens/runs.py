@@ -29,7 +29,8 @@ class RunsScreen(WizardScreen):
     STEP = "Past runs"
     EXPLANATION = "Your runs, newest first. Enter shows one; runs keep going whether or not you watch them."
     BINDINGS: ClassVar[list[BindingType]] = [
-        *WizardScreen.BINDINGS,
+        Binding("escape", "back", "Back"),
+        Binding("ctrl+n", "next", "Open", show=False, priority=True),
         Binding("r", "reload", "Reload"),
     ]
 
@@ -72,7 +73,7 @@ class RunsScreen(WizardScreen):
 
         from tui.screens.run_view import RunViewScreen
 
-        self.app.push_screen(RunViewScreen(rundir.RunDir(Path(str(event.option.id)))))
+        self.app.push_screen(RunViewScreen(rundir.RunDir(Path(str(event.option.id))), step="Run"))
 
     def action_next(self) -> None:
         self.query_one("#runs", OptionList).action_select()

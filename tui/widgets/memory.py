@@ -54,7 +54,7 @@ def estimate_total(choice: Any) -> int | None:
 
 
 def estimate_breakdown(choice: Any) -> str:
-    """'weights 4.7 · adapters 0.3 · activations 0.9 · logits 0.5 · other 0.7 GB' for the review step."""
+    """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GB)' for the review step."""
     estimate = getattr(choice, "estimate", None)
     if estimate is None:
         return ""
@@ -62,4 +62,4 @@ def estimate_breakdown(choice: Any) -> str:
              ("logits", "logits"), ("overhead", "other")]
     shown = [f"{label} {getattr(estimate, name, 0) / 2**30:.1f}" for name, label in parts
              if isinstance(getattr(estimate, name, 0), int) and getattr(estimate, name, 0) > 0]
-    return " · ".join(shown) + " GB" if shown else ""
+    return ", ".join(shown) + " (GB)" if shown else ""

@@ -167,6 +167,34 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
     assert fakes.checks and fakes.checks[-1].target == "demo" and fakes.checks[-1].max_seq_len == 256
 
 
+@pytest.mark.parametrize("make_report", [no_gpu_report, gpu24_report, gpu80_report], ids=["no-gpu", "24gb", "80gb"])
+@pytest.mark.asyncio
+async def test_with_the_real_recommender_the_defaults_launch_its_first_choice(tmp_path: Path, make_report: Any) -> None:
+    recommend = pytest.importorskip("engine.recommend")
+    report = make_report()
+    first = recommend.recommend(report, seq_len=wizard.RECOMMEND_SEQ_LEN).choices[0]
+    fakes = FakeServices(report, tmp_path / "runs")
+    app = TunewizApp(Services(probe=lambda: report, check_data=fakes.check_data, launch=fakes.launch,
+                              runs_root=tmp_path / "runs"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.report is not None, "the hardware probe")
+        for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen, ReviewScreen):
+            await on_screen(pilot, screen)
+            if screen is ReviewScreen:
+                await wait_until(pilot, lambda: app.state.review_estimate is not None, "the review estimate")
+                assert "Memory:" in text_of(app.screen.query_one("#review-summary"))
+            await pilot.press("enter")
+        await wait_until(pilot, lambda: fakes.launched, "the launch")
+    spec = fakes.launched[0]
+    if not report.has_gpu:
+        assert spec_mod.dumps(spec) == demo_preset_text()
+    assert (spec.model.name, spec.method) == (first.model, first.method)
+    assert (spec.training.micro_batch_size, spec.training.gradient_accumulation,
+            spec.training.gradient_checkpointing) == (first.micro_batch_size, first.gradient_accumulation,
+                                                      first.gradient_checkpointing)
+    assert spec.dataset.preset == "demo" and spec.training.max_seq_length == 256
+
+
 @pytest.mark.asyncio
 async def test_24gb_qlora_on_alpaca_with_edited_settings(tmp_path: Path) -> None:
     app, fakes = make_app(gpu24_report(), tmp_path)

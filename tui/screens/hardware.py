@@ -85,6 +85,8 @@ class HardwareScreen(WizardScreen):
             return
         rec = self.state.recommendation
         summary = getattr(rec, "summary", None) or self.state.recommend_error
+        if summary and report.nvml_error:  # shown already under "Worth knowing"
+            summary = summary.replace(report.nvml_error, "").strip()
         self.query_one("#hardware-report", Static).update(report_renderable(report, summary))
 
     def action_rescan(self) -> None:

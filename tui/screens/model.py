@@ -45,7 +45,8 @@ def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
                          "  ", fit_text(choice.fit))
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
-    bar = memory_bar(estimate_total(choice), choice.available_bytes, choice.fit)
+    on_cpu = report is not None and not report.has_gpu
+    bar = memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, where="RAM free" if on_cpu else "free")
     lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
     problem = qlora_problem(choice, report)
     if problem:

@@ -91,7 +91,9 @@ class ReviewScreen(WizardScreen):
             spec.method.upper(), ("  data ", "dim"), str(spec.dataset.preset or spec.dataset.source))]
         if choice is not None:
             memory = Text("Memory: ", style="bold")
-            memory.append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, width=16))
+            on_cpu = self.state.report is not None and not self.state.report.has_gpu
+            memory.append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, width=16,
+                                          where="RAM free" if on_cpu else "free"))
             memory.append("  ")
             memory.append_text(fit_text(choice.fit))
             lines.append(memory)

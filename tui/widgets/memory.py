@@ -13,12 +13,12 @@ FIT_MARKS = {"fits": "OK", "tight": "!!", "too_big": "XX"}
 
 
 def gb(n: int | float | None) -> str:
-    """Sizes the way GPUs are sold: '24.0 GB' (binary units, as nvidia-smi and card makers count)."""
+    """Decimal gigabytes, written as the recommender writes them ('24 GB', '9.1 GB', '270 MB')."""
     if n is None:
         return "?"
-    if n < 2**30:
-        return f"{n / 2**20:.0f} MB"
-    return f"{n / 2**30:.1f} GB"
+    if n < 1e9:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
 def fit_text(fit: str) -> Text:
@@ -26,8 +26,11 @@ def fit_text(fit: str) -> Text:
     return Text(f"[{FIT_MARKS.get(fit, '??')}] {FIT_LABELS.get(fit, fit)}", style=FIT_STYLES.get(fit, ""))
 
 
-def memory_bar(needed: int | None, available: int | None, fit: str, width: int = 24) -> Text:
-    """`[#########.......] 9.1 GiB of 24.0 GiB free`, filled by the share of free memory needed."""
+def memory_bar(needed: int | None, available: int | None, fit: str, width: int = 24, where: str = "free") -> Text:
+    """`[#########.......] 9.1 GB of 24 GB free`, filled by the share of free memory needed.
+
+    `where` names what `available` is: "free" (GPU memory) or "RAM free" (training on the CPU).
+    """
     bar = Text("[")
     if needed is not None and available:
         share = needed / available
@@ -37,7 +40,7 @@ def memory_bar(needed: int | None, available: int | None, fit: str, width: int =
         bar.append("]")
         if share > 1:
             bar.append(">", style=FIT_STYLES.get(fit, ""))
-        bar.append(f" {gb(needed)} of {gb(available)} free")
+        bar.append(f" {gb(needed)} of {gb(available)} {where}")
     else:
         bar.append("." * width, style="dim")
         bar.append("]")
@@ -48,6 +51,10 @@ def memory_bar(needed: int | None, available: int | None, fit: str, width: int =
 
 
 def estimate_total(choice: Any) -> int | None:
+    """What must be free for the choice: the recommender's `needed_bytes` (estimate plus CUDA context)."""
+    needed = getattr(choice, "needed_bytes", None)
+    if isinstance(needed, int) and needed > 0:
+        return needed
     estimate = getattr(choice, "estimate", None)
     total = getattr(estimate, "total", None)
     return total if isinstance(total, int) and total > 0 else None
@@ -60,6 +67,9 @@ def estimate_breakdown(choice: Any) -> str:
         return ""
     parts = [("weights", "weights"), ("adapters_optimizer", "adapters"), ("activations", "activations"),
              ("logits", "logits"), ("overhead", "other")]
-    shown = [f"{label} {getattr(estimate, name, 0) / 2**30:.1f}" for name, label in parts
+    shown = [f"{label} {getattr(estimate, name, 0) / 1e9:.1f}" for name, label in parts
              if isinstance(getattr(estimate, name, 0), int) and getattr(estimate, name, 0) > 0]
+    context = (getattr(choice, "needed_bytes", 0) or 0) - (getattr(estimate, "total", 0) or 0)
+    if shown and context > 0:
+        shown.append(f"CUDA context {context / 1e9:.1f}")
     return ", ".join(shown) + " (GB)" if shown else ""

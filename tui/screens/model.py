@@ -17,7 +17,7 @@ from textual.widgets.option_list import Option
 from engine.spec import SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
-from tui.widgets.memory import estimate_total, fit_text, memory_bar
+from tui.widgets.memory import estimate_total, fit_text, memory_bar, verdict
 
 METHODS = (
     "LoRA trains a small add-on (an adapter) on the model's 16-bit weights; QLoRA trains it on a 4-bit copy: "
@@ -42,11 +42,11 @@ def qlora_problem(choice: Any, report: Any) -> str | None:
 
 def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     """Three lines: model and method with the verdict, the memory bar, and the reason in plain words."""
+    available, fit, where = verdict(choice, report)
     head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
-                         "  ", fit_text(choice.fit))
+                         "  ", fit_text(fit))
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
-    on_cpu = report is not None and not report.has_gpu
-    bar = memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, where="RAM free" if on_cpu else "free")
+    bar = memory_bar(estimate_total(choice), available, fit, where=where)
     lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
     problem = qlora_problem(choice, report)
     if problem:
@@ -131,7 +131,7 @@ class ModelScreen(WizardScreen):
             self.notify("No model to pick yet: wait for the hardware check, or type one under Other model.")
             return
         problem = qlora_problem(choice, self.state.report)
-        if problem or choice.fit == "too_big":
+        if problem or verdict(choice, self.state.report)[1] == "too_big":
             from tui.screens.dialogs import ConfirmDialog
 
             def answered(yes: bool | None) -> None:

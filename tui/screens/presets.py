@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.console import Group
+from rich.padding import Padding
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -25,7 +27,8 @@ class PresetsScreen(WizardScreen):
     ]
 
     def compose_body(self) -> ComposeResult:
-        options = [Option(Text.assemble((p.name, "bold"), f"  ({p.origin})\n   ", (p.description, "dim")), id=p.name)
+        options = [Option(Group(Text.assemble((p.name, "bold"), f"  ({p.origin})"),
+                                Padding(Text(p.description, style="dim"), (0, 0, 0, 3))), id=p.name)
                    for p in presets.list_presets()]
         yield OptionList(*options, id="presets")
 

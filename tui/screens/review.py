@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.console import Group
+from rich.padding import Padding
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -16,7 +17,7 @@ from engine import presets, spec as spec_mod
 from engine.spec import RunSpec, SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
-from tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar
+from tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar, verdict
 
 
 def estimate_for(state: wizard.WizardState, spec: RunSpec) -> tuple[Any, str]:
@@ -90,18 +91,17 @@ class ReviewScreen(WizardScreen):
             ("Run ", "dim"), (spec.name, "bold"), ("  model ", "dim"), spec.model.name, ("  method ", "dim"),
             spec.method.upper(), ("  data ", "dim"), str(spec.dataset.preset or spec.dataset.source))]
         if choice is not None:
+            available, fit, where = verdict(choice, self.state.report)
             memory = Text("Memory: ", style="bold")
-            on_cpu = self.state.report is not None and not self.state.report.has_gpu
-            memory.append_text(memory_bar(estimate_total(choice), choice.available_bytes, choice.fit, width=16,
-                                          where="RAM free" if on_cpu else "free"))
-            memory.append("  ")
-            memory.append_text(fit_text(choice.fit))
+            memory.append_text(fit_text(fit))
+            memory.append(" ")
+            memory.append_text(memory_bar(estimate_total(choice), available, fit, width=16, where=where))
             lines.append(memory)
             detail = estimate_breakdown(choice)
-            if note and estimate_total(choice):
-                detail = f"{detail} ({note})" if detail else note
             if detail:
-                lines.append(Text(f"        {detail}", style="dim"))
+                lines.append(Padding(Text(detail, style="dim"), (0, 0, 0, 8)))
+            if note and estimate_total(choice):
+                lines.append(Padding(Text(f"({note})", style="dim"), (0, 0, 0, 8)))
         else:
             lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
                                                               else "no estimate", "dim")))
@@ -109,9 +109,13 @@ class ReviewScreen(WizardScreen):
         where = (f"adapter in {spec.output_dir}; logs in {runs}/<run id>/" if spec.output_dir else
                  f"{runs}/<run id>/ (the adapter goes in its output/ folder)")
         lines.append(Text.assemble(("Outputs: ", "bold"), where))
-        if spec.method == "qlora" and self.state.report is not None and not self.state.report.has_gpu:
+        report = self.state.report
+        if spec.method == "qlora" and report is not None and not report.has_gpu:
             lines.append(Text("QLoRA needs an NVIDIA GPU and none was found: this run would fail. Go back and "
                               "pick LoRA.", style="bold red"))
+        elif report is not None and not report.has_gpu and spec.model.name != self.tw.base.model.name:
+            lines.append(Text(f"No GPU: {spec.model.name} would train on the CPU, which takes hours to days "
+                              f"(the demo model takes minutes).", style="bold yellow"))
         self.query_one("#review-summary", Static).update(Group(*lines))
         self.query_one("#toml", Static).update(Text(spec_mod.dumps(spec)))
 

@@ -60,6 +60,21 @@ def estimate_total(choice: Any) -> int | None:
     return total if isinstance(total, int) and total > 0 else None
 
 
+def verdict(choice: Any, report: Any) -> tuple[int | None, str, str]:
+    """(memory available, fits/tight/too_big, what that memory is) for a choice on this machine.
+
+    With a GPU that is the recommender's own verdict. Without one, training runs on the CPU and needs RAM, which
+    the recommender's per-model verdict does not weigh, so it is judged here against free RAM.
+    """
+    if report is None or report.has_gpu:
+        return choice.available_bytes, choice.fit, "free"
+    available, needed = report.ram_available_bytes, estimate_total(choice)
+    if not available or not needed:
+        return available, choice.fit, "RAM free"
+    fit = "fits" if needed <= 0.85 * available else "tight" if needed <= available else "too_big"
+    return available, fit, "RAM free"
+
+
 def estimate_breakdown(choice: Any) -> str:
     """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GB)' for the review step."""
     estimate = getattr(choice, "estimate", None)

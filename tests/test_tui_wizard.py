@@ -144,6 +144,32 @@ def test_check_request_argv_matches_the_data_check_command() -> None:
                               "--limit", str(wizard.CHECK_ROW_LIMIT)]
 
 
+def test_memory_verdict_uses_free_ram_without_a_gpu() -> None:
+    from tui.widgets.memory import verdict
+
+    big = fake_choice_for("llama-3.1-8b", gpu24_report())  # the recommender's verdict is about the GPU
+    assert verdict(big, gpu24_report())[1:] == ("fits", "free")
+    report = no_gpu_report()  # 5 GiB of RAM free
+    assert verdict(big, report) == (report.ram_available_bytes, "too_big", "RAM free")
+    assert verdict(fake_recommend(report).choices[0], report)[1] == "fits"
+
+
+def test_peek_reads_columns_and_guesses_a_mapping(tmp_path: Path) -> None:
+    from tui.datafile import guess_mapping, peek
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('\n{"Question": "q", "Answer": "a"}\n')
+    found = peek(str(rows))
+    assert (found.columns, found.detected, found.error) == (("Question", "Answer"), None, None)
+    assert guess_mapping(found.columns) == {"instruction": "Question", "output": "Answer"}
+    table = tmp_path / "rows.csv"
+    table.write_text("instruction,output\nsay hi,hi\n")
+    assert peek(str(table)).detected == "alpaca"
+    assert peek(str(tmp_path / "missing.jsonl")).error.startswith("no file at")
+    assert peek("org/dataset") == peek("org/dataset").__class__()  # hub ids are left to the checker
+    assert guess_mapping(("text", "label")) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole flows with simulated hardware
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.catalog import ModelEntry
+
+if TYPE_CHECKING:
+    from engine.spec import RunSpec
 
 GIB = 1024**3
 # What NVML sees beyond torch's reserved memory (driver context, cuBLAS workspaces): 1.35-1.95 GiB,
@@ -122,6 +125,14 @@ class Settings:
     @property
     def tokens(self) -> int:
         return self.micro_batch_size * self.seq_len
+
+    @classmethod
+    def from_spec(cls, spec: "RunSpec") -> "Settings":
+        targets = ALL_LINEAR if spec.lora.target_modules == ["all-linear"] else tuple(spec.lora.target_modules)
+        return cls(method=spec.method, r=spec.lora.r, targets=targets,
+                   micro_batch_size=spec.training.micro_batch_size, seq_len=spec.training.max_seq_length,
+                   gradient_checkpointing=spec.training.gradient_checkpointing, optimizer=spec.training.optimizer,
+                   lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant)
 
 
 @dataclass(frozen=True)

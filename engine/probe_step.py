@@ -16,14 +16,6 @@ from engine.estimator import ModelArch, Settings, estimate
 from engine.spec import RunSpec
 
 
-def settings_for(spec: RunSpec) -> Settings:
-    targets = tuple(spec.lora.target_modules) if spec.lora.target_modules != ["all-linear"] else Settings().targets
-    return Settings(method=spec.method, r=spec.lora.r, targets=targets,
-                    micro_batch_size=spec.training.micro_batch_size, seq_len=spec.training.max_seq_length,
-                    gradient_checkpointing=spec.training.gradient_checkpointing, optimizer=spec.training.optimizer,
-                    lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant)
-
-
 def probe_step(spec: RunSpec) -> dict[str, Any]:
     """Measured and estimated peak memory of one step of `spec` on GPU 0."""
     import torch
@@ -57,7 +49,7 @@ def probe_step(spec: RunSpec) -> dict[str, Any]:
     torch.cuda.synchronize()
     arch = ModelArch.from_config(json.loads((Path(source.name_or_path) / "config.json").read_text())
                                  if source.is_local else model.config.to_dict())
-    predicted = estimate(arch, settings_for(spec))
+    predicted = estimate(arch, Settings.from_spec(spec))
     measured = torch.cuda.max_memory_reserved(0)
     return {"gpu": torch.cuda.get_device_name(0), "free_bytes_before": free_before,
             "measured_reserved_bytes": measured, "measured_allocated_bytes": torch.cuda.max_memory_allocated(0),

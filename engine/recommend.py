@@ -130,9 +130,12 @@ def _available(report: HardwareReport, vram_bytes: int | None) -> tuple[int | No
     return best.memory_free_bytes, best
 
 
-def _rank(choice: Choice, params: int) -> tuple[int, int]:
+def _rank(choice: Choice, params: int) -> tuple[int, bool, int]:
+    """Best first: LoRA that fits, QLoRA that fits, tight, too big; ungated before gated (gated
+    models need a hub login first); bigger before smaller (too-big ones: nearest to fitting first)."""
     bucket = {"fits": 0 if choice.method == "lora" else 1, "tight": 2, "too_big": 3}[choice.fit]
-    return bucket, -params if choice.fit != "too_big" else params
+    entry = catalog.models().get(choice.model)
+    return bucket, bool(entry and entry.gated), -params if choice.fit != "too_big" else params
 
 
 def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
@@ -201,6 +204,11 @@ def _arch_from(path: Path) -> ModelArch:
         return ModelArch.from_config(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, OSError) as exc:
         raise ModelError(f"{path}: {exc}") from None
+
+
+def estimate_spec(spec: RunSpec) -> MemoryEstimate:
+    """The memory estimate of exactly this spec's model and settings (for a review screen)."""
+    return estimate(arch_for(spec.model.name), Settings.from_spec(spec))
 
 
 def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None) -> Choice:

@@ -135,3 +135,22 @@ def test_recommend_cli_json_and_doctor(capsys: pytest.CaptureFixture[str]) -> No
 def test_probe_on_a_cpu_says_why(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe", "demo"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gated_models_come_after_open_ones_of_the_same_kind() -> None:
+    choices = recommend(machine(gpu(24))).choices
+    first_gated = next(i for i, c in enumerate(choices) if catalog.models()[c.model].gated)
+    same_bucket_open = [c for c in choices[first_gated:] if c.fit == choices[first_gated].fit
+                        and c.method == choices[first_gated].method and not catalog.models()[c.model].gated]
+    assert not same_bucket_open
+    assert not catalog.models()[choices[0].model].gated
+
+
+def test_estimate_of_exactly_a_spec() -> None:
+    from engine.estimator import Settings, estimate
+    from engine.recommend import arch_for, estimate_spec
+
+    spec = spec_mod.loads('name = "x"\nmethod = "qlora"\n[model]\nname = "llama-3.1-8b"\n[dataset]\npreset = "demo"\n'
+                          '[training]\nmicro_batch_size = 1\nmax_seq_length = 4096\n')
+    expected = estimate(arch_for("llama-3.1-8b"), Settings(method="qlora", micro_batch_size=1, seq_len=4096))
+    assert estimate_spec(spec) == expected

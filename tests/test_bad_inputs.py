@@ -124,3 +124,16 @@ def test_cli_reports_and_creates_no_run(tmp_path: Path, demo_model: Path) -> Non
     assert "broken.jsonl:2: invalid JSON" in result.stderr
     assert "hint:" in result.stderr
     assert not any(locations.runs_dir().iterdir())
+
+
+def test_template_that_rejects_a_row_drops_only_that_row(tmp_path: Path, demo_model: Path) -> None:
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    with_system = {"messages": [{"role": "system", "content": "Be brief."}] + GOOD["messages"]}
+    spec = spec_for(write_jsonl(tmp_path / "mixed.jsonl", [GOOD, with_system, GOOD]))
+    spec.dataset.chat_template = str(template)
+    stats = preflight.check(spec)
+    assert stats["train_examples"] == 2 and stats["dropped"] == {"template_error": 1}
+    assert "no system role" in stats["problems"][0]

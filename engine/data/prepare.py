@@ -214,7 +214,16 @@ def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) ->
         nonlocal truncated, supervised_total, shortest_answer_end
         out = []
         for example in items:
-            encoded = encoder.encode(example)
+            try:
+                encoded = encoder.encode(example)
+            except DataError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception)
+                dropped["template_error"] += 1
+                if len(problem_messages) < MAX_REPORTED_PROBLEMS:
+                    problem_messages.append(f"a {len(example.messages)}-turn example: the chat template cannot "
+                                            f"render it: {exc}")
+                continue
             lengths.append(len(encoded.input_ids))
             cut, was_cut, reason = trim(encoded, limit)
             truncated += was_cut

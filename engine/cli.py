@@ -155,6 +155,17 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0 if state != "failed" else 1
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Open the run's dashboard; without the terminal app installed, follow it as plain text."""
+    run = rundir.find(args.run)
+    try:
+        from tui.app import run_app  # imported here only: the headless commands never load textual
+    except ImportError:
+        print("the terminal app is not installed; following the run as plain text", file=sys.stderr)
+        return cmd_tail(argparse.Namespace(run=str(run.path), json=False, follow=True))
+    return run_app(attach=run)
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     run = rundir.find(args.run)
     outcome = launcher.stop(run, grace_s=args.wait, on_progress=lambda msg: print(msg, flush=True))
@@ -228,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("attach", help="open a run's live dashboard (replays its history, then follows it)")
+    p.add_argument("run", metavar="RUN", help="run id or a unique prefix of it ('last' for the newest)")
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("stop", help="stop a run gracefully (checkpoint, then cancelled)")
     p.add_argument("run", metavar="RUN")

@@ -133,14 +133,14 @@ async def launched(pilot: Any) -> None:
     await review(pilot)
     await pilot.press("l")
     await on_screen(pilot, RunViewScreen)
-    await wait_until(pilot, lambda: len(pilot.app.screen.query_one("#run-log").lines) >= 4, "the events")
+    await wait_until(pilot, lambda: pilot.app.screen.view is not None and pilot.app.screen.view.step == 2, "the events")
 
 
 async def past_runs(pilot: Any) -> None:
     await launched(pilot)
     await pilot.press("escape", "r")
     await on_screen(pilot, RunsScreen)
-    await wait_until(pilot, lambda: pilot.app.screen.query_one("#runs").option_count == 1, "the list")
+    await wait_until(pilot, lambda: len(pilot.app.screen.rows) == 1, "the list")
 
 
 async def saved_presets(pilot: Any) -> None:

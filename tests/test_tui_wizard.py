@@ -187,7 +187,7 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
         await pilot.press("enter")  # the Launch button has the focus
         await wait_until(pilot, lambda: fakes.launched, "the launch")
         await on_screen(pilot, RunViewScreen)
-        assert [type(s).__name__ for s in app.screen_stack[1:]] == ["WelcomeScreen", "RunViewScreen"]
+        assert [type(s).__name__ for s in app.screen_stack[1:]] == ["WelcomeScreen", "DashboardScreen"]
     assert len(fakes.launched) == 1
     assert spec_mod.dumps(fakes.launched[0]) == demo_preset_text()
     assert fakes.checks and fakes.checks[-1].target == "demo" and fakes.checks[-1].max_seq_len == 256
@@ -436,13 +436,13 @@ async def test_past_runs_are_listed_and_open_in_the_run_view(tmp_path: Path) -> 
         await on_screen(pilot, SettingsScreen)
         await pilot.press("ctrl+n")
         await launch_from_review(pilot, fakes)
-        await wait_until(pilot, lambda: len(app.screen.query_one("#run-log").lines) >= 4, "the events")
+        await wait_until(pilot, lambda: app.screen.view is not None and app.screen.view.step == 2, "the events")
         assert "step 2/40" in text_of(app.screen.query_one("#run-progress"))
         await pilot.press("escape")
         await on_screen(pilot, WelcomeScreen)
         await pilot.press("r")
         await on_screen(pilot, RunsScreen)
-        await wait_until(pilot, lambda: app.screen.query_one("#runs").option_count == 1, "the run in the list")
+        await wait_until(pilot, lambda: len(app.screen.rows) == 1, "the run in the list")
         await pilot.press("enter")
         await on_screen(pilot, RunViewScreen)
         assert app.screen.run.run_id == rundir.list_runs(tmp_path / "runs")[0].run_id
@@ -628,12 +628,12 @@ async def test_end_to_end_the_wizard_launches_a_real_engine_process(tmp_path: Pa
             await wait_until(pilot, lambda: steps() >= 3, "step events in the run directory", timeout=60)
             await wait_until(pilot, lambda: "step " in text_of(app.screen.query_one("#run-progress")),
                              "the run view to show progress", timeout=30)
-            assert len(app.screen.query_one("#run-log").lines) >= 3
+            assert app.screen.view.step >= 1
             await pilot.press("s")
             await on_screen(pilot, ConfirmDialog)
             await pilot.press("y")
             await wait_until(pilot, lambda: run.state() == "cancelled", "the graceful stop", timeout=60)
-            await wait_until(pilot, lambda: "cancelled" in text_of(app.screen.query_one("#run-progress")),
+            await wait_until(pilot, lambda: "CANCELLED" in text_of(app.screen.query_one("#run-title")),
                              "the run view to show the end", timeout=30)
         finished = [json.loads(line) for line in run.events_path.read_text().splitlines()
                     if json.loads(line)["type"] == "finished"]

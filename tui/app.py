@@ -39,6 +39,10 @@ WORKER_TITLES = {
     "launch": "Could not start the run",
     "runs": "Could not list the runs",
     "tail": "Could not read the run's events",
+    "stop": "Could not stop the run",
+    "resume": "Could not resume the run",
+    "export": "Could not export the run",
+    "delete": "Could not delete the run",
 }
 
 
@@ -50,7 +54,8 @@ class TunewizApp(App[int]):
     ENABLE_COMMAND_PALETTE = False
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
-    def __init__(self, services: Services | None = None, *, watch_terminal: bool = False) -> None:
+    def __init__(self, services: Services | None = None, *, watch_terminal: bool = False,
+                 attach: Any = None) -> None:
         super().__init__()
         self.services = services or Services()
         self.base = wizard.base_spec()
@@ -60,6 +65,10 @@ class TunewizApp(App[int]):
         """Published after every change to `state`."""
         self.launched: list[Any] = []
         """Run directories started from this app (they outlive it)."""
+        self.watched: list[Any] = []
+        """Run directories whose dashboard was opened (`run_app` says how to come back to live ones)."""
+        self.attach = attach
+        """The run to open at once (`tunewiz attach RUN`): its dashboard, with the welcome screen behind it."""
         self.hung_up = False
         """True when the app ended because its terminal went away."""
         self._watch_terminal = watch_terminal
@@ -70,8 +79,14 @@ class TunewizApp(App[int]):
     def on_mount(self) -> None:
         from tui.screens.welcome import WelcomeScreen
 
-        self.push_screen(WelcomeScreen())
-        self.probe_hardware()
+        if self.attach is not None:
+            from tui.screens.dashboard import DashboardScreen
+
+            # Only the dashboard: Esc swaps in the welcome screen, and the wizard probes the hardware when used.
+            self.push_screen(DashboardScreen(self.attach))
+        else:
+            self.push_screen(WelcomeScreen())
+            self.probe_hardware()
         if self._watch_terminal:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGHUP, signal.SIGTERM):
@@ -91,8 +106,14 @@ class TunewizApp(App[int]):
         self.hung_up = True
         self.exit(0)
 
+    def ensure_probed(self) -> None:
+        """Probe the hardware unless that is done or under way (an attached app skips it at start)."""
+        if self.state.report is None and not any(w.group == "probe" and w.is_running for w in self.workers):
+            self.probe_hardware()
+
     def reset_wizard(self) -> None:
         """Start a new fine-tune from the demo preset (keeps the hardware report)."""
+        self.ensure_probed()
         self.state.spec = self.base
         self.state.choice = None
         self.state.dataset = wizard.DatasetSelection(preset=wizard.DEMO_PRESET)
@@ -223,28 +244,29 @@ class TunewizApp(App[int]):
 
     @on(RunLaunched)
     def _launched(self, message: RunLaunched) -> None:
-        from tui.screens.run_view import RunViewScreen
+        from tui.screens.dashboard import DashboardScreen
         from tui.screens.welcome import WelcomeScreen
 
         self.launched.append(message.run)
         while len(self.screen_stack) > 2 and not isinstance(self.screen, WelcomeScreen):
             self.pop_screen()
-        self.push_screen(RunViewScreen(message.run))
+        self.push_screen(DashboardScreen(message.run))
 
 
-def run_app(services: Services | None = None) -> int:
-    """Run the wizard in this terminal; return the exit status for `tunewiz`."""
-    app = TunewizApp(services, watch_terminal=True)
+def run_app(services: Services | None = None, attach: Any = None) -> int:
+    """Run the wizard (or, with `attach`, a run's dashboard) in this terminal; return the exit status."""
+    app = TunewizApp(services, watch_terminal=True, attach=attach)
     try:
         app.run()
     except OSError:  # the terminal went away while the app was drawing or restoring it
         return 0
     if app.hung_up:
         return 0
-    for run in app.launched:
+    for run in dict.fromkeys([*app.launched, *app.watched]):
         try:
-            print(f"run {run.run_id} keeps going. Follow it: tunewiz tail {run.run_id} -f    "
-                  f"stop it: tunewiz stop {run.run_id}")
+            if run.state() in ("starting", "running", "stopping"):
+                print(f"run {run.run_id} keeps going. Watch it again: tunewiz attach {run.run_id}    "
+                      f"plain text: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
         except OSError:
             break
     return app.return_code or 0

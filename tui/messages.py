@@ -73,3 +73,26 @@ class DataFilePeeked(Message):
 
     source: str
     peek: Any
+
+
+@dataclass
+class RunSnapshot(Message):
+    """A fresh picture of the followed run (tui.runmodel.RunView); a newer one replaces an unhandled one."""
+
+    view: Any
+    engine_log: str | None = None
+    """The last lines of engine.log, read once the engine has ended badly (failed or dead)."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, RunSnapshot)
+
+
+@dataclass
+class RunActionDone(Message):
+    """A stop, resume or export that ran in a worker has finished (`error` when it failed)."""
+
+    action: str
+    run_id: str
+    result: str | None = None
+    error: str | None = None
+    hint: str | None = None

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,40 @@ def default_launch(spec: RunSpec, runs_root: Path | None) -> Any:
     return run
 
 
+def default_stop(run: Any, on_progress: Callable[[str], None]) -> str:
+    """Stop a run gracefully (request, then SIGTERM, then SIGKILL); returns how it ended."""
+    from engine import launcher
+
+    return launcher.stop(run, on_progress=on_progress)
+
+
+def default_resume(run: Any) -> int:
+    """Start a new engine on a stopped, failed or dead run; it continues from the newest checkpoint."""
+    from engine import launcher
+
+    return launcher.launch(run, resume=True)
+
+
+EXPORT_TIMEOUT_S = 1800.0
+
+
+def default_export(run: Any, merged: bool, out: Path) -> str:
+    """Run `python -m engine export RUN --out OUT [--merged]` and return what it printed last."""
+    command = [sys.executable, "-m", "engine", "export", str(run.path), "--out", str(out)]
+    if merged:
+        command.append("--merged")
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                env=_engine_env(), timeout=EXPORT_TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise ServiceError("the export took too long and was stopped") from None
+    if result.returncode != 0:
+        error = _error_from_stderr(result.stderr, result.returncode)
+        raise ServiceError(str(error).replace("data check", "export"), error.hint)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exported to {out}"
+
+
 @dataclass
 class Services:
     """Everything the app needs from outside; every field has a working default."""
@@ -185,6 +220,14 @@ class Services:
     """(validated spec, runs root) -> engine.rundir.RunDir of the started run"""
     runs_root: Path | None = None
     """Where run directories go (None: engine.locations.runs_dir())."""
+    stop: Callable[[Any, Callable[[str], None]], str] = default_stop
+    """(run, on_progress) -> how it stopped: graceful, terminated, killed or not running"""
+    resume: Callable[[Any], int] = default_resume
+    """(run) -> pid of the new engine"""
+    export: Callable[[Any, bool, Path], str] = default_export
+    """(run, merged, out) -> one line saying where the export went"""
+    clock: Callable[[], float] = time.time
+    """Now, in Unix seconds: live runs' elapsed time and ETA (tests fix it so snapshots do not move)."""
 
     def runs_dir(self) -> Path:
         if self.runs_root is not None:

@@ -1,0 +1,731 @@
+"""The run dashboard, the Runs screen and `tunewiz attach`, on event files recorded from real CPU demo runs.
+
+Fixtures (tests/data/runs/, see its README): completed, cancelled (a real stop), dead (a real SIGKILL), failed
+(a real failure whose error event was edited to a CUDA out-of-memory message), and running (a real run's events
+cut mid-way; the test process holds the engine lock, so the run reads as live). Clocks are fixed, so elapsed
+time and ETA do not move in snapshots.
+
+Update the snapshots after an intended change with
+`pytest tests/test_tui_dashboard.py -k snapshot --snapshot-update` and look at the report first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from engine import rundir
+from engine.events import EventReader
+from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.tui_fakes import FakeServices, no_gpu_report
+from tui.app import TunewizApp
+from tui.runmodel import SERIES_POINTS, BulkEventReader, RunModel, Series
+from tui.screens.dashboard import DashboardScreen, ExportDialog
+from tui.screens.dialogs import ConfirmDialog, MessageDialog
+from tui.screens.runs import RunsScreen
+from tui.screens.settings import SettingsScreen
+from tui.screens.welcome import WelcomeScreen
+from tui.services import Services
+from tui.widgets.chart import LineChart
+
+pytestmark = pytest.mark.timeout(180)
+
+FIXTURES = ROOT / "tests" / "data" / "runs"
+FIXED = Path("/tmp/tunewiz-dashboard-tests")
+"""Paths show on screen, so snapshot runs live in a fixed place rather than pytest's tmp_path."""
+SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+RUN_IDS = {path.name.split("-")[3]: path.name for path in FIXTURES.iterdir() if path.is_dir()}
+"""State -> run id of the fixture, e.g. "completed" -> "20261127-220318-demo-completed-f9c4"."""
+
+
+def text_of(widget: Any) -> str:
+    console = Console(width=200, file=io.StringIO(), color_system=None)
+    console.print(widget.content)
+    return console.file.getvalue()
+
+
+def last_event_time(run: rundir.RunDir) -> float:
+    return EventReader(run.events_path).read_all()[-1].time
+
+
+@dataclasses.dataclass
+class Placed:
+    """Fixture runs copied into a runs folder; the running one's lock is held by this process."""
+
+    root: Path
+    runs: dict[str, rundir.RunDir]
+    lock_fd: int | None = None
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def place(root: Path, *states: str) -> Placed:
+    """Copy the named fixtures (all by default) into `root`; hold the lock of the running one."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    runs = {}
+    for state in states or tuple(RUN_IDS):
+        runs[state] = rundir.RunDir(Path(shutil.copytree(FIXTURES / RUN_IDS[state], root / RUN_IDS[state])))
+    placed = Placed(root, runs)
+    if "running" in runs:
+        placed.lock_fd = rundir.acquire_lock(runs["running"].lock_path)
+    return placed
+
+
+@pytest.fixture
+def placed_runs(request: pytest.FixtureRequest) -> Any:
+    made: list[Placed] = []
+
+    def make(root: Path, *states: str) -> Placed:
+        result = place(root, *states)
+        made.append(result)
+        return result
+
+    yield make
+    for result in made:
+        result.release()
+
+
+@dataclasses.dataclass
+class ActionFakes:
+    """Stop, resume and export services that record their calls instead of touching engines."""
+
+    stopped: list[str] = dataclasses.field(default_factory=list)
+    resumed: list[str] = dataclasses.field(default_factory=list)
+    exported: list[tuple[str, bool, Path]] = dataclasses.field(default_factory=list)
+
+    def stop(self, run: rundir.RunDir, on_progress: Callable[[str], None]) -> str:
+        self.stopped.append(run.run_id)
+        on_progress("stop requested")
+        return "graceful"
+
+    def resume(self, run: rundir.RunDir) -> int:
+        self.resumed.append(run.run_id)
+        return 4242
+
+    def export(self, run: rundir.RunDir, merged: bool, out: Path) -> str:
+        self.exported.append((run.run_id, merged, out))
+        return f"adapter copied to {out}"
+
+
+def make_services(root: Path, clock: float, actions: ActionFakes | None = None) -> tuple[Services, FakeServices]:
+    fakes = FakeServices(no_gpu_report(), root)
+    services = fakes.services()
+    actions = actions or ActionFakes()
+    services.stop, services.resume, services.export = actions.stop, actions.resume, actions.export
+    services.clock = lambda: clock
+    return services, fakes
+
+
+def clock_for(placed: Placed) -> float:
+    """42 s after the running fixture's last event (or the completed one's)."""
+    run = placed.runs.get("running") or next(iter(placed.runs.values()))
+    return last_event_time(run) + 42.0
+
+
+async def wait_until(pilot: Any, predicate: Callable[[], Any], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; screen is {type(pilot.app.screen).__name__}")
+        await pilot.pause(0.05)
+
+
+async def shown(pilot: Any, state: str | None = None) -> DashboardScreen:
+    """Wait for the dashboard to show a view (in `state`, when given)."""
+    def ready() -> bool:
+        screen = pilot.app.screen
+        return (isinstance(screen, DashboardScreen) and screen.view is not None
+                and (state is None or screen.view.state == state))
+
+    await wait_until(pilot, ready, f"the dashboard ({state or 'any state'})")
+    return pilot.app.screen
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, without the UI
+
+
+def fixture_events(state: str) -> list[Any]:
+    return EventReader(FIXTURES / RUN_IDS[state] / "events.jsonl").read_all()
+
+
+@pytest.mark.parametrize("state", sorted(RUN_IDS))
+def test_the_byte_fast_path_gives_the_same_view_as_decoding_each_event(state: str) -> None:
+    slow = RunModel(state)
+    slow.apply(fixture_events(state))
+    fast = RunModel(state)
+    reader = BulkEventReader(FIXTURES / RUN_IDS[state] / "events.jsonl")
+    while True:
+        body, _reset = reader.poll_bytes(4096)  # small chunks: lines are split across reads
+        if not body and reader.offset >= reader.path.stat().st_size:
+            break
+        fast.apply_bytes(body)
+    a, b = fast.view(state), slow.view(state)
+    for item in dataclasses.fields(a):
+        if item.name != "version":
+            assert getattr(a, item.name) == getattr(b, item.name), item.name
+
+
+def test_fixtures_hold_what_their_state_needs() -> None:
+    steps = {state: [e for e in fixture_events(state) if e.type == "step"] for state in RUN_IDS}
+    assert all(steps.values()), {state: len(found) for state, found in steps.items()}
+    completed = [e for e in fixture_events("completed") if e.type == "finished"]
+    assert completed[-1].get("status") == "completed"
+    assert [e.get("status") for e in fixture_events("cancelled") if e.type == "finished"] == ["cancelled"]
+    assert not [e for e in fixture_events("dead") if e.type == "finished"]
+    error = [e for e in fixture_events("failed") if e.type == "error"][-1]
+    assert "out of memory" in error.get("message") and "micro_batch_size" in error.get("hint")
+    assert any(e.type == "checkpoint" for e in fixture_events("cancelled"))
+    assert not [e for e in fixture_events("running") if e.type == "finished"]
+
+
+def test_series_stay_bounded_and_cover_the_whole_run() -> None:
+    series = Series(64)
+    for step in range(1, 10_001):
+        series.add(step, float(step))
+    xs, ys = series.points()
+    assert len(xs) < 64 and xs[0] < 200 and xs[-1] > 9800
+    assert all(abs(x - y) < 1e-9 for x, y in zip(xs, ys))  # averages of (step, step) stay on the diagonal
+    bulk = Series(64)
+    bulk.extend(list(range(1, 10_001)), [float(s) for s in range(1, 10_001)])
+    assert len(bulk.points()[0]) < 64 and bulk.points()[0][-1] > 9800
+
+
+def test_a_resumed_run_repeats_steps_and_the_later_ones_win() -> None:
+    model = RunModel("r")
+
+    def step(n: int, loss: float, start: float) -> dict[str, Any]:
+        return {"type": "step", "time": start + n, "step": n, "total_steps": 10, "epoch": n / 10, "loss": loss,
+                "learning_rate": 1e-4, "elapsed_s": n}
+
+    model.apply_raw([{"type": "started", "time": 100.0, "pid": 1}, *(step(n, 2.0, 100) for n in range(1, 7))])
+    model.apply_raw([{"type": "started", "time": 500.0, "pid": 2, "resumed_from_step": 4},
+                     *(step(n, 1.0, 496) for n in range(5, 11))])
+    view = model.view("completed")
+    assert view.loss_xs == tuple(float(n) for n in range(1, 11))
+    assert view.loss_ys == (2.0,) * 4 + (1.0,) * 6
+    assert view.resumes == 1
+    assert view.elapsed(10_000) == pytest.approx(6.0 + 6.0)  # two engine lives, the gap between them not counted
+
+
+def test_a_file_that_was_replaced_is_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    lines = (FIXTURES / RUN_IDS["completed"] / "events.jsonl").read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:40]))
+    reader = BulkEventReader(path)
+    model = RunModel("x")
+    body, reset = reader.poll_bytes()
+    model.apply_bytes(body)
+    path.write_bytes(b"".join(lines[:10]))  # shorter: truncated or replaced
+    body, reset = reader.poll_bytes()
+    assert reset
+    model.reset()
+    model.apply_bytes(body)
+    assert model.events == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard, one fixture at a time
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("state", ["completed", "cancelled", "dead", "failed", "running"])
+async def test_attach_shows_the_whole_history(state: str, tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", state)
+    run = placed.runs[state]
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=run)
+    steps = [e for e in EventReader(run.events_path).read_all() if e.type == "step"]
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await shown(pilot, state)
+        view = screen.view
+        assert view.step == steps[-1].get("step") and len(view.loss_xs) == len({e.get("step") for e in steps})
+        title = text_of(screen.query_one("#run-title"))
+        assert state.upper() in title and run.run_id in title
+        progress = text_of(screen.query_one("#run-progress"))
+        assert f"step {view.step}/{view.total_steps}" in progress
+        alert = text_of(screen.query_one("#run-alert"))
+        if state == "failed":
+            assert "CUDA out of memory" in alert and "micro_batch_size" in alert and "r starts it again" in alert
+        elif state == "dead":
+            assert "gone without finishing" in alert
+        elif state == "cancelled":
+            assert "Stopped on request" in alert
+        elif state == "running":
+            assert "ETA" in progress and not screen.query_one("#run-alert").has_class("shown")
+        await pilot.press("4")
+        await pilot.pause(0.2)
+        log = screen.query_one("#run-log")
+        assert len(log.lines) >= 5
+
+
+@pytest.mark.asyncio
+async def test_a_live_run_is_followed_as_events_arrive(tmp_path: Path, placed_runs: Any) -> None:
+    """Replay the completed run's file into a live one in pieces (a line split across writes, too)."""
+    placed = placed_runs(tmp_path / "runs", "running")
+    run = placed.runs["running"]
+    full = (FIXTURES / RUN_IDS["completed"] / "events.jsonl").read_bytes()
+    have = run.events_path.read_bytes()
+    assert full.startswith(have)
+    rest = full[len(have):]
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await shown(pilot, "running")
+        first_step = screen.view.step
+        cut = rest.index(b'"type": "step"') + 20  # in the middle of the next step line
+        with run.events_path.open("ab") as handle:
+            handle.write(rest[:cut])
+        await pilot.pause(1.2)
+        assert screen.view.step == first_step  # the half line is held back
+        with run.events_path.open("ab") as handle:
+            handle.write(rest[cut:])
+        await wait_until(pilot, lambda: screen.view.step == 24, "the last step")
+        assert screen.view.state == "running"
+        run.update_status(state="completed")
+        placed.release()
+        await wait_until(pilot, lambda: screen.view.state == "completed", "the completed state")
+        assert "COMPLETED" in text_of(screen.query_one("#run-title"))
+        assert len(screen.view.loss_xs) == 24
+
+
+@pytest.mark.asyncio
+async def test_a_live_run_whose_engine_dies_shows_dead(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", "running")
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=placed.runs["running"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await shown(pilot, "running")
+        placed.release()  # the lock goes free without a final status: killed
+        await wait_until(pilot, lambda: screen.view.state == "dead", "the dead state")
+        assert "gone without finishing" in text_of(screen.query_one("#run-alert"))
+
+
+@pytest.mark.asyncio
+async def test_charts_are_not_redrawn_while_nothing_changes(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", "running")
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=placed.runs["running"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await shown(pilot, "running")
+        await pilot.pause(0.5)
+        charts = list(screen.query(LineChart))
+        before = [chart.renders for chart in charts]
+        snapshots = screen.snapshots
+        await pilot.pause(2.5)  # five polls and two header ticks
+        assert [chart.renders for chart in charts] == before
+        assert screen.snapshots == snapshots
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+@pytest.mark.asyncio
+async def test_stop_asks_first_then_stops_in_a_worker(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", "running", "completed")
+    actions = ActionFakes()
+    services, _ = make_services(placed.root, clock_for(placed), actions)
+    app = TunewizApp(services, attach=placed.runs["running"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await shown(pilot, "running")
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the question")
+        await pilot.press("n")
+        await shown(pilot)
+        assert actions.stopped == []
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the question")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: actions.stopped, "the stop")
+        assert actions.stopped == [placed.runs["running"].run_id]
+    app = TunewizApp(services, attach=placed.runs["completed"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await shown(pilot, "completed")
+        await pilot.press("s", "r")  # nothing to stop or resume: the keys are not offered
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, DashboardScreen) and actions.stopped == [placed.runs["running"].run_id]
+        assert actions.resumed == []
+        footer_keys = {key for key, active in app.screen.active_bindings.items()
+                       if active.binding.show and active.enabled}
+        assert "s" not in footer_keys and "r" not in footer_keys and "e" in footer_keys
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("state", ["cancelled", "dead", "failed"])
+async def test_resume_starts_a_new_engine_on_the_same_run(state: str, tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", state)
+    actions = ActionFakes()
+    services, _ = make_services(placed.root, clock_for(placed), actions)
+    app = TunewizApp(services, attach=placed.runs[state])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await shown(pilot, state)
+        await pilot.press("r")
+        await wait_until(pilot, lambda: actions.resumed, "the resume")
+        await pilot.press("r")  # pressed twice: one resume only
+        await pilot.pause(0.3)
+    assert actions.resumed == [placed.runs[state].run_id]
+
+
+@pytest.mark.asyncio
+async def test_export_offers_adapter_or_merged_and_runs_in_a_worker(tmp_path: Path, placed_runs: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    placed = placed_runs(tmp_path / "runs", "completed")
+    monkeypatch.chdir(tmp_path)
+    actions = ActionFakes()
+    services, _ = make_services(placed.root, clock_for(placed), actions)
+    run = placed.runs["completed"]
+    app = TunewizApp(services, attach=run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await shown(pilot, "completed")
+        await pilot.press("e")
+        await wait_until(pilot, lambda: isinstance(app.screen, ExportDialog), "the export choice")
+        await pilot.press("escape")
+        await shown(pilot)
+        await pilot.press("e")
+        await wait_until(pilot, lambda: isinstance(app.screen, ExportDialog), "the export choice")
+        await pilot.press("m")
+        await wait_until(pilot, lambda: actions.exported, "the export")
+    assert actions.exported == [(run.run_id, True, tmp_path / f"{run.run_id}-merged")]
+
+
+def test_the_default_export_runs_the_export_command(tmp_path: Path) -> None:
+    """The real service: `python -m engine export` in a child; its error comes back as a ServiceError."""
+    from tui.services import ServiceError, default_export
+
+    run = place(tmp_path / "runs", "cancelled").runs["cancelled"]
+    with pytest.raises(ServiceError) as caught:
+        default_export(run, False, tmp_path / "out")
+    assert "has no trained adapter" in str(caught.value) and "resume" in (caught.value.hint or "")
+
+
+@pytest.mark.asyncio
+async def test_help_detach_and_back(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs", "running")
+    services, _ = make_services(placed.root, clock_for(placed))
+    run = placed.runs["running"]
+    app = TunewizApp(services, attach=run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await shown(pilot, "running")
+        await pilot.press("question_mark")
+        await wait_until(pilot, lambda: isinstance(app.screen, MessageDialog), "the help")
+        assert f"tunewiz attach {run.run_id}" in app.screen.message and "Eval" in app.screen.message
+        await pilot.press("escape")
+        await shown(pilot)
+        await pilot.press("escape")  # attached directly: back goes to the welcome screen
+        await wait_until(pilot, lambda: isinstance(app.screen, WelcomeScreen), "the welcome screen")
+        await wait_until(pilot, lambda: app.state.report is None, "no probe yet")
+        await pilot.press("r")
+        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen), "the runs")
+        await wait_until(pilot, lambda: app.screen.rows, "the list")
+        await pilot.press("enter")
+        await shown(pilot, "running")
+        await pilot.press("d")
+        await pilot.pause(0.2)
+    assert app.return_code == 0 and run.engine_alive()  # detaching leaves the run alone
+    assert app.watched == [run]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Runs screen
+
+
+async def open_runs(pilot: Any) -> RunsScreen:
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, WelcomeScreen), "the welcome screen")
+    await pilot.press("r")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, RunsScreen), "the runs screen")
+    await wait_until(pilot, lambda: len(pilot.app.screen.rows) == len(RUN_IDS), "every run listed")
+    return pilot.app.screen
+
+
+@pytest.mark.asyncio
+async def test_runs_are_listed_newest_first_with_state_and_losses(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs")
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_runs(pilot)
+        ids = [row["run_id"] for row in screen.rows]
+        assert ids == sorted(ids, reverse=True)
+        states = {row["run_id"]: row["state"] for row in screen.rows}
+        assert states == {run_id: state for state, run_id in RUN_IDS.items()}
+        for row in screen.rows:
+            losses = [e.get("loss") for e in fixture_events(row["state"]) if e.type == "step"]
+            assert row["loss"] == pytest.approx(losses[-1]) and row["best"] == pytest.approx(min(losses))
+            assert row["model"] == "smollm2-135m-demo" and row["duration_s"] is not None
+
+
+@pytest.mark.asyncio
+async def test_runs_open_resume_relaunch_and_delete(tmp_path: Path, placed_runs: Any) -> None:
+    placed = placed_runs(tmp_path / "runs")
+    actions = ActionFakes()
+    services, fakes = make_services(placed.root, clock_for(placed), actions)
+    app = TunewizApp(services)
+
+    def select(screen: RunsScreen, state: str) -> None:
+        index = next(i for i, row in enumerate(screen.rows) if row["state"] == state)
+        screen.query_one("#runs").move_cursor(row=index)
+
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_runs(pilot)
+        select(screen, "dead")
+        await pilot.press("enter")
+        await shown(pilot, "dead")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen, "the runs screen")
+        await pilot.press("r")  # resume the dead run: a new engine, and its dashboard
+        await wait_until(pilot, lambda: actions.resumed, "the resume")
+        assert actions.resumed == [placed.runs["dead"].run_id]
+        await shown(pilot)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen, "the runs screen")
+
+        select(screen, "running")
+        await pilot.press("x")  # a live run cannot be deleted
+        await pilot.pause(0.2)
+        assert app.screen is screen and placed.runs["running"].path.exists()
+        select(screen, "failed")
+        await pilot.press("x")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the question")
+        await pilot.press("n")
+        assert placed.runs["failed"].path.exists()
+        await pilot.press("x")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the question")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not placed.runs["failed"].path.exists(), "the deletion")
+        await wait_until(pilot, lambda: len(screen.rows) == len(RUN_IDS) - 1, "the shorter list")
+
+        select(screen, "completed")
+        await pilot.press("l")  # relaunch: the run's spec, editable, in the wizard
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen), "the settings step")
+        spec = placed.runs["completed"].load_spec()
+        assert app.state.spec == spec and app.state.relaunch_of == placed.runs["completed"].run_id
+        await pilot.press("tab", "tab", "ctrl+u", *"30")  # max steps
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: type(app.screen).__name__ == "ReviewScreen", "the review")
+        await pilot.press("l")
+        await wait_until(pilot, lambda: fakes.launched, "the launch")
+    launched = fakes.launched[0]
+    assert launched.training.max_steps == 30
+    assert dataclasses.replace(launched, training=spec.training) == spec
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunewiz attach` and the headless CLI
+
+ATTACH_HEADLESS = """
+import json, sys
+from engine.cli import main
+code = main(["attach", "nosuchrun"])
+print(json.dumps({"code": code, "textual": "textual" in sys.modules}))
+"""
+
+
+def test_attach_is_a_command_that_loads_the_app_only_when_run(tunewiz_home: Path) -> None:
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["attach", "last"])
+    assert args.func.__name__ == "cmd_attach"
+    result = subprocess.run([PYTHON, "-c", ATTACH_HEADLESS], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"code": 2, "textual": False}
+    assert "no run id starts with 'nosuchrun'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+async def _settle(pilot: Any) -> None:
+    await pilot.pause(0.3)
+    pilot.app.clear_notifications()
+    await pilot.pause(0.1)
+
+
+def _dashboard_case(state: str, keys: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    async def steps(pilot: Any) -> None:
+        await shown(pilot, state)
+        for key in keys:
+            await pilot.press(key)
+        await _settle(pilot)
+
+    return steps
+
+
+async def _runs_case(pilot: Any) -> None:
+    await open_runs(pilot)
+    await _settle(pilot)
+
+
+SNAPSHOTS: dict[str, tuple[str | None, Callable[[Any], Any]]] = {
+    "running": ("running", _dashboard_case("running")),
+    "running_resources": ("running", _dashboard_case("running", ("2",))),
+    "running_stop_question": ("running", _dashboard_case("running", ("s",))),
+    "completed": ("completed", _dashboard_case("completed")),
+    "completed_samples": ("completed", _dashboard_case("completed", ("3",))),
+    "failed_oom": ("failed", _dashboard_case("failed")),
+    "failed_log": ("failed", _dashboard_case("failed", ("4",))),
+    "cancelled": ("cancelled", _dashboard_case("cancelled")),
+    "dead": ("dead", _dashboard_case("dead")),
+    "help": ("completed", _dashboard_case("completed", ("question_mark",))),
+    "runs": (None, _runs_case),
+}
+
+
+@pytest.fixture
+def fixed_zone(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("case", list(SNAPSHOTS))
+def test_snapshot(snap_compare: Any, case: str, size: str, fixed_zone: Any, placed_runs: Any) -> None:
+    state, steps = SNAPSHOTS[case]
+    placed = placed_runs(FIXED / "runs")
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=placed.runs[state] if state else None)
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real demo run started from the app, whose process is killed; the run goes on and is re-attached
+
+APP_PROCESS = """
+import asyncio, sys
+from pathlib import Path
+from tests.tui_fakes import FakeServices, no_gpu_report
+from textual.widgets import Input
+from tui.app import TunewizApp
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.settings import SettingsScreen
+from tui.services import Services
+
+SETTINGS = {"f-training--max_steps": "4", "f-training--sample_prompts": "1", "f-training--eval_every": "4",
+            "f-training--save_every": "2"}
+
+async def until(pilot, predicate):
+    while not predicate():
+        await pilot.pause(0.05)
+
+async def main(root):
+    fakes = FakeServices(no_gpu_report(), root)
+    app = TunewizApp(Services(probe=no_gpu_report, check_data=fakes.check_data, runs_root=root))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.state.report is not None)
+        while not isinstance(app.screen, SettingsScreen):
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+        await pilot.press("ctrl+t")
+        for wid, value in SETTINGS.items():
+            app.screen.query_one("#" + wid, Input).focus()
+            await pilot.press("ctrl+u", *value)
+        await pilot.pause(0.3)
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: type(app.screen).__name__ == "ReviewScreen")
+        await pilot.press("l")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        print("RUN", app.screen.run.path, flush=True)
+        await until(pilot, lambda: app.screen.view is not None and app.screen.view.step)
+        print("STEP", app.screen.view.step, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.asyncio
+async def test_a_real_run_outlives_the_app_that_started_it(tmp_path: Path, demo_model: Path) -> None:
+    root = tmp_path / "runs"
+    app_process = subprocess.Popen([PYTHON, "-c", APP_PROCESS, str(root)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=subprocess_env(TQDM_DISABLE="1"), cwd=ROOT,
+                                   text=True, start_new_session=True)
+    run = None
+    try:
+        line = ""
+        deadline = time.monotonic() + 300
+        while not line.startswith("STEP") and time.monotonic() < deadline:
+            line = app_process.stdout.readline()
+            if line.startswith("RUN"):
+                run = rundir.RunDir(Path(line.split(maxsplit=1)[1].strip()))
+            if not line and app_process.poll() is not None:
+                break
+        assert line.startswith("STEP") and run is not None, app_process.stderr.read()[-3000:]
+        steps_then = sum(e.type == "step" for e in EventReader(run.events_path).read_all())
+        os.killpg(app_process.pid, signal.SIGKILL)  # the app and everything in its session, like a crash
+        app_process.wait(10)
+        assert run.engine_alive() and run.state() == "running"
+        deadline = time.monotonic() + 600
+        while run.state() == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+        assert run.state() == "completed", (run.status(), run.log_path.read_text()[-3000:])
+        events = EventReader(run.events_path).read_all()
+        steps = [e.get("step") for e in events if e.type == "step"]
+        assert steps == [1, 2, 3, 4] and steps_then < 4  # training went on after the app died
+
+        services = Services(probe=no_gpu_report, runs_root=root)
+        app = TunewizApp(services, attach=run)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await shown(pilot, "completed")
+            assert screen.view.step == 4 and screen.view.loss_xs == (1.0, 2.0, 3.0, 4.0)
+            assert screen.view.events == len(events)
+            assert "step 4/4" in text_of(screen.query_one("#run-progress"))
+    finally:
+        if app_process.poll() is None:
+            os.killpg(app_process.pid, signal.SIGKILL)
+        if run is not None and run.engine_alive():
+            pgid = run.status().get("pgid")
+            if isinstance(pgid, int):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
+async def test_a_run_resumed_elsewhere_is_followed_again(tmp_path: Path, placed_runs: Any) -> None:
+    """The worker stops once a run has ended; when another client resumes it, the files change and it follows."""
+    placed = placed_runs(tmp_path / "runs", "cancelled")
+    run = placed.runs["cancelled"]
+    services, _ = make_services(placed.root, clock_for(placed))
+    app = TunewizApp(services, attach=run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await shown(pilot, "cancelled")
+        await wait_until(pilot, lambda: not screen._following, "the worker to stop")
+        assert not [w for w in app.workers if w.group == "tail" and w.is_running]
+        lock = rundir.acquire_lock(run.lock_path)  # a new engine, as `tunewiz resume` would start it
+        try:
+            run.update_status(state="running")
+            last = EventReader(run.events_path).read_all()[-1]
+            with run.events_path.open("a") as handle:
+                handle.write(json.dumps({"v": 1, "seq": last.seq + 1, "time": last.time + 60, "type": "started",
+                                         "pid": 1, "host": "h", "run_id": run.run_id, "version": "0",
+                                         "resumed_from_step": 16}) + "\n")
+                handle.write(json.dumps({"v": 1, "seq": last.seq + 2, "time": last.time + 70, "type": "step",
+                                         "step": 17, "total_steps": 40, "epoch": 0.24, "loss": 0.2,
+                                         "learning_rate": 3e-4, "elapsed_s": 10}) + "\n")
+            await wait_until(pilot, lambda: screen.view.state == "running" and screen.view.step == 17, "the resume")
+            assert screen.view.resumes == 1
+        finally:
+            os.close(lock)

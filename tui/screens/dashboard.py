@@ -1,0 +1,685 @@
+"""The run dashboard: one run, live or finished, fed only by its run directory.
+
+A thread worker follows `events.jsonl` by byte offset (engine.events.EventReader), folds every batch into a
+`RunModel` it owns, and posts an immutable `RunView` at most twice a second; `@on(RunSnapshot)` redraws.
+Charts redraw only when their data changed; the header ticks once a second for elapsed time and ETA.
+Stop, resume and export run in workers through the app's services. Leaving the screen, detaching or
+quitting never stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, RichLog, Static, TabbedContent, TabPane
+from textual.worker import Worker, get_current_worker
+
+from engine.render import duration
+from tui.messages import RunActionDone, RunSnapshot
+from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
+from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
+
+POLL_S = 0.5
+"""How often a live run's files are looked at (and so at most two redraws a second)."""
+ENDED_POLL_S = 1.0
+"""How often an ended run is looked at (it may be resumed from elsewhere)."""
+READ_CHUNK = 8 << 20
+ENGINE_LOG_TAIL = 4096
+TRACEBACK_LINES_SHOWN = 4
+TALL = 32
+"""Rows from which a failure shows its traceback tail and the small charts stay beside a long alert."""
+
+STATE_STYLES = {"running": "bold green", "starting": "bold yellow", "stopping": "bold yellow",
+                "completed": "bold green", "failed": "bold red", "cancelled": "bold yellow", "dead": "bold red"}
+STATE_MARKS = {"running": "●", "starting": "◌", "stopping": "◍", "completed": "✓", "failed": "✗", "cancelled": "■",
+               "dead": "✗"}
+LEVEL_STYLES = {"warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
+                "finished": "bold", "sample": "", "info": ""}
+TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
+
+HELP = """\
+s  Stop the run: it finishes its step, saves a checkpoint and ends as "cancelled" (asks first).
+r  Resume a stopped, failed or dead run from its newest checkpoint.
+e  Export a completed run: the adapter (small) or a merged model that plain transformers loads.
+d  Detach: leave the app. Training goes on; come back with `tunewiz attach {run_id}`.
+1 2 3 4  Training charts, resources, sample answers, log.
+esc  Back    ctrl+q  Quit (training goes on either way)
+
+Reading the charts
+- Loss: how wrong the model still is on the training examples; lower is better. "smoothed" is a moving
+  average that is easier to read than the noisy per-step value.
+- Eval: the loss on held-out examples the model never trains on. If it rises while the training loss
+  keeps falling, the model is memorising its examples rather than learning: stop, or train less.
+- Learning rate: the size of each update, as the schedule sets it (warm-up, then constant or decaying).
+- Grad norm: how big each update wanted to be; sudden spikes often come before the loss jumps.
+- Tokens/s: training speed. On a GPU, Resources shows memory, use, power and temperature."""
+
+
+def clock_text(when: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when)) if when else "--:--:--"
+
+
+def _n(value: float | None, fmt: str, none: str = "-") -> str:
+    return format(value, fmt) if value is not None else none
+
+
+def gb(n: float | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def title_text(view: RunView | None, run_id: str) -> Text:
+    state = view.state if view else "starting"
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append(f" {STATE_MARKS.get(state, '?')} {state.upper()} ", style=f"{STATE_STYLES.get(state, 'bold')} reverse")
+    text.append("  ")
+    if view is not None:
+        text.append(view.name or "run", style="bold")
+        method = {"lora": "LoRA", "qlora": "QLoRA"}.get(view.method or "", view.method or "?")
+        text.append(f"  {view.model or '?'} · {method}")
+    text.append(f"  {run_id}", style="dim")
+    return text
+
+
+def progress_text(view: RunView | None, now: float, width: int) -> Text:
+    """Two lines: the progress bar with step/total and epoch; then time, loss and speed."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    if view is None:
+        text.append("reading the run's events…", style="dim")
+        return text
+    if view.step is None:
+        phase = view.phase_message or ("waiting for the engine to start" if view.live else "no events recorded")
+        if not view.live:
+            phase = f"no training step was recorded (last: {phase})"
+        text.append(phase[: max(10, width)], style="dim")
+        text.append("\n")
+        text.append(f"elapsed {duration(view.elapsed(now))}", style="dim")
+        return text
+    step, total = view.step, view.total_steps or 0
+    tail = f" step {step}/{total}"
+    if total:
+        tail += f" ({100 * step / total:.0f}%)"
+    if view.epoch is not None:
+        tail += f" · epoch {view.epoch:.2f}"
+    bar_width = max(10, min(40, width - len(tail) - 2))
+    fraction = step / total if total else 0.0
+    filled = round(bar_width * min(1.0, fraction))
+    style = STATE_STYLES.get(view.state, "bold").replace("bold ", "")
+    text.append("█" * filled, style=style)
+    text.append("░" * (bar_width - filled), style="dim")
+    text.append(tail, style="bold")
+    text.append("\n")
+    # (priority, text): the lowest priorities go first when the line does not fit
+    parts = [(0, f"elapsed {duration(view.elapsed(now))}")]
+    eta = view.eta(now)
+    if eta is not None:
+        parts.append((0, f"ETA {duration(eta)}"))
+    if view.loss is not None:
+        parts.append((1, f"loss {view.loss:.4f}"))
+        if view.best_loss is not None:
+            parts.append((4, f"best loss {view.best_loss:.4f}"))
+    if view.eval_loss is not None:
+        parts.append((2, f"eval {view.eval_loss:.4f}"))
+    if view.tokens_per_s is not None:
+        parts.append((3, f"{view.tokens_per_s:,.0f} tok/s"))
+    while len(parts) > 1 and len(" · ".join(p for _, p in parts)) > width:
+        parts.remove(max(parts, key=lambda item: item[0]))
+    text.append(" · ".join(p for _, p in parts))
+    return text
+
+
+def alert_text(view: RunView | None, tall: bool = True) -> Text | None:
+    """What a beginner must know first when the run is not simply going: failed, dead, stopped, stopping.
+
+    On a short terminal (`tall` false) the failure is told without the traceback, which the Log tab holds.
+    """
+    if view is None:
+        return None
+    state = view.state
+    if state == "failed":
+        error = view.error or {}
+        message = str(error.get("message") or "no error was recorded (see 4 Log: engine.log)")
+        if not tall and len(message) > 150:
+            message = message[:149] + "…"
+        text = Text.assemble(("The run failed: ", "bold red"),
+                             (f"{error.get('error_type', 'error')}: {message}", "red"))
+        if error.get("hint"):
+            text.append("\nWhat to do: ", style="bold")
+            text.append(str(error["hint"]))
+        lines = [line for line in str(error.get("traceback") or "").splitlines() if line.strip()]
+        if lines and tall:
+            text.append("\n")
+            text.append("\n".join(f"  {line}" for line in lines[-TRACEBACK_LINES_SHOWN:]), style="dim")
+        text.append("\n")
+        text.append("r", style="bold")
+        text.append(f" {_resume_from(view)} · the traceback is in 4 Log and engine.log", style="dim")
+        return text
+    if state == "dead":
+        return Text.assemble(("The engine is gone without finishing: ", "bold red"),
+                             "killed (by you, the out-of-memory killer or a restart) or crashed. ", ("r", "bold"),
+                             f" {_resume_from(view)}; 4 Log shows engine.log's last lines.")
+    if state == "cancelled":
+        where = f" at step {view.checkpoint_step}" if view.checkpoint_step is not None else ""
+        return Text.assemble(("Stopped on request", "bold yellow"), f"; a checkpoint was saved{where}. ",
+                             ("r", "bold"), " resumes it.")
+    if state == "stopping":
+        return Text("Stopping: the engine finishes its step and saves a checkpoint…", style="bold yellow")
+    if state == "completed":
+        return Text.assemble(("Training completed", "bold green"), "; the adapter is saved (4 Log says where). ",
+                             ("e", "bold"), " exports it.")
+    return None
+
+
+def _resume_from(view: RunView) -> str:
+    if view.checkpoint_step:
+        return f"resumes from the checkpoint at step {view.checkpoint_step}"
+    return "starts it again (no checkpoint was saved)"
+
+
+def resources_text(view: RunView | None, width: int) -> RenderableType:
+    if view is None or (not view.gpus and not view.process):
+        return Text("No resource readings yet: the engine writes one every 5 seconds while it trains.", style="dim")
+    bar_w = max(10, min(30, (width - 40) // 2))
+    spark_w = max(6, width - 2 - 9 - bar_w - 28)  # padding, label, bar, value column
+    text = Text()
+    for gpu in view.gpus:
+        text.append(f"GPU {gpu.index}  {gpu.name}\n", style="bold")
+        mem, total = gpu.latest.get("mem"), gpu.mem_total
+        peak = gpu.peak_mem / total if total else None
+        rows = [
+            ("memory", gauge(mem / total if mem is not None and total else None, bar_w, peak),
+             f"{gb(mem)} / {gb(total)}, peak {gb(gpu.peak_mem)}", gpu.history.get("mem", ()), 0.0, total),
+            ("use", gauge((gpu.latest.get("util") or 0) / 100 if gpu.latest.get("util") is not None else None, bar_w),
+             f"{_n(gpu.latest.get('util'), '.0f', '?')} %", gpu.history.get("util", ()), 0.0, 100.0),
+            ("power", Text(" " * bar_w), f"{_n(gpu.latest.get('power'), '.0f', '?')} W", gpu.history.get("power", ()),
+             None, None),
+            ("temp", Text(" " * bar_w), f"{_n(gpu.latest.get('temp'), '.0f', '?')} °C", gpu.history.get("temp", ()),
+             None, None),
+        ]
+        for label, bar, value, history, lo, hi in rows:
+            text.append(f"  {label:<7}")
+            text.append_text(bar)
+            text.append(f" {value:<27}"[:28])
+            text.append(sparkline(history, spark_w, lo, hi), style="cyan")
+            text.append("\n")
+        if gpu.peak_torch:
+            text.append(f"  torch reserved at its peak: {gb(gpu.peak_torch)}\n", style="dim")
+    process = view.process
+    if process:
+        if not view.gpus:
+            text.append("Training on the CPU: the engine process\n", style="bold")
+        else:
+            text.append("Engine process\n", style="bold")
+        cores = int(process.get("cpu_count") or 1)
+        cpu = process.get("cpu")
+        text.append(f"  {'CPU':<7}")
+        text.append_text(gauge(cpu / (100 * cores) if cpu is not None else None, bar_w))
+        text.append(f" {_n(cpu, '.0f', '?')} % of {cores} core{'s' if cores > 1 else ''}"[:28].ljust(28))
+        text.append(sparkline(view.process_history.get("cpu", ()), spark_w, 0.0, 100.0 * cores), style="cyan")
+        text.append("\n")
+        text.append(f"  {'RAM':<7}")
+        rss = process.get("rss")
+        text.append_text(gauge(rss / view.peak_rss if rss and view.peak_rss else None, bar_w))
+        text.append(f" {gb(rss)} (peak {gb(view.peak_rss)})"[:28].ljust(28))
+        text.append(sparkline(view.process_history.get("rss", ()), spark_w, 0.0, None), style="cyan")
+        text.append("\n")
+        if not view.gpus:
+            text.append("  The RAM bar is against the run's own peak. History: the last 10 minutes.", style="dim")
+    return text
+
+
+def samples_renderable(view: RunView | None) -> RenderableType:
+    if view is None or view.samples_first is None:
+        return Text("No sample answers yet: the engine asks the model a few fixed questions from the eval data "
+                    "before training and again as it learns.", style="dim")
+    first_step, first = view.samples_first
+    latest_step, latest = view.samples_latest or view.samples_first
+    same = latest_step == first_step
+    table = Table(expand=True, show_lines=True, pad_edge=False, header_style="bold")
+    table.add_column("Prompt", ratio=3)
+    table.add_column("Expected", ratio=1, min_width=8)
+    table.add_column(f"Before (step {first_step})" if first_step == 0 else f"Step {first_step}", ratio=2)
+    if not same:
+        table.add_column(f"Now (step {latest_step})", ratio=2)
+    by_prompt = {str(s.get("prompt")): s for s in latest}
+    for sample in first:
+        prompt = str(sample.get("prompt", ""))
+        now = by_prompt.get(prompt, {})
+        cells: list[RenderableType] = [Text(prompt), Text(str(sample.get("reference", "")), style="dim"),
+                                       _answer(sample)]
+        if not same:
+            cells.append(_answer(now) if now else Text("-", style="dim"))
+        table.add_row(*cells)
+    matched = sum(bool(s.get("match")) for s in latest)
+    summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
+                   + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"), style="bold")
+    return Group(summary, table)
+
+
+def _answer(sample: dict[str, Any]) -> Text:
+    answer = str(sample.get("answer", "")).strip() or "(empty)"
+    mark = "✓ " if sample.get("match") else "✗ "
+    return Text.assemble((mark, "green" if sample.get("match") else "red"), answer)
+
+
+def log_line(line: LogLine) -> Text:
+    return Text.assemble((clock_text(line.time) + " ", "dim"), (line.text, LEVEL_STYLES.get(line.level, "")))
+
+
+class ExportDialog(ModalScreen["str | None"]):
+    """Choose what to export: `adapter` or `merged`; Esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "choose('adapter')", "Adapter"),
+        Binding("m", "choose('merged')", "Merged model"),
+        Binding("escape,n", "choose(None)", "Cancel"),
+    ]
+
+    def __init__(self, adapter_out: Path, merged_out: Path) -> None:
+        super().__init__(classes="dialog-screen")
+        self.adapter_out, self.merged_out = adapter_out, merged_out
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Export the trained model", style="bold"), classes="dialog-title")
+            yield Static(Text.assemble(
+                ("a  Adapter only", "bold"), " (a few MB; load it on top of the base model with peft)\n",
+                (f"   → {self.adapter_out}\n", "dim"),
+                ("m  Merged model", "bold"), " (the base model with the adapter merged in; plain transformers "
+                "loads it; takes a minute and the model's full size on disk)\n",
+                (f"   → {self.merged_out}", "dim")), classes="dialog-body")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Adapter (a)", id="adapter", compact=True)
+                yield Button("Merged (m)", id="merged", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def action_choose(self, what: str | None) -> None:
+        self.dismiss(what)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(None if event.button.id == "cancel" else event.button.id)
+
+
+class DashboardScreen(Screen[None]):
+    """Watch one run: header, charts, resources, samples and log; stop, resume, export, detach."""
+
+    DEFAULT_CSS = """
+    DashboardScreen { layout: vertical; }
+    DashboardScreen #run-title { height: 1; padding: 0 1; }
+    DashboardScreen #run-progress { height: 2; padding: 0 1; }
+    DashboardScreen #run-title, DashboardScreen #run-progress { text-wrap: nowrap; text-overflow: ellipsis; }
+    DashboardScreen #run-alert { height: auto; max-height: 12; padding: 0 1; display: none; }
+    DashboardScreen.short.alerting #charts-small { display: none; }
+    DashboardScreen #run-alert.shown { display: block; }
+    DashboardScreen #dash-tabs { height: 1fr; }
+    DashboardScreen #dash-tabs > ContentSwitcher { height: 1fr; }
+    DashboardScreen TabPane { padding: 0; height: 1fr; }
+    DashboardScreen #charts { height: 1fr; }
+    DashboardScreen #chart-loss { height: 3fr; }
+    DashboardScreen #charts-small { height: 2fr; }
+    DashboardScreen #resources, DashboardScreen #samples { padding: 0 1; }
+    DashboardScreen #run-log { height: 1fr; padding: 0 1; }
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "leave", "Back"),
+        Binding("s", "stop", "Stop"),
+        Binding("r", "resume", "Resume"),
+        Binding("e", "export", "Export"),
+        Binding("d", "detach", "Detach"),
+        Binding("question_mark", "help", "Help"),
+        Binding("1", "tab('training')", "Training", show=False),
+        Binding("2", "tab('resources')", "Resources", show=False),
+        Binding("3", "tab('samples')", "Samples", show=False),
+        Binding("4", "tab('log')", "Log", show=False),
+    ]
+
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        self.run = run
+        self.view: RunView | None = None
+        self.engine_log: str | None = None
+        self._log_shown = 0
+        self._error_logged: str | None = None
+        self._resuming = False
+        self._following = True
+        self._ended_stamp: object = None
+        self._reader: BulkEventReader | None = None
+        self._model: RunModel | None = None
+        self.snapshots = 0
+        """Snapshots handled (the bench counts redraws with it)."""
+
+    @property
+    def run_state(self) -> str:
+        return self.view.state if self.view is not None else "starting"
+
+    def _now(self) -> float:
+        services = getattr(self.app, "services", None)
+        return services.clock() if services is not None and hasattr(services, "clock") else time.time()
+
+    def compose(self) -> ComposeResult:
+        yield Static(title_text(None, self.run.run_id), id="run-title")
+        yield Static(progress_text(None, 0, 80), id="run-progress")
+        yield Static("", id="run-alert")
+        with TabbedContent(id="dash-tabs", initial="tab-training"):
+            with TabPane("1 Training", id="tab-training"):
+                with Vertical(id="charts"):
+                    yield LineChart("Loss", id="chart-loss", empty="no training steps yet")
+                    with Horizontal(id="charts-small"):
+                        yield LineChart("Learning rate", id="chart-lr", empty="-")
+                        yield LineChart("Grad norm", id="chart-grad", empty="-")
+                        yield LineChart("Tokens/s", id="chart-tok", empty="-")
+            with TabPane("2 Resources", id="tab-resources"):
+                with VerticalScroll():
+                    yield Static(resources_text(None, 80), id="resources")
+            with TabPane("3 Samples", id="tab-samples"):
+                with VerticalScroll():
+                    yield Static(samples_renderable(None), id="samples")
+            with TabPane("4 Log", id="tab-log"):
+                yield RichLog(id="run-log", wrap=True, markup=False, highlight=False, min_width=20, max_lines=2000)
+        yield Footer(show_command_palette=False)
+
+    def on_mount(self) -> None:
+        watched = getattr(self.app, "watched", None)
+        if isinstance(watched, list) and self.run not in watched:
+            watched.append(self.run)
+        self.follow()
+        self.set_interval(1.0, self._tick)
+        self.set_interval(ENDED_POLL_S, self._watch_ended)
+
+    def _watch_ended(self) -> None:
+        """While no worker follows (the run had ended), notice a resume started elsewhere: the files change."""
+        if self._following:
+            return
+        stamp = _stamp(self.run)
+        if stamp != self._ended_stamp:
+            self._following = True
+            self.follow()
+
+    # ------------------------------------------------------------------ following the run directory
+
+    @work(thread=True, exclusive=True, group="tail", exit_on_error=False)
+    def follow(self) -> None:
+        """Read new events, fold them into the model, post one view per tick (never touches widgets)."""
+        worker = get_current_worker()
+        run = self.run
+        # Kept on the screen between workers (one at a time), so a restarted worker goes on from its offset.
+        if self._reader is None:
+            self._reader, self._model = BulkEventReader(run.events_path), RunModel(run.run_id, run.status())
+        reader, model = self._reader, self._model
+        last_state: str | None = None
+        last_version = -1
+        while not worker.is_cancelled:
+            stamp = _stamp(run)
+            state = run.state()  # before reading: once it says "ended", this read gets every last event
+            while not worker.is_cancelled:
+                body, reset = reader.poll_bytes(READ_CHUNK)
+                if reset:
+                    model.reset()
+                    model.version += 1
+                if not body:
+                    break
+                model.apply_bytes(body)
+            engine_log = _tail(run.log_path, ENGINE_LOG_TAIL) if state in ("failed", "dead") else None
+            if model.version != last_version or state != last_state:
+                if model.name is None:
+                    model.name, model.model, model.method = _names(run)
+                self.post_message(RunSnapshot(model.view(state), engine_log))
+                last_version, last_state = model.version, state
+            if state not in ACTIVE_STATES:
+                # The engine is gone and this read got its last events; a timer watches for a resume.
+                self._ended_stamp = stamp  # read by the UI thread only after the message below
+                self.post_message(RunActionDone("ended", run.run_id))
+                return
+            deadline = time.monotonic() + POLL_S
+            while time.monotonic() < deadline and not worker.is_cancelled:
+                time.sleep(0.05)
+
+    @on(RunSnapshot)
+    def _snapshot(self, message: RunSnapshot) -> None:
+        view = message.view
+        previous = self.view
+        self.view = view
+        self.engine_log = message.engine_log
+        self.snapshots += 1
+        if previous is None or previous.state != view.state:
+            self.refresh_bindings()
+            self._resuming = False
+        self._draw_header()
+        if previous is None or previous.version != view.version or previous.state != view.state:
+            self._draw_alert()
+            self._draw_charts(view)
+            self._draw_log(view, reset=previous is not None and view.log_total < previous.log_total)
+            self.query_one("#samples", Static).update(samples_renderable(view))
+        self.query_one("#resources", Static).update(resources_text(view, self.size.width))
+
+    def _tick(self) -> None:
+        if self.view is not None and self.view.live:
+            self._draw_header()
+
+    def _draw_header(self) -> None:
+        self.query_one("#run-title", Static).update(title_text(self.view, self.run.run_id))
+        width = max(20, self.size.width - 2)
+        self.query_one("#run-progress", Static).update(progress_text(self.view, self._now(), width))
+
+    def _draw_alert(self) -> None:
+        alert = self.query_one("#run-alert", Static)
+        text = alert_text(self.view, tall=self.size.height >= TALL)
+        alert.set_class(text is not None, "shown")
+        self.set_class(text is not None and len(text.plain) > 100, "alerting")
+        alert.update(text or "")
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.height < TALL, "short")
+        if self.view is not None:
+            self._draw_alert()
+            self._draw_header()
+
+    def _draw_charts(self, view: RunView) -> None:
+        loss_series = [ChartSeries("train", view.loss_xs, view.loss_ys, "blue"),
+                       ChartSeries("smoothed", view.loss_xs, view.loss_smooth, "bold yellow")]
+        if view.eval_xs:
+            loss_series.append(ChartSeries("eval", view.eval_xs, view.eval_ys, "bold magenta", markers=True))
+        self.query_one("#chart-loss", LineChart).update_series(loss_series, view.version)
+        self.query_one("#chart-lr", LineChart).update_series(
+            [ChartSeries("lr", view.lr_xs, view.lr_ys, "cyan")], view.version)
+        self.query_one("#chart-grad", LineChart).update_series(
+            [ChartSeries("grad", view.grad_xs, view.grad_ys, "green")], view.version)
+        self.query_one("#chart-tok", LineChart).update_series(
+            [ChartSeries("tok/s", view.tok_xs, view.tok_ys, "bright_blue")], view.version)
+
+    def _draw_log(self, view: RunView, reset: bool) -> None:
+        log = self.query_one("#run-log", RichLog)
+        if reset:
+            log.clear()
+            self._log_shown = 0
+            self._error_logged = None
+        new = min(len(view.logs), view.log_total - self._log_shown)
+        for line in view.logs[len(view.logs) - new:] if new > 0 else ():
+            log.write(log_line(line))
+        self._log_shown = view.log_total
+        error = view.error
+        if error and error.get("traceback") and self._error_logged != error.get("traceback"):
+            self._error_logged = error["traceback"]
+            log.write(Text("traceback (last lines; the whole one is in engine.log):", style="bold red"))
+            log.write(Text(str(error["traceback"]), style="dim"))
+        if view.state in ("failed", "dead") and self.engine_log and self._error_logged != f"log:{view.state}":
+            if not error or view.state == "dead":
+                self._error_logged = f"log:{view.state}"
+                log.write(Text(f"last lines of {self.run.log_path}:", style="bold"))
+                log.write(Text(self.engine_log.rstrip(), style="dim"))
+
+    # ------------------------------------------------------------------ keys
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        state = self.run_state
+        if action == "stop":
+            return state in ("starting", "running")
+        if action == "resume":
+            return state in ("cancelled", "failed", "dead") and not self._resuming
+        if action == "export":
+            return state == "completed"
+        return True
+
+    def action_tab(self, name: str) -> None:
+        self.query_one("#dash-tabs", TabbedContent).active = TABS[name]
+
+    def action_leave(self) -> None:
+        if len(self.app.screen_stack) > 2:
+            self.app.pop_screen()
+        else:  # attached directly (`tunewiz attach`): nothing behind, so the welcome screen takes our place
+            from tui.screens.welcome import WelcomeScreen
+
+            self.app.switch_screen(WelcomeScreen())
+
+    def action_detach(self) -> None:
+        self.app.exit(0)
+
+    def action_help(self) -> None:
+        from tui.screens.dialogs import MessageDialog
+
+        self.app.push_screen(MessageDialog("Keys and charts", HELP.format(run_id=self.run.run_id)))
+
+    def action_stop(self) -> None:
+        from tui.screens.dialogs import ConfirmDialog
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.notify("Stop requested: the run finishes its step, saves a checkpoint and ends.")
+                self.stop_run()
+
+        self.app.push_screen(ConfirmDialog(
+            "Stop the run?", "It finishes the current step, saves a checkpoint and ends as cancelled. You can "
+            f"resume it later (r here, or tunewiz resume {self.run.run_id}).", yes="Stop it", no="Keep training"),
+            answered)
+
+    @work(thread=True, exclusive=True, group="stop", exit_on_error=False)
+    def stop_run(self) -> None:
+        def progress(message: str) -> None:
+            self.post_message(RunActionDone("progress", self.run.run_id, message))
+
+        outcome = self.app.services.stop(self.run, progress)  # type: ignore[attr-defined]
+        self.post_message(RunActionDone("stop", self.run.run_id, outcome))
+
+    def action_resume(self) -> None:
+        self._resuming = True
+        self.refresh_bindings()
+        self.notify("Resuming: a new engine starts from the newest checkpoint.")
+        self.resume_run()
+
+    @work(thread=True, exclusive=True, group="resume", exit_on_error=False)
+    def resume_run(self) -> None:
+        try:
+            pid = self.app.services.resume(self.run)  # type: ignore[attr-defined]
+        except BlockingIOError:
+            self.post_message(RunActionDone("resume", self.run.run_id, error="another engine is already running "
+                                            "on this run"))
+            return
+        self.post_message(RunActionDone("resume", self.run.run_id, f"engine pid {pid}"))
+        self.app.call_from_thread(self._follow_again)
+
+    def _follow_again(self) -> None:
+        if not self._following:
+            self._following = True
+            self.follow()
+
+    def action_export(self) -> None:
+        base = Path.cwd()
+        adapter_out = base / f"{self.run.run_id}-adapter"
+        merged_out = base / f"{self.run.run_id}-merged"
+
+        def chosen(what: str | None) -> None:
+            if what:
+                out = adapter_out if what == "adapter" else merged_out
+                self.notify(f"Exporting the {what} to {out}…", timeout=8)
+                self.export_run(what == "merged", out)
+
+        self.app.push_screen(ExportDialog(adapter_out, merged_out), chosen)
+
+    @work(thread=True, exclusive=False, group="export", exit_on_error=False)
+    def export_run(self, merged: bool, out: Path) -> None:
+        from tui.services import ServiceError
+
+        try:
+            result = self.app.services.export(self.run, merged, out)  # type: ignore[attr-defined]
+        except ServiceError as exc:
+            self.post_message(RunActionDone("export", self.run.run_id, error=str(exc), hint=exc.hint))
+            return
+        self.post_message(RunActionDone("export", self.run.run_id, result))
+
+    @on(RunActionDone)
+    def _action_done(self, message: RunActionDone) -> None:
+        log = self.query_one("#run-log", RichLog)
+        if message.action == "ended":
+            self._following = False
+            return
+        if message.action == "progress":
+            self.notify(str(message.result))
+            return
+        if message.error:
+            show_error = self.app.show_error  # type: ignore[attr-defined]
+            show_error(f"Could not {message.action} the run", message.error, message.hint)
+            if message.action == "resume":
+                self._resuming = False
+                self.refresh_bindings()
+            return
+        texts = {"stop": f"stop: {message.result}", "resume": f"resumed ({message.result})",
+                 "export": f"export: {message.result}"}
+        text = texts.get(message.action, str(message.result))
+        log.write(Text.assemble((clock_text(self._now()) + " ", "dim"), (text, "bold")))
+        self.notify(text, timeout=8)
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        self.app.report_worker_error(event)  # type: ignore[attr-defined]
+
+
+def _names(run: Any) -> tuple[str | None, str | None, str | None]:
+    """The run's name, model and method: from status.json, else from spec.toml."""
+    status = run.status()
+    if status.get("name"):
+        return status.get("name"), status.get("model"), status.get("method")
+    try:
+        spec = run.load_spec()
+    except Exception:  # noqa: BLE001 - a title is not worth failing for
+        return None, None, None
+    return spec.name, spec.model.name, spec.method
+
+
+def _stamp(run: Any) -> tuple[float, int, float]:
+    """What changes when an engine starts again: the status file and the events file."""
+    stamps: list[float] = []
+    for path in (run.status_path, run.events_path):
+        try:
+            stat = path.stat()
+            stamps += [stat.st_mtime_ns, stat.st_size]
+        except OSError:
+            stamps += [0, 0]
+    return tuple(stamps)  # type: ignore[return-value]
+
+
+def _tail(path: Path, size: int) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            end = handle.tell()
+            handle.seek(max(0, end - size))
+            data = handle.read()
+    except OSError:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    if end > size:
+        text = text.partition("\n")[2]
+    return text

@@ -168,6 +168,44 @@ async def _attach_headless(run: rundir.RunDir, events: int) -> float:
     return elapsed
 
 
+async def _open_from_runs(run: rundir.RunDir, events: int) -> float:
+    from tui.app import TunewizApp
+    from tui.screens.dashboard import DashboardScreen
+    from tui.screens.runs import RunsScreen
+    from tui.services import Services
+
+    app = TunewizApp(Services(runs_root=run.path.parent))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("r")
+        while not (isinstance(app.screen, RunsScreen) and app.screen.rows):
+            await asyncio.sleep(0.01)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        index = next(i for i, row in enumerate(app.screen.rows) if row["run_id"] == run.run_id)
+        app.screen.query_one("#runs").move_cursor(row=index)
+        await pilot.pause()
+        start = time.perf_counter()
+        await pilot.press("enter")
+        while True:
+            screen = app.screen
+            if isinstance(screen, DashboardScreen) and screen.view is not None and screen.view.events >= events:
+                break
+            await asyncio.sleep(0.002)
+        await pilot.pause()
+        return time.perf_counter() - start
+
+
+def open_from_runs(run: rundir.RunDir, events: int) -> float:
+    """Seconds from Enter on the run in the Runs screen of a running app to the frame showing all events."""
+    code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r});"
+            f"from bench.dashboard_load import _open_from_runs; from engine import rundir; from pathlib import Path;"
+            f"print(asyncio.run(_open_from_runs(rundir.RunDir(Path({str(run.path)!r})), {events})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def attach_headless(run: rundir.RunDir, events: int) -> float:
     """Seconds from creating the app to the frame showing all events (in a fresh interpreter)."""
     code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r});"
@@ -300,19 +338,27 @@ def main(argv: list[str] | None = None) -> int:
     root = home / "state" / "runs"
     root.mkdir(parents=True)
     lines = [f"tunewiz dashboard benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-             f"Python {platform.python_version()}, {os.cpu_count()} cores)"]
+             f"Python {platform.python_version()}, {os.cpu_count()} cores, load average at start "
+             f"{os.getloadavg()[0]:.2f})"]
 
     run, events, last_step = make_run(root, args.events)
     size_mb = run.events_path.stat().st_size / 1e6
     lines.append(f"run: {events:,} events ({last_step:,} steps, a gpu reading every {GPU_EVERY} steps, evals, "
                  f"samples, checkpoints), events.jsonl {size_mb:.1f} MB")
 
+    opened = [open_from_runs(run, events) for _ in range(args.tries)]
+    lines.append(f"open from the Runs screen of a running app (Enter -> frame with all {events:,} events), 120x40: "
+                 f"median {statistics.median(opened):.2f} s (tries: {', '.join(f'{t:.2f}' for t in opened)})")
     headless = [attach_headless(run, events) for _ in range(args.tries)]
     lines.append(f"attach, headless app (create app -> frame with all {events:,} events), 120x40: median "
                  f"{statistics.median(headless):.2f} s (tries: {', '.join(f'{t:.2f}' for t in headless)})")
     terminal = [attach_in_terminal(run, last_step) for _ in range(args.tries)]
     lines.append(f"attach in a terminal (`python -m engine attach RUN` started -> last step on screen), 120x40: "
                  f"median {statistics.median(terminal):.2f} s (tries: {', '.join(f'{t:.2f}' for t in terminal)})")
+    small, small_events, small_last = make_run(root, 200)
+    baseline = [attach_in_terminal(small, small_last) for _ in range(args.tries)]
+    lines.append(f"  the same with a run of {small_events} events (start-up alone: Python, imports, Textual): median "
+                 f"{statistics.median(baseline):.2f} s (tries: {', '.join(f'{t:.2f}' for t in baseline)})")
     print("\n".join(lines), flush=True)
 
     for rate in (4.0, 20.0):
@@ -322,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{result['pct']:.1f}% of one core")
         print(lines[-1], flush=True)
 
+    lines.append(f"load average at the end: {os.getloadavg()[0]:.2f} (the machine is shared: compare tries, not runs)")
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text + f"Command: python -m bench.dashboard_load --events {args.events} --follow-s "

@@ -184,6 +184,42 @@ def test_the_byte_fast_path_gives_the_same_view_as_decoding_each_event(state: st
             assert getattr(a, item.name) == getattr(b, item.name), item.name
 
 
+def _write_resumed_run(path: Path) -> None:
+    """Three engine lives in one file, in the engine's own line layout; the later lives repeat steps."""
+    from engine.events import EventWriter
+
+    writer = EventWriter(path)
+    for life, steps in enumerate((range(1, 7), range(5, 9), range(7, 11))):
+        writer.emit("started", pid=life, host="h", run_id="r", version="0", resumed_from_step=steps[0] - 1 or None)
+        for step in steps:
+            writer.emit("step", step=step, total_steps=10, epoch=step / 10, loss=3.0 - life - step / 100,
+                        learning_rate=1e-4, grad_norm=None if step == 8 else 0.5, tokens_per_s=100.0 + step,
+                        samples_per_s=1.0, tokens_seen=step * 10, elapsed_s=float(step), eta_s=1.0)
+            if step % 3 == 0:
+                writer.emit("gpu", devices=[], process={"rss_bytes": 1, "cpu_pct": 50.0, "cpu_count": 2})
+    writer.emit("finished", status="completed", step=10)
+    writer.close()
+
+
+@pytest.mark.parametrize("chunk", [64, 300, 1 << 20])
+def test_the_fast_path_handles_resumed_lives_in_any_chunking(tmp_path: Path, chunk: int) -> None:
+    path = tmp_path / "events.jsonl"
+    _write_resumed_run(path)
+    slow = RunModel("r")
+    slow.apply(EventReader(path).read_all())
+    fast = RunModel("r")
+    reader = BulkEventReader(path)
+    while reader.offset < path.stat().st_size:
+        body, _reset = reader.poll_bytes(chunk)
+        fast.apply_bytes(body)
+    a, b = fast.view("completed"), slow.view("completed")
+    assert a.loss_xs == tuple(float(n) for n in range(1, 11))
+    assert a.loss_ys[-1] == pytest.approx(3.0 - 2 - 0.1) and a.resumes == 2
+    for item in dataclasses.fields(a):
+        if item.name != "version":
+            assert getattr(a, item.name) == getattr(b, item.name), item.name
+
+
 def test_fixtures_hold_what_their_state_needs() -> None:
     steps = {state: [e for e in fixture_events(state) if e.type == "step"] for state in RUN_IDS}
     assert all(steps.values()), {state: len(found) for state, found in steps.items()}

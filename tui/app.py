@@ -68,7 +68,12 @@ class TunewizApp(App[int]):
         self.watched: list[Any] = []
         """Run directories whose dashboard was opened (`run_app` says how to come back to live ones)."""
         self.attach = attach
-        """The run to open at once (`tunewiz attach RUN`): its dashboard, with the welcome screen behind it."""
+        """The run to open at once (`tunewiz attach RUN`): its dashboard; Esc leads to the welcome screen."""
+        self._prefetch = None
+        if attach is not None:  # read its history while the app starts
+            from tui.runmodel import Prefetch
+
+            self._prefetch = Prefetch(attach.run_id, attach.events_path, attach.status())
         self.hung_up = False
         """True when the app ended because its terminal went away."""
         self._watch_terminal = watch_terminal
@@ -83,7 +88,8 @@ class TunewizApp(App[int]):
             from tui.screens.dashboard import DashboardScreen
 
             # Only the dashboard: Esc swaps in the welcome screen, and the wizard probes the hardware when used.
-            self.push_screen(DashboardScreen(self.attach))
+            self.push_screen(DashboardScreen(self.attach, self._prefetch))
+            self._prefetch = None
         else:
             self.push_screen(WelcomeScreen())
             self.probe_hardware()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -29,14 +30,17 @@ SMOOTHING = 0.8
 """Weight of the debiased exponential moving average drawn over the training loss (TensorBoard's slider)."""
 ACTIVE_STATES = ("starting", "running", "stopping")
 _finite = math.isfinite
+_lt = operator.lt
 _NUMBER = rb"(-?[0-9][0-9.eE+-]*|null)"
 _LINES = re.compile(
-    rb'^(?:\{"v": 1, "seq": \d+, "time": ([0-9][0-9.eE+-]*), "type": "step", "step": (\d+), "total_steps": \d+, '
+    rb'^(?:\{"v": 1, "seq": \d+, "time": [0-9][0-9.eE+-]*, "type": "step", "step": (\d+), "total_steps": \d+, '
     rb'"epoch": [^,]+, "loss": ' + _NUMBER + rb', "learning_rate": ' + _NUMBER + rb', "grad_norm": ' + _NUMBER
-    + rb', "tokens_per_s": ' + _NUMBER + rb', "samples_per_s": ' + _NUMBER + rb'(?:, [^\n]*)?\}|([^\n]*))$',
+    + rb', "tokens_per_s": ' + _NUMBER + rb'(?:, [^\n]*)?\}|([^\n]*))$',
     re.MULTILINE)
-"""One line of events.jsonl: a step in the engine's layout (time, step and the five drawn values), or
-anything else as a whole (group 8), for JSON."""
+"""One line of events.jsonl: a step in the engine's layout (its step and the four drawn values), or anything
+else as a whole (group 6), for JSON."""
+_DRAWN = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
+"""Step fields drawn as series: RunModel's loss, lr, grad and tok, in the order of its step buffer."""
 
 
 def decode_object(line: bytes) -> dict[str, Any] | None:
@@ -242,7 +246,6 @@ class RunView:
     grad_ys: tuple[float, ...]
     tok_xs: tuple[float, ...]
     tok_ys: tuple[float, ...]
-    samp_ys: tuple[float, ...]
     gpus: tuple[GpuView, ...]
     process: dict[str, float | None]
     process_history: dict[str, tuple[float, ...]]
@@ -304,7 +307,6 @@ class RunModel:
         self.lr = Series()
         self.grad = Series()
         self.tok = Series()
-        self.samp = Series()
         self.gpus: dict[int, GpuHistory] = {}
         self.process: dict[str, float | None] = {}
         self.process_history: dict[str, deque[float]] = {}
@@ -319,7 +321,7 @@ class RunModel:
         self.phase_message: str | None = None
         self.checkpoint_step: int | None = None
         self.output_dir: str | None = None
-        self._buffer: tuple[list[float], ...] = ([], [], [], [], [], [], [], [], [], [])
+        self._buffer: tuple[list[float], ...] = ([], [], [], [], [], [], [], [])
         self._last_step_no = 0
 
     # ------------------------------------------------------------------ folding events
@@ -335,7 +337,7 @@ class RunModel:
         """
         count = 0
         apply_one = self._apply
-        self._buffer = ([], [], [], [], [], [], [], [], [], [])
+        self._buffer = ([], [], [], [], [], [], [], [])
         for event in events:
             apply_one(event)
             count += 1
@@ -347,110 +349,99 @@ class RunModel:
         """Fold in complete lines of events.jsonl; returns how many lines were skipped as malformed.
 
         Step lines in the engine's own layout (the trainer writes its fields in one order) are read by one
-        regular expression over the whole chunk, without building a dict per line; every other line, and any
-        step line in another layout, is decoded as JSON and checked as engine.events.EventReader does. The
-        result is the same as `apply_raw` on the decoded events (tests/test_tui_dashboard.py checks it).
+        regular expression over the whole chunk, and each run of consecutive step lines is converted column
+        by column (map(float, ...)), without a dict per line; every other line, and any step line in another
+        layout, is decoded as JSON and checked as engine.events.EventReader does. The result is the same as
+        `apply_raw` on the decoded events (tests/test_tui_dashboard.py checks it on every fixture).
         """
-        self._buffer = buffer = ([], [], [], [], [], [], [], [], [], [])
-        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9 = buffer
+        self._buffer = ([], [], [], [], [], [], [], [])
         count = skipped = 0
-        last_no = self._last_step_no
-        fast_line_step = None
-        life = self.lives[-1] if self.lives else None
-        fast_when = 0.0
-        finite = _finite
-        for t, step_text, loss, lr, grad, tok, samp, other in _LINES.findall(body):
-            if step_text:
-                step = int(step_text)
-                when = float(t)
-                if life is None or step <= last_no:  # first event, or a resumed run repeating steps
-                    self._last_step_no = last_no
-                    self._apply_fast_step_slowly(step, when, loss, lr, grad, tok, samp)
-                    life = self.lives[-1]
-                    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9 = self._buffer
-                else:
-                    life[1] = when
-                    self.last_time = when
-                    if loss[0] != 110:  # not null
-                        value = float(loss)
-                        if finite(value):
-                            b0.append(step)
-                            b1.append(value)
-                    if lr[0] != 110:
-                        value = float(lr)
-                        if finite(value):
-                            b2.append(step)
-                            b3.append(value)
-                    if grad[0] != 110:
-                        value = float(grad)
-                        if finite(value):
-                            b4.append(step)
-                            b5.append(value)
-                    if tok[0] != 110:
-                        value = float(tok)
-                        if finite(value):
-                            b6.append(step)
-                            b7.append(value)
-                    if samp[0] != 110:
-                        value = float(samp)
-                        if finite(value):
-                            b8.append(step)
-                            b9.append(value)
-                last_no = step
-                fast_line_step, fast_when = step, when
+        fast_line_step: int | None = None
+        fast_last = False
+        lines: list[bytes] | None = None
+        rows = _LINES.findall(body)
+        total, i = len(rows), 0
+        while i < total:
+            if not rows[i][0]:
+                other = rows[i][5]
+                i += 1
+                if not other.strip():
+                    continue
+                event = decode_object(other)
+                if event is None:
+                    skipped += 1
+                    continue
+                self._apply(event)
+                fast_last = False
+                if event["type"] == "step":
+                    fast_line_step = None
                 count += 1
                 continue
-            if not other.strip():
+            j = i + 1
+            while j < total and rows[j][0]:
+                j += 1
+            block = rows[i:j]
+            i = j
+            count += len(block)
+            columns = list(zip(*block))
+            steps = list(map(int, columns[0]))
+            if not self.lives or steps[0] <= self._last_step_no or not all(map(_lt, steps, steps[1:])):
+                # before any `started`, or a resumed run repeating steps: one decoded event at a time
+                if lines is None:
+                    lines = body.split(b"\n")  # one row of the expression per line, so rows index lines
+                for line in lines[j - len(block):j]:
+                    event = decode_object(line)
+                    if event is not None:
+                        self._apply(event)
+                fast_line_step, fast_last = None, False
                 continue
-            event = decode_object(other)
-            if event is None:
-                skipped += 1
-                continue
-            self._last_step_no = last_no
-            self._apply(event)
-            if event["type"] == "step":
-                fast_line_step = None
-            last_no = self._last_step_no
-            life = self.lives[-1] if self.lives else None
-            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9 = self._buffer
-            count += 1
-        self._last_step_no = last_no
+            fast_line_step, fast_last = steps[-1], True
+            self._last_step_no = steps[-1]
+            buffer = self._buffer
+            for index in range(4):
+                raw = columns[1 + index]
+                if b"null" in raw:
+                    xs = [step for step, value in zip(steps, raw) if value != b"null"]
+                    values = [float(value) for value in raw if value != b"null"]
+                else:
+                    xs, values = steps, list(map(float, raw))
+                if not all(map(_finite, values)):
+                    kept = [(x, v) for x, v in zip(xs, values) if _finite(v)]
+                    xs, values = [x for x, _ in kept], [v for _, v in kept]
+                buffer[2 * index].extend(xs)
+                buffer[2 * index + 1].extend(values)
         if fast_line_step is not None:
-            self._settle_fast_steps(body, fast_line_step, fast_when)
+            self._settle_fast_steps(body, fast_line_step, fast_last)
         self._flush()
         self.events += count
         self.skipped += skipped
         self.version += 1
         return skipped
 
-    def _apply_fast_step_slowly(self, step: int, when: float, *values: bytes) -> None:
-        event = {"type": "step", "time": when, "step": step}
-        for key, raw in zip(("loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s"), values):
-            event[key] = None if raw == b"null" else float(raw)
-        self._apply(event)
-
-    def _settle_fast_steps(self, body: bytes, step: int, when: float | None) -> None:
-        """After a run of fast-path step lines: the last one, decoded whole, becomes `last_step`."""
-        self.last_step_time = when
-        marker = b'"type": "step", "step": %d,' % step
-        at = body.rfind(marker)
-        start = body.rfind(b"\n", 0, at) + 1
+    def _settle_fast_steps(self, body: bytes, step: int, last: bool) -> None:
+        """After fast-path step lines: the last one, decoded whole, becomes `last_step` (and gives the time)."""
+        at = body.rfind(b'"type": "step", "step": %d,' % step)  # no step line comes after this one
         end = body.find(b"\n", at)
-        event = decode_object(body[start:end if end >= 0 else len(body)])
-        if event is not None:
-            self.last_step = event
+        event = decode_object(body[body.rfind(b"\n", 0, at) + 1:end if end >= 0 else len(body)]) if at >= 0 else None
+        if event is None:
+            return
+        self.last_step = event
+        self.last_step_time = event["time"]
+        if last:  # nothing came after it in this chunk: it is the run's latest event
+            self.last_time = event["time"]
+            self.lives[-1][1] = event["time"]
 
     def _flush(self) -> None:
         b = self._buffer
-        if b[0] or b[2] or b[4] or b[6] or b[8]:
+        if b[0] or b[2] or b[4] or b[6]:
             if b[1]:
                 low = min(b[1])
                 if self.best_loss is None or low < self.best_loss:
                     self.best_loss = low
-            for index, series in enumerate((self.loss, self.lr, self.grad, self.tok, self.samp)):
+            for index, series in enumerate((self.loss, self.lr, self.grad, self.tok)):
                 if b[2 * index]:
                     series.extend(b[2 * index], b[2 * index + 1])
-            self._buffer = ([], [], [], [], [], [], [], [], [], [])
+            self._buffer = ([], [], [], [], [], [], [], [])
 
     def _log(self, when: float, level: str, text: str) -> None:
         self.logs.append(LogLine(when, level, text))
@@ -472,7 +463,7 @@ class RunModel:
                 return
             if self._last_step_no and step <= self._last_step_no:
                 self._flush()
-                for series in (self.loss, self.lr, self.grad, self.tok, self.samp):
+                for series in (self.loss, self.lr, self.grad, self.tok):
                     series.cut_from(step)
             self.last_step = d
             self.last_step_time = when
@@ -494,10 +485,6 @@ class RunModel:
             if (value.__class__ is float or value.__class__ is int) and _finite(value):
                 b[6].append(step)
                 b[7].append(value)
-            value = d.get("samples_per_s")
-            if (value.__class__ is float or value.__class__ is int) and _finite(value):
-                b[8].append(step)
-                b[9].append(value)
             return
         if kind == "started":
             if self.lives:
@@ -576,7 +563,6 @@ class RunModel:
         lr_xs, lr_ys = self.lr.points()
         grad_xs, grad_ys = self.grad.points()
         tok_xs, tok_ys = self.tok.points()
-        _, samp_ys = self.samp.points()
         live = state in ACTIVE_STATES
         elapsed_before = sum(last - start for start, last in self.lives)
         return RunView(
@@ -592,7 +578,7 @@ class RunModel:
             phase_message=self.phase_message, checkpoint_step=self.checkpoint_step, resumes=self.resumes,
             loss_xs=loss_xs, loss_ys=loss_ys, loss_smooth=smoothed(loss_ys, self.loss.stride),
             eval_xs=eval_xs, eval_ys=eval_ys, lr_xs=lr_xs, lr_ys=lr_ys, grad_xs=grad_xs, grad_ys=grad_ys,
-            tok_xs=tok_xs, tok_ys=tok_ys, samp_ys=samp_ys,
+            tok_xs=tok_xs, tok_ys=tok_ys,
             gpus=tuple(GpuView(g.index, g.name, g.mem_total, dict(g.latest), g.peak_mem, g.peak_torch,
                                {k: tuple(v) for k, v in g.history.items()})
                        for _, g in sorted(self.gpus.items())),
@@ -689,6 +675,38 @@ class BulkEventReader(EventReader):
             append(obj)
         skipped = len(objects) - len(events)
         return events, reset, skipped
+
+
+class Prefetch:
+    """Reads a run's whole history in a plain thread, started before the app draws its first frame.
+
+    `tunewiz attach` starts one as the app is created, so the replay overlaps the app's start-up (which
+    waits on the terminal part of the time); the dashboard's worker then takes the reader and the model
+    and goes on following from where the prefetch stopped. The thread touches no widget.
+    """
+
+    def __init__(self, run_id: str, events_path: Path, status: dict[str, Any], chunk: int = 8 << 20) -> None:
+        import threading
+
+        self.reader = BulkEventReader(events_path)
+        self.model = RunModel(run_id, status)
+        self._chunk = chunk
+        self._thread = threading.Thread(target=self._read, name="tunewiz-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            body, reset = self.reader.poll_bytes(self._chunk)
+            if reset:
+                self.model.reset()
+            if not body:
+                return
+            self.model.apply_bytes(body)
+
+    def take(self) -> tuple[BulkEventReader, RunModel]:
+        """The reader and the model, once the history is read (waits for the thread)."""
+        self._thread.join()
+        return self.reader, self.model
 
 
 # ---------------------------------------------------------------------------------------------------------

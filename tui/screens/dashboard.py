@@ -29,8 +29,10 @@ from tui.messages import RunActionDone, RunSnapshot
 from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
 from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
 
-POLL_S = 0.5
-"""How often a live run's files are looked at (and so at most two redraws a second)."""
+POLL_S = 1.0
+"""How often a live run's files are looked at, and so at most one redraw a second."""
+CHART_S = 2.0
+"""Charts redraw at most this often: they are most of the cost of a redraw, and a second more is not missed."""
 ENDED_POLL_S = 1.0
 """How often an ended run is looked at (it may be resumed from elsewhere)."""
 READ_CHUNK = 8 << 20
@@ -346,15 +348,21 @@ class DashboardScreen(Screen[None]):
         Binding("4", "tab('log')", "Log", show=False),
     ]
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, prefetch: Any = None) -> None:
         super().__init__()
         self.run = run
+        self._prefetch = prefetch
+        """A tui.runmodel.Prefetch already reading this run's history (from `tunewiz attach`)."""
         self.view: RunView | None = None
         self.engine_log: str | None = None
         self._log_shown = 0
         self._error_logged: str | None = None
         self._resuming = False
         self._following = True
+        self._charts_drawn = 0.0
+        self._charts_timer: Any = None
+        self._header_drawn = 0.0
+        self._resources_drawn: object = None
         self._ended_stamp: object = None
         self._reader: BulkEventReader | None = None
         self._model: RunModel | None = None
@@ -416,6 +424,9 @@ class DashboardScreen(Screen[None]):
         worker = get_current_worker()
         run = self.run
         # Kept on the screen between workers (one at a time), so a restarted worker goes on from its offset.
+        if self._reader is None and self._prefetch is not None:
+            self._reader, self._model = self._prefetch.take()
+            self._prefetch = None
         if self._reader is None:
             self._reader, self._model = BulkEventReader(run.events_path), RunModel(run.run_id, run.status())
         reader, model = self._reader, self._model
@@ -460,19 +471,38 @@ class DashboardScreen(Screen[None]):
         self._draw_header()
         if previous is None or previous.version != view.version or previous.state != view.state:
             self._draw_alert()
-            self._draw_charts(view)
+            self._charts_later(view, first=previous is None or previous.state != view.state)
             self._draw_log(view, reset=previous is not None and view.log_total < previous.log_total)
             self.query_one("#samples", Static).update(samples_renderable(view))
-        self.query_one("#resources", Static).update(resources_text(view, self.size.width))
+        resources = (view.gpus, view.process, view.process_history, self.size.width)
+        if resources != self._resources_drawn:
+            self._resources_drawn = resources
+            self.query_one("#resources", Static).update(resources_text(view, self.size.width))
+
+    def _charts_later(self, view: RunView, first: bool) -> None:
+        """Draw the charts now if they were not drawn in the last CHART_S seconds, else once that is over."""
+        now = time.monotonic()
+        wait = self._charts_drawn + CHART_S - now
+        if first or wait <= 0:
+            self._draw_charts(view)
+        elif self._charts_timer is None:
+            self._charts_timer = self.set_timer(wait, self._draw_pending_charts)
+
+    def _draw_pending_charts(self) -> None:
+        self._charts_timer = None
+        if self.view is not None:
+            self._draw_charts(self.view)
 
     def _tick(self) -> None:
-        if self.view is not None and self.view.live:
+        if self.view is not None and self.view.live and time.monotonic() - self._header_drawn > 0.9:
             self._draw_header()
 
     def _draw_header(self) -> None:
-        self.query_one("#run-title", Static).update(title_text(self.view, self.run.run_id))
+        self._header_drawn = time.monotonic()
+        # Fixed heights: no layout pass is needed for a new header.
+        self.query_one("#run-title", Static).update(title_text(self.view, self.run.run_id), layout=False)
         width = max(20, self.size.width - 2)
-        self.query_one("#run-progress", Static).update(progress_text(self.view, self._now(), width))
+        self.query_one("#run-progress", Static).update(progress_text(self.view, self._now(), width), layout=False)
 
     def _draw_alert(self) -> None:
         alert = self.query_one("#run-alert", Static)
@@ -488,6 +518,7 @@ class DashboardScreen(Screen[None]):
             self._draw_header()
 
     def _draw_charts(self, view: RunView) -> None:
+        self._charts_drawn = time.monotonic()
         loss_series = [ChartSeries("train", view.loss_xs, view.loss_ys, "blue"),
                        ChartSeries("smoothed", view.loss_xs, view.loss_smooth, "bold yellow")]
         if view.eval_xs:

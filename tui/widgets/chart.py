@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 # Braille dot bits, indexed [dx][dy] within a 2x4 cell.
@@ -189,7 +190,7 @@ class LineChart(Widget):
         self.empty = empty
         self.series: tuple[ChartSeries, ...] = ()
         self.version: object = None
-        self._cache: tuple[tuple[int, int, object], Text] | None = None
+        self._cache: tuple[tuple[object, ...], list[Strip]] | None = None
         self.renders = 0
         """How many times the chart was drawn (tests check that unchanged data is not redrawn)."""
 
@@ -205,15 +206,22 @@ class LineChart(Widget):
             self.border_subtitle = subtitle
         self.refresh()
 
-    def render(self) -> Text:
+    def render_line(self, y: int) -> Strip:
+        """One row of the chart, from strips made once per size and data version (Textual's line API)."""
         size = self.content_size
-        key = (size.width, size.height, self.version)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        self.renders += 1
-        text = render_chart(self.series, size.width, size.height, self.fmt, empty=self.empty)
-        self._cache = (key, text)
-        return text
+        key = (size.width, size.height, self.version, self.app.theme)
+        if self._cache is None or self._cache[0] != key:
+            self.renders += 1
+            text = render_chart(self.series, size.width, size.height, self.fmt, empty=self.empty)
+            base = self.rich_style
+            console = self.app.console
+            strips = []
+            for line in text.split("\n", allow_blank=True):
+                segments = list(line.render(console))
+                strips.append(Strip(segments).apply_style(base).adjust_cell_length(size.width, base))
+            self._cache = (key, strips)
+        strips = self._cache[1]
+        return strips[y] if 0 <= y < len(strips) else Strip.blank(size.width, self.rich_style)
 
 
 def sparkline(values: Sequence[float], width: int, lo: float | None = None, hi: float | None = None) -> str:

@@ -33,7 +33,7 @@ from engine.events import EventReader
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.tui_fakes import FakeServices, no_gpu_report
 from tui.app import TunewizApp
-from tui.runmodel import SERIES_POINTS, BulkEventReader, RunModel, Series
+from tui.runmodel import BulkEventReader, LossScan, RunModel, Series
 from tui.screens.dashboard import DashboardScreen, ExportDialog
 from tui.screens.dialogs import ConfirmDialog, MessageDialog
 from tui.screens.runs import RunsScreen
@@ -215,6 +215,11 @@ def test_the_fast_path_handles_resumed_lives_in_any_chunking(tmp_path: Path, chu
     a, b = fast.view("completed"), slow.view("completed")
     assert a.loss_xs == tuple(float(n) for n in range(1, 11))
     assert a.loss_ys[-1] == pytest.approx(3.0 - 2 - 0.1) and a.resumes == 2
+    scan = LossScan(path)  # what the Runs screen shows: the same losses and working time
+    while scan.offset < path.stat().st_size:
+        scan.update(chunk)
+    assert (scan.last, scan.best) == (a.loss, a.best_loss)
+    assert scan.worked() == pytest.approx(a.elapsed(0))
     for item in dataclasses.fields(a):
         if item.name != "version":
             assert getattr(a, item.name) == getattr(b, item.name), item.name
@@ -506,7 +511,10 @@ async def test_runs_are_listed_newest_first_with_state_and_losses(tmp_path: Path
         for row in screen.rows:
             losses = [e.get("loss") for e in fixture_events(row["state"]) if e.type == "step"]
             assert row["loss"] == pytest.approx(losses[-1]) and row["best"] == pytest.approx(min(losses))
-            assert row["model"] == "smollm2-135m-demo" and row["duration_s"] is not None
+            assert row["model"] == "smollm2-135m-demo"
+            model = RunModel(row["run_id"])
+            model.apply(fixture_events(row["state"]))
+            assert row["duration_s"] == pytest.approx(model.view(row["state"]).elapsed(clock_for(placed)))
 
 
 @pytest.mark.asyncio

@@ -271,8 +271,8 @@ def run_app(services: Services | None = None, attach: Any = None) -> int:
     for run in dict.fromkeys([*app.launched, *app.watched]):
         try:
             if run.state() in ("starting", "running", "stopping"):
-                print(f"run {run.run_id} keeps going. Watch it again: tunewiz attach {run.run_id}    "
-                      f"plain text: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
+                print(f"run {run.run_id} keeps going.\n  watch it again:  tunewiz attach {run.run_id}\n"
+                      f"  plain text:      tunewiz tail {run.run_id} -f\n  stop it:         tunewiz stop {run.run_id}")
         except OSError:
             break
     return app.return_code or 0

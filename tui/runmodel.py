@@ -714,11 +714,24 @@ class Prefetch:
 
 _LOSS = re.compile(rb'"loss": (-?[0-9][0-9.eE+-]*)')
 _STEP_TYPE = b'"type": "step"'
+_TIME = re.compile(rb'"time": ([0-9][0-9.eE+-]*)')
+
+
+def _time_of(line: bytes | None) -> float | None:
+    match = _TIME.search(line) if line else None
+    try:
+        return float(match.group(1)) if match else None
+    except ValueError:
+        return None
 
 
 @dataclass
 class LossScan:
-    """Last and best training loss of one run, kept up to date by reading only the bytes added since."""
+    """Last and best training loss, and the engine's working time, of one run, for the Runs screen.
+
+    Kept up to date by reading only the bytes added since the last update, and decoding only step lines'
+    losses and the times at the borders of engine lives (a `started` line, the last line).
+    """
 
     path: Path
     offset: int = 0
@@ -726,6 +739,10 @@ class LossScan:
     last: float | None = None
     best: float | None = None
     pending: bytes = b""
+    worked_s: float = 0.0
+    """Seconds of the engine lives before the current one."""
+    life_start: float | None = None
+    last_time: float | None = None
 
     def update(self, max_bytes: int = 64 << 20) -> None:
         try:
@@ -734,6 +751,7 @@ class LossScan:
             return
         if self.inode is not None and (stat.st_ino != self.inode or stat.st_size < self.offset):
             self.offset, self.pending, self.last, self.best = 0, b"", None, None
+            self.worked_s, self.life_start, self.last_time = 0.0, None, None
         self.inode = stat.st_ino
         if stat.st_size == self.offset:
             return
@@ -743,9 +761,15 @@ class LossScan:
         self.offset += len(chunk)
         lines = (self.pending + chunk).split(b"\n")
         self.pending = lines.pop()
+        previous = None
         for line in lines:
             if _STEP_TYPE not in line:
+                if b'"type": "started"' in line:
+                    self._new_life(line, previous)
+                if line.strip():
+                    previous = line
                 continue
+            previous = line
             match = _LOSS.search(line)
             try:
                 loss = float(match.group(1)) if match else _num(json.loads(line).get("loss"))
@@ -755,3 +779,20 @@ class LossScan:
                 continue
             self.last = loss
             self.best = loss if self.best is None else min(self.best, loss)
+        if previous is not None:
+            self.last_time = _time_of(previous) or self.last_time
+            if self.life_start is None:
+                self.life_start = _time_of(lines[0]) if lines else None
+
+    def _new_life(self, line: bytes, previous: bytes | None) -> None:
+        end = _time_of(previous) if previous is not None else self.last_time
+        if self.life_start is not None and end is not None:
+            self.worked_s += max(0.0, end - self.life_start)
+        self.life_start = _time_of(line)
+
+    def worked(self, now: float | None = None) -> float | None:
+        """Seconds the engine has worked on the run; `now` extends a live engine's life to the present."""
+        if self.life_start is None:
+            return None
+        end = now if now is not None else self.last_time
+        return self.worked_s + max(0.0, (end or self.life_start) - self.life_start)

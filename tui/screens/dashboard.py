@@ -47,6 +47,12 @@ STATE_MARKS = {"running": "●", "starting": "◌", "stopping": "◍", "complete
                "dead": "✗"}
 LEVEL_STYLES = {"warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
                 "finished": "bold", "sample": "", "info": ""}
+STOP_OUTCOMES = {
+    "graceful": "The run stopped after its step and saved a checkpoint.",
+    "terminated": "The engine did not stop in time and was sent SIGTERM; it saved a checkpoint.",
+    "killed": "The engine had to be killed: it resumes from its last periodic checkpoint.",
+    "not running": "The run had already ended.",
+}
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
@@ -54,7 +60,7 @@ s  Stop the run: it finishes its step, saves a checkpoint and ends as "cancelled
 r  Resume a stopped, failed or dead run from its newest checkpoint.
 e  Export a completed run: the adapter (small) or a merged model that plain transformers loads.
 d  Detach: leave the app. Training goes on; come back with `tunewiz attach {run_id}`.
-1 2 3 4  Training charts, resources, sample answers, log.
+1 2 3 4  Training charts, resources, sample answers, log.    g  Loss on a log scale (or back).
 esc  Back    ctrl+q  Quit (training goes on either way)
 
 Reading the charts
@@ -250,7 +256,7 @@ def samples_renderable(view: RunView | None) -> RenderableType:
     same = latest_step == first_step
     table = Table(expand=True, show_lines=True, pad_edge=False, header_style="bold")
     table.add_column("Prompt", ratio=3)
-    table.add_column("Expected", ratio=1, min_width=8)
+    table.add_column("Expected", width=10)
     table.add_column(f"Before (step {first_step})" if first_step == 0 else f"Step {first_step}", ratio=2)
     if not same:
         table.add_column(f"Now (step {latest_step})", ratio=2)
@@ -258,7 +264,8 @@ def samples_renderable(view: RunView | None) -> RenderableType:
     for sample in first:
         prompt = str(sample.get("prompt", ""))
         now = by_prompt.get(prompt, {})
-        cells: list[RenderableType] = [Text(prompt), Text(str(sample.get("reference", "")), style="dim"),
+        head, _, rest = prompt.strip().partition("\n")
+        cells: list[RenderableType] = [Text(head + (" …" if rest.strip() else "")), Text(str(sample.get("reference", "")), style="dim"),
                                        _answer(sample)]
         if not same:
             cells.append(_answer(now) if now else Text("-", style="dim"))
@@ -266,7 +273,9 @@ def samples_renderable(view: RunView | None) -> RenderableType:
     matched = sum(bool(s.get("match")) for s in latest)
     summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
                    + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"), style="bold")
-    return Group(summary, table)
+    note = Text("Fixed questions from the held-out data (first line shown), asked again as training goes.",
+                style="dim")
+    return Group(summary, note, table)
 
 
 def _answer(sample: dict[str, Any]) -> Text:
@@ -342,6 +351,7 @@ class DashboardScreen(Screen[None]):
         Binding("e", "export", "Export"),
         Binding("d", "detach", "Detach"),
         Binding("question_mark", "help", "Help"),
+        Binding("g", "log_scale", "Log scale", show=False),
         Binding("1", "tab('training')", "Training", show=False),
         Binding("2", "tab('resources')", "Resources", show=False),
         Binding("3", "tab('samples')", "Samples", show=False),
@@ -564,6 +574,9 @@ class DashboardScreen(Screen[None]):
             return state == "completed"
         return True
 
+    def action_log_scale(self) -> None:
+        self.query_one("#chart-loss", LineChart).toggle_log()
+
     def action_tab(self, name: str) -> None:
         self.query_one("#dash-tabs", TabbedContent).active = TABS[name]
 
@@ -666,8 +679,8 @@ class DashboardScreen(Screen[None]):
                 self._resuming = False
                 self.refresh_bindings()
             return
-        texts = {"stop": f"stop: {message.result}", "resume": f"resumed ({message.result})",
-                 "export": f"export: {message.result}"}
+        texts = {"stop": STOP_OUTCOMES.get(str(message.result), f"stop: {message.result}"),
+                 "resume": f"resumed ({message.result})", "export": f"export: {message.result}"}
         text = texts.get(message.action, str(message.result))
         log.write(Text.assemble((clock_text(self._now()) + " ", "dim"), (text, "bold")))
         self.notify(text, timeout=8)

@@ -8,6 +8,7 @@ events (tui.runmodel.LossScan), so a refresh costs only the bytes written since 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,8 +28,9 @@ from tui.screens.base import WizardScreen
 from tui.screens.dashboard import STATE_MARKS, STATE_STYLES
 
 REFRESH_S = 2.0
-COLUMNS = (("started", "Started"), ("name", "Name"), ("state", "State"), ("model", "Model"), ("step", "Step"),
-           ("duration", "Time"), ("loss", "Loss"), ("best", "Best"))
+COLUMNS = (("name", "Name · model"), ("state", "State"), ("step", "Step"), ("duration", "Time"), ("loss", "Loss"),
+           ("best", "Best"), ("started", "Started"))
+"""Two lines a row, so that the list fits 80 columns."""
 
 
 def run_row(run: rundir.RunDir, now: float, scan: LossScan | None = None) -> dict[str, Any]:
@@ -41,14 +43,16 @@ def run_row(run: rundir.RunDir, now: float, scan: LossScan | None = None) -> dic
         end = now
     else:
         end = status.get("finished") or status.get("updated")
+    worked = None
     if scan is not None:
         scan.update()
+        worked = scan.worked(now if state in ("running", "stopping") else None)
     last = scan.last if scan is not None and scan.last is not None else status.get("loss")
     return {"run_id": run.run_id, "path": run.path, "state": state, "name": status.get("name"),
             "model": status.get("model"), "method": status.get("method"), "created": created,
             "step": status.get("step"), "total_steps": status.get("total_steps"),
-            "duration_s": (end - started) if isinstance(started, (int, float)) and isinstance(end, (int, float))
-            else None, "loss": last, "best": scan.best if scan is not None else None,
+            "duration_s": worked if worked is not None else (end - started) if isinstance(started, (int, float))
+            and isinstance(end, (int, float)) else None, "loss": last, "best": scan.best if scan is not None else None,
             "error": (status.get("error") or {}).get("message")}
 
 
@@ -61,14 +65,20 @@ def row_cells(row: dict[str, Any]) -> list[Text]:
     loss = row.get("loss")
     best = row.get("best")
     step = f"{row.get('step') or 0}/{row.get('total_steps') or '?'}" if row.get("total_steps") else "-"
-    created = time.strftime("%m-%d %H:%M", time.localtime(row["created"])) if row.get("created") else "-"
+    created = time.strftime("%m-%d\n%H:%M", time.localtime(row["created"])) if row.get("created") else "-"
     state = row["state"]
-    return [Text(created), Text(_cell(row.get("name"), 18), style="bold"),
-            Text(f"{STATE_MARKS.get(state, '?')} {state}", style=STATE_STYLES.get(state, "")),
-            Text(_cell(row.get("model"), 20)), Text(step, justify="right"),
-            Text(duration(row.get("duration_s")), justify="right"),
-            Text(f"{loss:.3f}" if isinstance(loss, (int, float)) else "-", justify="right"),
-            Text(f"{best:.3f}" if isinstance(best, (int, float)) else "-", justify="right")]
+    method = {"lora": "LoRA", "qlora": "QLoRA"}.get(row.get("method") or "", row.get("method") or "?")
+    name = Text.assemble((_cell(row.get("name"), 26), "bold"), "\n",
+                         (_cell(f"{row.get('model') or '?'} · {method}", 26), "dim"))
+    return [name, Text(f"{STATE_MARKS.get(state, '?')} {state}", style=STATE_STYLES.get(state, "")),
+            Text(step, justify="right"), Text(duration(row.get("duration_s")), justify="right"),
+            Text(_loss(loss), justify="right"), Text(_loss(best), justify="right"), Text(created)]
+
+
+def _loss(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.1e}"
 
 
 def detail_text(row: dict[str, Any] | None) -> Text:
@@ -106,7 +116,10 @@ class RunsScreen(WizardScreen):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[dict[str, Any]] = []
-        self._scans: dict[Path, LossScan] = {}  # touched only by the listing worker
+        self._scans: dict[Path, LossScan] = {}
+        """Per run, its losses and working time, read incrementally; only listing workers touch it."""
+        self._scan_lock = threading.Lock()
+        """Workers are exclusive, but a thread worker that was replaced runs on to its end: one at a time here."""
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Text] = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
@@ -139,12 +152,13 @@ class RunsScreen(WizardScreen):
         root = self.tw.services.runs_dir()
         now = self.tw.services.clock()
         rows = []
-        for run in rundir.list_runs(root) if root.exists() else []:
-            scan = self._scans.setdefault(run.path, LossScan(run.events_path))
-            rows.append(run_row(run, now, scan))
-        listed = {row["path"] for row in rows}
-        for path in [path for path in self._scans if path not in listed]:  # deleted runs
-            del self._scans[path]
+        with self._scan_lock:
+            for run in rundir.list_runs(root) if root.exists() else []:
+                scan = self._scans.setdefault(run.path, LossScan(run.events_path))
+                rows.append(run_row(run, now, scan))
+            listed = {row["path"] for row in rows}
+            for path in [path for path in self._scans if path not in listed]:  # deleted runs
+                del self._scans[path]
         self.post_message(RunsListed(rows))
 
     @on(RunsListed)
@@ -157,7 +171,7 @@ class RunsScreen(WizardScreen):
             self.rows = message.rows
             table.clear()
             for row in message.rows:
-                table.add_row(*row_cells(row), key=str(row["path"]))
+                table.add_row(*row_cells(row), key=str(row["path"]), height=2)
             if selected is not None:
                 for index, row in enumerate(message.rows):
                     if row["path"] == selected["path"]:

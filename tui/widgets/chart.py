@@ -81,10 +81,19 @@ def _bucket(xs: Sequence[float], ys: Sequence[float], x0: float, x1: float, colu
 
 
 def render_chart(series: Sequence[ChartSeries], width: int, height: int,
-                 fmt: Callable[[float], str] = _fmt, x_label: str = "step", empty: str = "waiting for data") -> Text:
-    """A braille line chart with a y axis (min, middle, max) and an x axis (first and last x)."""
+                 fmt: Callable[[float], str] = _fmt, x_label: str = "step", empty: str = "waiting for data",
+                 log: bool = False) -> Text:
+    """A braille line chart with a y axis (min, middle, max) and an x axis (first and last x).
+
+    With `log`, y is drawn on a log scale (values at or below zero are left out) and labelled in y's units.
+    """
     if width < 12 or height < 3:
         return Text("")
+    if log:
+        series = [ChartSeries(s.label, [x for x, y in zip(s.xs, s.ys) if y is not None and y > 0],
+                              [math.log10(y) for y in s.ys if y is not None and y > 0], s.style, s.markers)
+                  for s in series]
+        fmt = _log_fmt
     drawn = [s for s in series if len(s.xs)]
     if not drawn:
         lines = [" " * width for _ in range(height)]
@@ -160,6 +169,10 @@ def render_chart(series: Sequence[ChartSeries], width: int, height: int,
     return text
 
 
+def _log_fmt(exponent: float) -> str:
+    return _fmt(10 ** exponent)
+
+
 def fmt_x(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1 or value == 0 else f"{value:.2g}"
 
@@ -191,17 +204,28 @@ class LineChart(Widget):
         self.series: tuple[ChartSeries, ...] = ()
         self.version: object = None
         self._cache: tuple[tuple[object, ...], list[Strip]] | None = None
+        self.log_scale = False
+        """Draw y on a log scale (a loss that falls by orders of magnitude stays readable)."""
         self.renders = 0
         """How many times the chart was drawn (tests check that unchanged data is not redrawn)."""
 
     def on_mount(self) -> None:
-        self.border_title = self.title
+        self._set_title()
+
+    def _set_title(self) -> None:
+        title = f"{self.title} (log scale)" if self.log_scale else self.title
+        self.border_title = f"{title} {legend(self.series)}" if len(self.series) > 1 else title
+
+    def toggle_log(self) -> None:
+        self.log_scale = not self.log_scale
+        self._set_title()
+        self.refresh()
 
     def update_series(self, series: Sequence[ChartSeries], version: object, subtitle: str | None = None) -> None:
         if version == self.version:
             return
         self.series, self.version = tuple(series), version
-        self.border_title = f"{self.title} {legend(self.series)}" if len(self.series) > 1 else self.title
+        self._set_title()
         if subtitle is not None:
             self.border_subtitle = subtitle
         self.refresh()
@@ -209,10 +233,10 @@ class LineChart(Widget):
     def render_line(self, y: int) -> Strip:
         """One row of the chart, from strips made once per size and data version (Textual's line API)."""
         size = self.content_size
-        key = (size.width, size.height, self.version, self.app.theme)
+        key = (size.width, size.height, self.version, self.app.theme, self.log_scale)
         if self._cache is None or self._cache[0] != key:
             self.renders += 1
-            text = render_chart(self.series, size.width, size.height, self.fmt, empty=self.empty)
+            text = render_chart(self.series, size.width, size.height, self.fmt, empty=self.empty, log=self.log_scale)
             base = self.rich_style
             console = self.app.console
             strips = []

@@ -78,7 +78,7 @@ def row_cells(row: dict[str, Any]) -> list[Text]:
 def _loss(value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.1e}"
+    return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.1e}".replace("e-0", "e-")
 
 
 def detail_text(row: dict[str, Any] | None) -> Text:

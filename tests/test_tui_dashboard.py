@@ -644,9 +644,21 @@ def fixed_zone(monkeypatch: pytest.MonkeyPatch) -> Any:
     time.tzset()
 
 
+@pytest.fixture
+def fixed_place() -> Any:
+    """FIXED is one folder for every process on the machine: hold a lock so that two test runs cannot clobber it."""
+    import fcntl
+
+    FIXED.parent.mkdir(parents=True, exist_ok=True)
+    with open(FIXED.parent / (FIXED.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield FIXED
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("case", list(SNAPSHOTS))
-def test_snapshot(snap_compare: Any, case: str, size: str, fixed_zone: Any, placed_runs: Any) -> None:
+def test_snapshot(snap_compare: Any, case: str, size: str, fixed_zone: Any, fixed_place: Path,
+                  placed_runs: Any) -> None:
     state, steps = SNAPSHOTS[case]
     placed = placed_runs(FIXED / "runs")
     services, _ = make_services(placed.root, clock_for(placed))

@@ -785,3 +785,43 @@ async def test_a_run_resumed_elsewhere_is_followed_again(tmp_path: Path, placed_
             assert screen.view.resumes == 1
         finally:
             os.close(lock)
+
+
+@pytest.mark.parametrize("how", ["sighup", "terminal closed"])
+def test_attach_exits_cleanly_when_the_terminal_goes_away(tmp_path: Path, placed_runs: Any, how: str) -> None:
+    """`tunewiz attach` in a pseudo-terminal: a hang-up or a closed terminal ends the app, never the run."""
+    import pty
+    import select
+
+    from tests.test_tui_wizard import _take_terminal
+
+    placed = placed_runs(tmp_path / "runs", "running")
+    run = placed.runs["running"]
+    master, slave = pty.openpty()
+    env = subprocess_env(TERM="xterm-256color", COLUMNS="80", LINES="24")
+    process = subprocess.Popen([PYTHON, "-m", "engine", "attach", str(run.path)], stdin=slave, stdout=slave,
+                               stderr=slave, env=env, cwd=ROOT, start_new_session=True, close_fds=True,
+                               preexec_fn=_take_terminal)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"RUNNING" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        assert b"RUNNING" in seen, seen[-2000:]
+        if how == "sighup":
+            os.kill(process.pid, signal.SIGHUP)
+        else:
+            os.close(master)
+            master = -1
+        assert process.wait(timeout=15) == 0
+        assert run.engine_alive() and run.state() == "running"  # the "engine" (this test's lock) is untouched
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if master >= 0:
+            os.close(master)

@@ -185,10 +185,20 @@ def test_the_byte_fast_path_gives_the_same_view_as_decoding_each_event(state: st
 
 
 def _write_resumed_run(path: Path) -> None:
-    """Three engine lives in one file, in the engine's own line layout; the later lives repeat steps."""
+    """Three engine lives in one file, in the engine's own line layout; the later lives repeat steps.
+
+    Each event is a quarter second after the one before (a fake clock), so every life has a length."""
+    import itertools
+    from unittest import mock
+
     from engine.events import EventWriter
 
-    writer = EventWriter(path)
+    clock = itertools.count(1_000_000.0, 0.25)
+    with mock.patch("engine.events.time.time", side_effect=lambda: next(clock)):
+        _write_lives(EventWriter(path))
+
+
+def _write_lives(writer: Any) -> None:
     for life, steps in enumerate((range(1, 7), range(5, 9), range(7, 11))):
         writer.emit("started", pid=life, host="h", run_id="r", version="0", resumed_from_step=steps[0] - 1 or None)
         for step in steps:
@@ -220,6 +230,7 @@ def test_the_fast_path_handles_resumed_lives_in_any_chunking(tmp_path: Path, chu
         scan.update(chunk)
     assert (scan.last, scan.best) == (a.loss, a.best_loss)
     assert scan.worked() == pytest.approx(a.elapsed(0))
+    assert a.elapsed(0) == pytest.approx((8 + 5 + 6) * 0.25)  # lives of 9, 6 and 7 events, the gaps left out
     for item in dataclasses.fields(a):
         if item.name != "version":
             assert getattr(a, item.name) == getattr(b, item.name), item.name
@@ -825,3 +836,26 @@ def test_attach_exits_cleanly_when_the_terminal_goes_away(tmp_path: Path, placed
             process.kill()
         if master >= 0:
             os.close(master)
+
+
+def test_gpu_readings_become_gauges_with_peaks_and_history() -> None:
+    """No GPU run was recorded here: a `gpu` event in the engine's format, for two GPUs."""
+    from tui.screens.dashboard import resources_text
+
+    def device(index: int, used: float, util: int) -> dict[str, Any]:
+        return {"index": index, "name": "NVIDIA H100 80GB HBM3", "mem_used_bytes": used, "mem_total_bytes": 85e9,
+                "util_pct": util, "power_w": 600.0, "temp_c": 66, "torch_allocated_bytes": None,
+                "torch_reserved_bytes": None, "torch_peak_allocated_bytes": None, "torch_peak_reserved_bytes": 39e9}
+
+    model = RunModel("g")
+    model.apply_raw([{"type": "started", "time": 1.0, "pid": 1},
+                     *({"type": "gpu", "time": 2.0 + t, "devices": [device(0, 30e9 + t * 0.2e9, 90), device(1, 20e9, 50)],
+                        "process": {"rss_bytes": 6e9, "cpu_pct": 101.0, "cpu_count": 16}} for t in range(130))])
+    view = model.view("running")
+    assert len(view.gpus) == 2 and len(view.gpus[0].history["mem"]) == 120  # the last 10 minutes
+    text = resources_text(view, 100).plain
+    assert "GPU 0  NVIDIA H100 80GB HBM3" in text and "GPU 1" in text
+    assert "55.8/85 GB, peak 55.8" in text and "20.0/85 GB, peak 20.0" in text
+    assert "90 %" in text and "600 W" in text and "66 °C" in text
+    assert "torch reserved at its peak: 39.0 GB" in text
+    assert "Engine process" in text and "of 16 cores" in text

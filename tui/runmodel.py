@@ -33,12 +33,12 @@ _finite = math.isfinite
 _lt = operator.lt
 _NUMBER = rb"(-?[0-9][0-9.eE+-]*|null)"
 _LINES = re.compile(
-    rb'^(?:\{"v": 1, "seq": \d+, "time": [0-9][0-9.eE+-]*, "type": "step", "step": (\d+), "total_steps": \d+, '
+    rb'^(?:\{"v": 1, "seq": \d+, "time": ([0-9][0-9.eE+-]*), "type": "step", "step": (\d+), "total_steps": \d+, '
     rb'"epoch": [^,]+, "loss": ' + _NUMBER + rb', "learning_rate": ' + _NUMBER + rb', "grad_norm": ' + _NUMBER
     + rb', "tokens_per_s": ' + _NUMBER + rb'(?:, [^\n]*)?\}|([^\n]*))$',
     re.MULTILINE)
-"""One line of events.jsonl: a step in the engine's layout (its step and the four drawn values), or anything
-else as a whole (group 6), for JSON."""
+"""One line of events.jsonl: a step in the engine's layout (its time, its step and the four drawn values), or
+anything else as a whole (the last group), for JSON."""
 _DRAWN = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
 """Step fields drawn as series: RunModel's loss, lr, grad and tok, in the order of its step buffer."""
 
@@ -357,13 +357,12 @@ class RunModel:
         self._buffer = ([], [], [], [], [], [], [], [])
         count = skipped = 0
         fast_line_step: int | None = None
-        fast_last = False
         lines: list[bytes] | None = None
         rows = _LINES.findall(body)
         total, i = len(rows), 0
         while i < total:
-            if not rows[i][0]:
-                other = rows[i][5]
+            if not rows[i][1]:
+                other = rows[i][6]
                 i += 1
                 if not other.strip():
                     continue
@@ -372,19 +371,18 @@ class RunModel:
                     skipped += 1
                     continue
                 self._apply(event)
-                fast_last = False
                 if event["type"] == "step":
                     fast_line_step = None
                 count += 1
                 continue
             j = i + 1
-            while j < total and rows[j][0]:
+            while j < total and rows[j][1]:
                 j += 1
             block = rows[i:j]
             i = j
             count += len(block)
             columns = list(zip(*block))
-            steps = list(map(int, columns[0]))
+            steps = list(map(int, columns[1]))
             if not self.lives or steps[0] <= self._last_step_no or not all(map(_lt, steps, steps[1:])):
                 # before any `started`, or a resumed run repeating steps: one decoded event at a time
                 if lines is None:
@@ -393,13 +391,14 @@ class RunModel:
                     event = decode_object(line)
                     if event is not None:
                         self._apply(event)
-                fast_line_step, fast_last = None, False
+                fast_line_step = None
                 continue
-            fast_line_step, fast_last = steps[-1], True
+            fast_line_step = steps[-1]
             self._last_step_no = steps[-1]
+            self.last_time = self.lives[-1][1] = float(columns[0][-1])
             buffer = self._buffer
             for index in range(4):
-                raw = columns[1 + index]
+                raw = columns[2 + index]
                 if b"null" in raw:
                     xs = [step for step, value in zip(steps, raw) if value != b"null"]
                     values = [float(value) for value in raw if value != b"null"]
@@ -411,15 +410,15 @@ class RunModel:
                 buffer[2 * index].extend(xs)
                 buffer[2 * index + 1].extend(values)
         if fast_line_step is not None:
-            self._settle_fast_steps(body, fast_line_step, fast_last)
+            self._settle_fast_steps(body, fast_line_step)
         self._flush()
         self.events += count
         self.skipped += skipped
         self.version += 1
         return skipped
 
-    def _settle_fast_steps(self, body: bytes, step: int, last: bool) -> None:
-        """After fast-path step lines: the last one, decoded whole, becomes `last_step` (and gives the time)."""
+    def _settle_fast_steps(self, body: bytes, step: int) -> None:
+        """After fast-path step lines: the last one, decoded whole, becomes `last_step`."""
         at = body.rfind(b'"type": "step", "step": %d,' % step)  # no step line comes after this one
         end = body.find(b"\n", at)
         event = decode_object(body[body.rfind(b"\n", 0, at) + 1:end if end >= 0 else len(body)]) if at >= 0 else None
@@ -427,9 +426,6 @@ class RunModel:
             return
         self.last_step = event
         self.last_step_time = event["time"]
-        if last:  # nothing came after it in this chunk: it is the run's latest event
-            self.last_time = event["time"]
-            self.lives[-1][1] = event["time"]
 
     def _flush(self) -> None:
         b = self._buffer

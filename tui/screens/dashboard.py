@@ -207,7 +207,8 @@ def resources_text(view: RunView | None, width: int) -> RenderableType:
         peak = gpu.peak_mem / total if total else None
         rows = [
             ("memory", gauge(mem / total if mem is not None and total else None, bar_w, peak),
-             f"{gb(mem)} / {gb(total)}, peak {gb(gpu.peak_mem)}", gpu.history.get("mem", ()), 0.0, total),
+             f"{_n(mem and mem / 1e9, '.1f', '?')}/{_n(total and total / 1e9, '.0f', '?')} GB, peak "
+             f"{gpu.peak_mem / 1e9:.1f}", gpu.history.get("mem", ()), 0.0, total),
             ("use", gauge((gpu.latest.get("util") or 0) / 100 if gpu.latest.get("util") is not None else None, bar_w),
              f"{_n(gpu.latest.get('util'), '.0f', '?')} %", gpu.history.get("util", ()), 0.0, 100.0),
             ("power", Text(" " * bar_w), f"{_n(gpu.latest.get('power'), '.0f', '?')} W", gpu.history.get("power", ()),
@@ -538,8 +539,9 @@ class DashboardScreen(Screen[None]):
             [ChartSeries("lr", view.lr_xs, view.lr_ys, "cyan")], view.version)
         self.query_one("#chart-grad", LineChart).update_series(
             [ChartSeries("grad", view.grad_xs, view.grad_ys, "green")], view.version)
+        samples = f"now {view.samples_per_s:,.2f} samples/s" if view.samples_per_s is not None else ""
         self.query_one("#chart-tok", LineChart).update_series(
-            [ChartSeries("tok/s", view.tok_xs, view.tok_ys, "bright_blue")], view.version)
+            [ChartSeries("tok/s", view.tok_xs, view.tok_ys, "bright_blue")], view.version, subtitle=samples)
 
     def _draw_log(self, view: RunView, reset: bool) -> None:
         log = self.query_one("#run-log", RichLog)

@@ -26,6 +26,9 @@ Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+FusedKernels = Literal["all", "loss", "off"]
+AdapterDType = Literal["auto", "fp32"]
+Strategy = Literal["auto", "ddp", "fsdp"]
 
 
 def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -108,7 +111,8 @@ class TrainingSpec:
     packing: bool = _f(False, "Pack several short examples into one sequence (padding-free).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass: much less memory, "
                                       "about 30% slower.")
-    optimizer: Optimizer = _f("adamw_torch", "Optimiser; 8-bit variants need bitsandbytes and a GPU.")
+    optimizer: Optimizer = _f("adamw_torch_fused", "Optimiser. `adamw_torch_fused` updates all adapter weights in one "
+                              "kernel; 8-bit variants need bitsandbytes and a GPU.")
     weight_decay: float = _f(0.0, "Decoupled weight decay on adapter weights.", lo=0, hi=1.0)
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables clipping).", lo=0)
     seed: int = _f(42, "Random seed for data order, adapter init and sampling.", lo=0)
@@ -121,6 +125,28 @@ class TrainingSpec:
                              lo=0, hi=16)
     sample_max_new_tokens: int = _f(64, "Longest sample answer in tokens.", lo=1, hi=4096)
     save_total_limit: int = _f(2, "Keep at most this many checkpoints.", lo=1)
+    gpus: int | list[int] = _f(1, "GPUs to train on: a count (the first N visible GPUs; 0 means all) or a list of "
+                               "GPU indices like [0, 2]. More than one GPU starts the engine through "
+                               "`accelerate launch`.", lo=0)
+    strategy: Strategy = _f("auto", "How several GPUs share the work: `ddp` keeps a whole model on each GPU (fastest "
+                            "when it fits one card), `fsdp` shards the weights across them, `auto` picks DDP "
+                            "when the model fits one GPU.")
+
+
+@dataclass
+class SpeedSpec:
+    """Speed levers. Each is on by default where it measurably wins (bench/results/speed_*.jsonl) and can be
+    turned off on its own."""
+
+    fused_kernels: FusedKernels = _f("all", "Fused Triton kernels from liger-kernel on CUDA GPUs, for the model "
+                                     "families it supports: `all` (fused linear cross-entropy, which never "
+                                     "materialises the vocabulary-sized logits, plus RMSNorm, RoPE and SwiGLU), "
+                                     "`loss` (the fused cross-entropy alone) or `off`. Ignored on a CPU.")
+    adapter_dtype: AdapterDType = _f("auto", "Dtype of the LoRA weights. `auto`: the compute dtype (bf16/fp16) on a "
+                                     "GPU, which avoids a cast around every adapted layer, and fp32 on a CPU; `fp32`: "
+                                     "always fp32.")
+    compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
+                              "off only on long runs.")
 
 
 @dataclass
@@ -138,9 +164,10 @@ class RunSpec:
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
 
 
-SECTIONS = ("model", "lora", "quantization", "dataset", "training")
+SECTIONS = ("model", "lora", "quantization", "dataset", "training", "speed")
 
 
 @dataclass(frozen=True)
@@ -180,7 +207,7 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return "a list of strings"
+        return "a list of whole numbers" if typing.get_args(tp) == (int,) else "a list of strings"
     if origin is dict:
         return "a table of strings"
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -191,7 +218,14 @@ def _convert(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner[0])
+        if len(inner) == 1:
+            return _convert(value, inner[0])
+        for member in inner:
+            try:
+                return _convert(value, member)
+            except ValueError:
+                continue
+        raise ValueError(f"expected {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed:
@@ -199,6 +233,10 @@ def _convert(value: Any, tp: Any) -> Any:
         hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"expected {_type_name(tp)}{extra}")
+    if origin is list and typing.get_args(tp) == (int,):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError("expected a list of whole numbers, e.g. [0, 1]")
+        return list(value)
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -285,6 +323,9 @@ def _cross_checks(spec: RunSpec) -> list[Problem]:
         problems.append(Problem("name", f"{spec.name!r}: use 1-64 letters, digits, '.', '_' or '-'"))
     if not spec.lora.target_modules:
         problems.append(Problem("lora.target_modules", "empty: name at least one module, or \"all-linear\""))
+    gpus = spec.training.gpus
+    if isinstance(gpus, list) and (not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0):
+        problems.append(Problem("training.gpus", f"{gpus!r}: list distinct GPU indices (0, 1, ...), at least one"))
     if not spec.model.name.strip():
         problems.append(Problem("model.name", "empty: name a catalog model, a hub id or a local path"))
     return problems

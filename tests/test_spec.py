@@ -179,3 +179,24 @@ def test_spec_doc_is_current() -> None:
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "run-spec.md"
     assert doc.read_text() == render(), "regenerate with: python -m engine.spec_doc > docs/run-spec.md"
+
+
+def test_gpus_takes_a_count_or_a_list_of_indices() -> None:
+    base = '[dataset]\npreset = "demo"\n[training]\n'
+    assert spec_mod.loads(base + "gpus = 2\n").training.gpus == 2
+    assert spec_mod.loads(base + "gpus = [0, 2]\n").training.gpus == [0, 2]
+    with pytest.raises(SpecError, match=r"spec:4: training.gpus: 'two': expected a whole number or a list"):
+        spec_mod.loads(base + 'gpus = "two"\n', source="spec")
+    with pytest.raises(SpecError, match=r"training.gpus: \[1, 1\]: list distinct GPU indices"):
+        spec_mod.loads(base + "gpus = [1, 1]\n")
+    with pytest.raises(SpecError, match=r"training.gpus: -1: must be at least 0"):
+        spec_mod.loads(base + "gpus = -1\n")
+
+
+def test_speed_levers_round_trip_and_reject_unknown_values() -> None:
+    text = '[dataset]\npreset = "demo"\n[speed]\nfused_kernels = "loss"\nadapter_dtype = "fp32"\ncompile = true\n'
+    loaded = spec_mod.loads(text)
+    assert (loaded.speed.fused_kernels, loaded.speed.adapter_dtype, loaded.speed.compile) == ("loss", "fp32", True)
+    assert spec_mod.loads(spec_mod.dumps(loaded)) == loaded
+    with pytest.raises(SpecError, match=r"speed.fused_kernels: 'al': expected one of .*did you mean 'all'"):
+        spec_mod.loads('[dataset]\npreset = "demo"\n[speed]\nfused_kernels = "al"\n')

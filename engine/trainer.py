@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, models, monitor
+from engine import __version__, models, monitor, speed
 from engine.context import EngineContext, TrainOutcome
 from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
 from engine.data.prepare import PreparedData, prepare
@@ -94,6 +94,7 @@ def check_method_supported(spec: RunSpec, cuda: bool) -> None:
 
 
 def apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
+    """Wrap `model` in a LoRA adapter on the spec's targets (every decoder linear for `all-linear`)."""
     from peft import LoraConfig, get_peft_model
 
     targets = spec.lora.target_modules
@@ -146,9 +147,11 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
 
 def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
                    sample_every: int) -> Any:
+    import torch
     from transformers import TrainerCallback
 
     spec = ctx.spec
+    cuda = torch.cuda.is_available()
 
     class EventsCallback(TrainerCallback):
         """Turns the Trainer's progress into events and checks for stop requests."""
@@ -203,6 +206,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             self.step_began = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:  # the GPU runs behind the Python loop: wait for it, or tokens/s would count queued work
+                torch.cuda.synchronize()
             self.compute_s += time.monotonic() - self.step_began
             if ctx.should_stop():
                 control.should_training_stop = True
@@ -258,13 +263,18 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.log(f"skipped row {problem}", level="warning")
 
     model = models.load_model(source, spec, dtype, device)
+    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
+    ctx.log(kernels_note)
     model, targets = apply_lora(model, spec)
+    adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
+    speed.cast_adapters(model, adapter_dtype)
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
              f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "
-             f"{str(dtype).replace('torch.', '')} on {device}",
+             f"{_dtype_name(dtype)} on {device}, adapters in {_dtype_name(adapter_dtype)}",
              stats={"parameters": total_params, "trainable": trainable, "targets": targets,
-                    "dtype": str(dtype), "device": device})
+                    "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "device": device,
+                    "fused_loss": fused_loss})
 
     encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
     encoder.add_stop_ids(model_stop_ids)
@@ -273,13 +283,13 @@ def train(ctx: EngineContext) -> TrainOutcome:
     args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)
 
-    from transformers import DataCollatorWithFlattening, PrinterCallback, Trainer
+    from transformers import DataCollatorWithFlattening, PrinterCallback
 
     collator = (DataCollatorWithFlattening() if spec.training.packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
-    trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(data.train),
-                      eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-                      data_collator=collator, callbacks=[callback])
+    trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                                         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                                         data_collator=collator, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # our events replace its prints
     checkpoint = None
     if ctx.resume:
@@ -290,6 +300,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
             checkpoint = str(found[0])
     resources = monitor.ResourceMonitor(ctx.emit).start()
     resources.sample()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the run card's peaks are the training's, not the loading's
     started = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -299,6 +311,9 @@ def train(ctx: EngineContext) -> TrainOutcome:
     metrics = {"train_loss": callback.last_train_loss, "eval_loss": callback.last_eval_loss,
                "train_runtime_s": round(time.time() - started, 1), "steps": step,
                "tokens_seen": int(trainer.state.num_input_tokens_seen)}
+    if cuda:
+        metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                       peak_reserved_bytes=torch.cuda.max_memory_reserved())
     if ctx.should_stop() and step < total:
         ctx.emit("phase", phase="save", message=f"stopped at step {step}; checkpoint kept for resume")
         return TrainOutcome("cancelled", step, metrics)
@@ -308,6 +323,32 @@ def train(ctx: EngineContext) -> TrainOutcome:
     tokenizer.save_pretrained(adapter_dir)
     _write_run_card(ctx, output, source, data, metrics, device, result)
     return TrainOutcome("completed", step, metrics)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _trainer_class(fused_loss: bool) -> type:
+    """transformers' Trainer; with the fused loss, evaluation also computes the loss without logits."""
+    from transformers import Trainer
+
+    if not fused_loss:
+        return Trainer
+
+    class FusedLossTrainer(Trainer):  # type: ignore[misc]
+        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                            ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
+            # In eval mode liger's forward would build the full logits (a memory spike above the
+            # training peak); eval needs only the loss.
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = model(**inputs, skip_logits=True).loss
+            return loss.detach(), None, None
+
+    return FusedLossTrainer
 
 
 def _data_summary(stats: dict[str, Any]) -> str:

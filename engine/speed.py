@@ -1,0 +1,78 @@
+"""The engine's speed levers (the `[speed]` spec section), applied to a loaded model.
+
+Each lever is measured alone and together by `bench/speed.py`; the numbers are in
+`bench/results/speed_*.jsonl` and docs/speed.md. Every function here is a no-op on a CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from engine.spec import RunSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# What each `speed.fused_kernels` setting asks liger-kernel for.
+LIGER_KERNELS = {
+    "all": {"fused_linear_cross_entropy": True, "rms_norm": True, "rope": True, "swiglu": True},
+    "loss": {"fused_linear_cross_entropy": True, "rms_norm": False, "rope": False, "swiglu": False},
+}
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_fused_kernels(model: Any, spec: RunSpec, cuda: bool) -> tuple[bool, str]:
+    """Patch `model` (before the adapter wraps it) with liger-kernel's fused kernels.
+
+    Returns (whether the fused loss is active, a line for the run's log). liger-kernel
+    replaces the model's forward with one that computes the loss straight from the hidden states
+    in chunks, so the vocabulary-sized logits never exist in training.
+    """
+    wanted = spec.speed.fused_kernels
+    if wanted == "off":
+        return False, "fused kernels off (speed.fused_kernels = \"off\")"
+    if not cuda:
+        return False, "fused kernels skipped: they are Triton GPU kernels and this run is on the CPU"
+    if not liger_available():
+        return False, ("fused kernels skipped: liger-kernel is not installed (pip install liger-kernel: "
+                       "less memory and faster steps; or set speed.fused_kernels = \"off\" to silence this)")
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False, f"fused kernels skipped: liger-kernel has none for model type {model_type!r}"
+    kernels = LIGER_KERNELS[wanted]
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **kernels)
+    names = [name for name, on in kernels.items() if on]
+    return True, f"fused kernels (liger-kernel) for {model_type}: {', '.join(names)}"
+
+
+def adapter_dtype(spec: RunSpec, compute: "torch.dtype", cuda: bool) -> "torch.dtype":
+    """The LoRA weights' dtype: the compute dtype on a bf16 GPU run, else fp32.
+
+    fp16 adapters stay fp32: fp16 mixed precision needs fp32 master weights for its loss scaler.
+    """
+    import torch
+
+    if spec.speed.adapter_dtype == "auto" and cuda and compute == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def cast_adapters(model: Any, dtype: "torch.dtype") -> int:
+    """Cast the trainable (adapter) weights to `dtype`; returns how many tensors changed.
+
+    peft creates adapters in fp32 (and keeps them so for 4-bit layers whatever it is asked), so
+    each adapted layer casts its bf16 input up and its output down: two extra passes over the
+    activations per layer. In the compute dtype they run as plain bf16 matmuls.
+    """
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed

@@ -89,9 +89,17 @@ def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -
 def cmd_train(args: argparse.Namespace) -> int:
     from engine import preflight
 
+    if not args.print_launch and (args.hosts != 1 or args.gpus_per_host is not None or args.main_ip):
+        return _fail("--hosts, --gpus-per-host and --main-ip go with --print-launch")
     spec, source = presets.resolve(args.preset, args.set or [])
     if args.name:
         spec.name = args.name
+    if args.print_launch:
+        from engine import distributed
+
+        _run, text = distributed.prepare_launch(spec, source, args.hosts, args.gpus_per_host, args.main_ip)
+        print(text)
+        return 0
     stats = preflight.check(spec, on_progress=lambda msg: print(msg, flush=True))
     print(f"data: {stats['train_examples']} training examples ({stats['format']}), "
           f"{stats['dropped_total']} rows skipped, {stats['truncated']} truncated")
@@ -228,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec key, e.g. --set training.max_steps=20 (repeatable)")
     p.add_argument("--name", help="name for this run (default: the preset's)")
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
+    p.add_argument("--print-launch", action="store_true",
+                   help="start nothing: prepare a run directory and print the accelerate, torchrun and SLURM "
+                        "commands that start it on one or several hosts (docs/multi-gpu.md)")
+    p.add_argument("--hosts", type=int, default=1, metavar="N", help="with --print-launch: how many hosts (default 1)")
+    p.add_argument("--gpus-per-host", type=int, metavar="G",
+                   help="with --print-launch: GPUs on each host (default: training.gpus, or this machine's GPUs)")
+    p.add_argument("--main-ip", metavar="HOST", help="with --print-launch: the address of host 0 (several hosts)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("runs", help="list runs, newest first")

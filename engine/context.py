@@ -31,6 +31,7 @@ class EngineContext:
     spec: RunSpec
     events: EventWriter
     resume: bool = False
+    writes: bool = True  # False on the ranks after the first of a multi-GPU run: rank 0 alone writes
     stop_event: threading.Event = field(default_factory=threading.Event)
     last_step: int = 0  # the newest `step` event's step, for the final events
     _last_status: float = 0.0
@@ -43,9 +44,11 @@ class EngineContext:
 
     def emit(self, kind: str, **data: Any) -> dict[str, Any]:
         """Write an event and keep status.json's summary current (throttled for `step`/`gpu`)."""
-        event = self.events.emit(kind, **data)
         if kind == "step":
             self.last_step = data["step"]
+        if not self.writes:
+            return {"type": kind, **data}
+        event = self.events.emit(kind, **data)
         now = time.monotonic()
         last_step = kind == "step" and data["step"] >= data["total_steps"]
         if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S and not last_step:

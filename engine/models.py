@@ -200,8 +200,13 @@ def generation_stop_ids(source: ModelSource) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def load_model(source: ModelSource, spec: RunSpec, dtype: "torch.dtype", device: str) -> Any:
-    """The base model, on `device`, 4-bit for QLoRA."""
+def load_model(source: ModelSource, spec: RunSpec, dtype: "torch.dtype", device: str, fsdp: bool = False) -> Any:
+    """The base model, on `device`, 4-bit for QLoRA.
+
+    Under FSDP the weights are not placed on a device (FSDP shards and places them), and 4-bit
+    weights are stored in bf16-sized containers so that FSDP, which shards floating-point tensors
+    of one dtype, can shard them with the rest.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -213,8 +218,9 @@ def load_model(source: ModelSource, spec: RunSpec, dtype: "torch.dtype", device:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[spec.quantization.compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=spec.quantization.quant_type,
-            bnb_4bit_use_double_quant=spec.quantization.double_quant, bnb_4bit_compute_dtype=compute)
-    if device != "cpu":
+            bnb_4bit_use_double_quant=spec.quantization.double_quant, bnb_4bit_compute_dtype=compute,
+            **({"bnb_4bit_quant_storage": dtype} if fsdp else {}))
+    if device != "cpu" and not fsdp:
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)

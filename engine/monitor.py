@@ -17,10 +17,12 @@ def _torch_memory() -> dict[int, dict[str, int]]:
     """Per CUDA device: what torch holds now and at its peak (empty without CUDA)."""
     import torch
 
-    if not torch.cuda.is_available():
+    # Only the device this process computes on: asking torch about another GPU would open a CUDA
+    # context there (hundreds of MB) just to read zeros; NVML reports every device anyway.
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
     stats = {}
-    for index in range(torch.cuda.device_count()):
+    for index in (torch.cuda.current_device(),):
         stats[index] = {"torch_allocated_bytes": torch.cuda.memory_allocated(index),
                         "torch_reserved_bytes": torch.cuda.memory_reserved(index),
                         "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(index),
@@ -44,9 +46,10 @@ def snapshot(process: Any) -> dict[str, Any]:
 class ResourceMonitor:
     """Emits a `gpu` event now and every `interval` seconds until stopped."""
 
-    def __init__(self, emit: Callable[..., Any], interval: float = INTERVAL_S) -> None:
+    def __init__(self, emit: Callable[..., Any], interval: float = INTERVAL_S, enabled: bool = True) -> None:
         import psutil
 
+        self._enabled = enabled  # off on the ranks after the first: rank 0 reports every GPU
         self._emit = emit
         self._interval = interval
         self._stop = threading.Event()
@@ -55,7 +58,8 @@ class ResourceMonitor:
         self._thread = threading.Thread(target=self._loop, name="tunewiz-monitor", daemon=True)
 
     def start(self) -> "ResourceMonitor":
-        self._thread.start()
+        if self._enabled:
+            self._thread.start()
         return self
 
     def _loop(self) -> None:
@@ -63,6 +67,8 @@ class ResourceMonitor:
             self.sample()
 
     def sample(self) -> None:
+        if not self._enabled:
+            return
         try:
             self._emit("gpu", **snapshot(self._process))
         except Exception:  # noqa: BLE001 - monitoring must never break training

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, models, monitor, speed
+from engine import __version__, models, monitor, ranks, speed
 from engine.context import EngineContext, TrainOutcome
 from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
 from engine.data.prepare import PreparedData, prepare
@@ -74,12 +74,21 @@ class PaddingCollator:
 
 
 def _device() -> tuple[str, bool]:
-    """('cuda:0', bf16 supported) or ('cpu', False)."""
+    """('cuda:N', bf16 supported) with N this rank's GPU (0 in a single process), or ('cpu', False)."""
     import torch
 
     if torch.cuda.is_available():
-        return "cuda:0", torch.cuda.is_bf16_supported()
+        index = ranks.local_rank()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}", torch.cuda.is_bf16_supported()
     return "cpu", False
+
+
+def using_fsdp() -> bool:
+    """Whether `accelerate launch` started this rank with FSDP (it tells the ranks through the environment)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def check_method_supported(spec: RunSpec, cuda: bool) -> None:
@@ -142,6 +151,8 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
+        torch_compile=spec.speed.compile and cuda,
     )
 
 
@@ -209,7 +220,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             if cuda:  # the GPU runs behind the Python loop: wait for it, or tokens/s would count queued work
                 torch.cuda.synchronize()
             self.compute_s += time.monotonic() - self.step_began
-            if ctx.should_stop():
+            if ranks.any_rank(ctx.should_stop()):  # every rank stops at the same step
+                ctx.stop_event.set()
                 control.should_training_stop = True
                 control.should_save = True
                 return
@@ -221,7 +233,9 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             ctx.emit("checkpoint", step=state.global_step, path=str(path))
 
     def emit_samples(step: int) -> None:
-        if not data.samples:
+        # Rank 0 answers alone (the other ranks wait at the next gradient exchange); under FSDP each
+        # rank holds a shard of the weights, so no single one can generate.
+        if not data.samples or not ranks.is_main() or using_fsdp():
             return
         replies = answers(model, encoder, [s.as_dicts() for s in data.samples], spec.training.sample_max_new_tokens)
         ctx.emit("sample", step=step, samples=[
@@ -262,7 +276,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
     for problem in data.stats["problems"][:5]:
         ctx.log(f"skipped row {problem}", level="warning")
 
-    model = models.load_model(source, spec, dtype, device)
+    model = models.load_model(source, spec, dtype, device, fsdp=using_fsdp())
     fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
     ctx.log(kernels_note)
     model, targets = apply_lora(model, spec)
@@ -278,7 +292,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
 
     encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
     encoder.add_stop_ids(model_stop_ids)
-    total = plan_steps(spec, len(data.train))
+    total = plan_steps(spec, len(data.train), ranks.world_size())
     sample_every = spec.training.sample_every or default_interval(total, 4)
     args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)
@@ -298,7 +312,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
             ctx.log("no checkpoint found; starting from the beginning", level="warning")
         else:
             checkpoint = str(found[0])
-    resources = monitor.ResourceMonitor(ctx.emit).start()
+    resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
     resources.sample()
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the run card's peaks are the training's, not the loading's
@@ -311,17 +325,25 @@ def train(ctx: EngineContext) -> TrainOutcome:
     metrics = {"train_loss": callback.last_train_loss, "eval_loss": callback.last_eval_loss,
                "train_runtime_s": round(time.time() - started, 1), "steps": step,
                "tokens_seen": int(trainer.state.num_input_tokens_seen)}
-    if cuda:
-        metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                       peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    if cuda:  # every rank's peaks, gathered to rank 0
+        allocated = ranks.gather_int(torch.cuda.max_memory_allocated())
+        reserved = ranks.gather_int(torch.cuda.max_memory_reserved())
+        metrics.update(peak_allocated_bytes=max(allocated), peak_reserved_bytes=max(reserved))
+        if len(reserved) > 1:
+            metrics.update(peak_allocated_bytes_per_gpu=allocated, peak_reserved_bytes_per_gpu=reserved,
+                           gpus=len(reserved))
     if ctx.should_stop() and step < total:
         ctx.emit("phase", phase="save", message=f"stopped at step {step}; checkpoint kept for resume")
         return TrainOutcome("cancelled", step, metrics)
     ctx.emit("phase", phase="save", message="saving the adapter")
     adapter_dir = output / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    _write_run_card(ctx, output, source, data, metrics, device, result)
+    if using_fsdp():
+        trainer.save_model(str(adapter_dir))  # gathers the sharded adapter; every rank takes part
+    elif ranks.is_main():
+        model.save_pretrained(adapter_dir)
+    if ranks.is_main():
+        tokenizer.save_pretrained(adapter_dir)
+        _write_run_card(ctx, output, source, data, metrics, device, result)
     return TrainOutcome("completed", step, metrics)
 
 

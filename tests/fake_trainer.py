@@ -1,7 +1,8 @@
 """A stand-in trainer for tests of the launcher and the TUI only (never for engine behaviour).
 
 Set TUNEWIZ_TRAINER=tests.fake_trainer:train. FAKE_STEPS and FAKE_STEP_S set its pace;
-FAKE_FAIL=1 makes it raise like a CUDA out-of-memory error at step 2.
+FAKE_FAIL=1 makes it raise like a CUDA out-of-memory error at step 2 (on rank FAKE_FAIL_RANK only, when
+that is set: tests of the multi-GPU supervisor run it as several ranks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
             ctx.emit("checkpoint", step=step - 1, path=str(ctx.run.path / f"checkpoint-{step - 1}"))
             return TrainOutcome("cancelled", step - 1)
         time.sleep(pause)
-        if os.environ.get("FAKE_FAIL") and step == 2:
+        failing_rank = os.environ.get("FAKE_FAIL_RANK", os.environ.get("RANK", "0"))
+        if os.environ.get("FAKE_FAIL") and step == 2 and failing_rank == os.environ.get("RANK", "0"):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         ctx.emit("step", step=step, total_steps=total, epoch=step / total, loss=2.0 / step,
                  learning_rate=1e-4, elapsed_s=time.monotonic() - started)

@@ -1,0 +1,343 @@
+"""Training speed and memory: the engine's own step against a plain transformers + peft baseline.
+
+On a GPU machine (one or more GPUs; cases run side by side, one per GPU):
+    python -m bench.speed run --out bench/results/speed_h100.jsonl --tokenizer DIR [--suite all]
+runs each case in its own process: `tunewiz train` (the real CLI and engine) for engine cases, and
+bench/baseline.py for the baseline, on randomly initialised models shaped like Llama-3.2-1B and
+Llama-3.1-8B (no download). Every sequence is exactly 2048 tokens, micro-batch 2, LoRA r=16 on all
+seven projections. Each row holds tokens/s (median of the steps after the warm-up), MFU, peak
+allocated and reserved GiB, the first step's loss and the whole loss curve. Then, anywhere:
+    python -m bench.speed table bench/results/speed_h100.jsonl
+prints the comparison tables (speed-up and memory against the baseline of the same case).
+
+Suites: `headline` (engine defaults and baseline, LoRA/QLoRA, checkpointing on/off, both shapes),
+`levers` (each speed lever alone on top of the engine with every lever off), `curve` (a 50-step loss
+curve of engine and baseline on the demo data), `packing` (variable-length data, padded vs packed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.calibrate_memory import WORDS, run_spec, write_long_texts
+from engine import spec as spec_mod
+from engine.catalog import models
+from engine.estimator import ModelArch
+
+SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
+SEQ_LEN = 2048
+MICRO_BATCH = 2
+GIB = 1024**3
+# Dense bf16 peak of each GPU (datasheets, without sparsity), for MFU.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("A10G", 125e12), ("RTX 4090", 165e12), ("L4", 121e12))
+# The engine with every lever off, and each lever alone on top of that.
+PLAIN = ("speed.fused_kernels=\"off\"", "speed.adapter_dtype=\"fp32\"", "training.optimizer=\"adamw_torch\"")
+LEVERS = {
+    "plain": (),
+    "fused_loss": ("speed.fused_kernels=\"loss\"",),
+    "fused_all": ("speed.fused_kernels=\"all\"",),
+    "bf16_adapters": ("speed.adapter_dtype=\"auto\"",),
+    "fused_adamw": ("training.optimizer=\"adamw_torch_fused\"",),
+    "compile": ("speed.compile=true",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured run."""
+
+    suite: str
+    shape: str
+    method: str
+    checkpointing: bool
+    variant: str  # "baseline", "engine", a lever name, or "engine+compile"
+    steps: int = 12
+    warmup: int = 3
+    data: str = "long"  # "long" (every example 2048 tokens), "demo" or "varied"
+    micro_batch: int = MICRO_BATCH
+    packing: bool = False
+    learning_rate: float = 2e-4
+
+    @property
+    def name(self) -> str:
+        gc = "gc" if self.checkpointing else "nogc"
+        extra = "-packed" if self.packing else ""
+        return f"{self.suite}-{self.shape}-{self.method}-{gc}-{self.variant}{extra}"
+
+    def overrides(self) -> tuple[str, ...]:
+        if self.variant in ("baseline", "engine"):
+            return ()
+        if self.variant == "engine+compile":
+            return ("speed.compile=true",)
+        return PLAIN + LEVERS[self.variant]
+
+
+def suite_cases(suite: str) -> list[Case]:
+    if suite == "headline":
+        return [Case("headline", shape, method, gc, variant) for shape in SHAPES for method in ("lora", "qlora")
+                for gc in (True, False) for variant in ("baseline", "engine")]
+    if suite == "levers":
+        cases = [Case("levers", shape, "lora", True, lever, steps=20 if lever == "compile" else 12,
+                      warmup=10 if lever == "compile" else 3) for shape in SHAPES for lever in LEVERS]
+        cases += [Case("levers", "llama-3.1-8b", "qlora", True, lever) for lever in ("plain", "fused_all",
+                                                                                      "bf16_adapters")]
+        return cases + [Case("levers", "llama-3.2-1b", "lora", True, "engine+compile", steps=20, warmup=10)]
+    if suite == "curve":
+        return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
+                     learning_rate=1e-4) for variant in ("baseline", "engine")]
+    if suite == "packing":
+        return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
+                for packed in (False, True)]
+    raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing or all")
+
+
+def write_varied_texts(path: Path, rows: int = 400, seed: int = 0) -> Path:
+    """Plain-text rows of log-uniform length (about 40 to 1,600 tokens), like instruction data."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(rows):
+            words = int(2 ** rng.uniform(5, 10.5))
+            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+    return path
+
+
+def case_spec(case: Case, model_dir: Path, data: Path) -> spec_mod.RunSpec:
+    spec = run_spec(model_dir, data, case.method, SEQ_LEN, case.checkpointing, case.steps, case.micro_batch)
+    spec.name = case.name[:64]
+    if case.data == "demo":
+        spec.dataset = dataclasses.replace(spec.dataset, source=None, preset="demo", format="auto", eval_fraction=0.0)
+    spec.training = dataclasses.replace(spec.training, packing=case.packing, learning_rate=case.learning_rate,
+                                        save_every=10_000)
+    return spec_mod.apply_overrides(spec, list(case.overrides()))
+
+
+def flops_per_token(arch: ModelArch, seq_len: int) -> float:
+    """Model FLOPs of one LoRA training token: forward and input-gradient backward of every matmul
+    (frozen weights get no weight gradient), plus causal attention (backward 2.5 x forward).
+    Recomputation under checkpointing is not counted (MFU, not HFU); adapters are under 1%."""
+    matmul_params = arch.linear_params + arch.vocab * arch.hidden
+    attention_forward = 2 * seq_len * arch.q_dim * arch.layers  # QK^T and AV, halved by the causal mask
+    return 4 * matmul_params + 3.5 * attention_forward
+
+
+def peak_flops(gpu: str) -> float | None:
+    return next((flops for name, flops in PEAK_FLOPS if name in gpu), None)
+
+
+def _engine_result(run_dir: Path) -> dict[str, Any]:
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["type"] == "step"]
+    finished = next((e for e in reversed(events) if e["type"] == "finished"), {})
+    error = next((e for e in events if e["type"] == "error"), None)
+    if finished.get("status") != "completed":
+        message = error["message"] if error else "no finished event"
+        return {"status": "oom" if error and "out of memory" in message.lower() else "failed", "error": message[:400]}
+    metrics = finished.get("metrics", {})
+    seconds = [0.0] * len(steps)
+    tokens = [0] * len(steps)
+    for index, event in enumerate(steps):
+        previous = steps[index - 1]["tokens_seen"] if index else 0
+        tokens[index] = event["tokens_seen"] - previous
+        seconds[index] = tokens[index] / event["tokens_per_s"] if event.get("tokens_per_s") else 0.0
+    return {"status": "completed", "losses": [e["loss"] for e in steps], "step_seconds": seconds,
+            "tokens_per_step": tokens, "peak_allocated_bytes": metrics.get("peak_allocated_bytes"),
+            "peak_reserved_bytes": metrics.get("peak_reserved_bytes")}
+
+
+def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> dict[str, Any]:
+    """Run one case on CUDA device `gpu` in a fresh process; return its row."""
+    home = work / "homes" / case.name
+    home.mkdir(parents=True, exist_ok=True)
+    spec = case_spec(case, model_dir, data)
+    spec_path = home / "spec.toml"
+    spec_mod.save(spec, spec_path)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "TUNEWIZ_HOME": str(home)}
+    started = time.time()
+    if case.variant == "baseline":
+        result_path = home / "baseline.json"
+        done = subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(result_path)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            tail = done.stderr[-600:]
+            result = {"status": "oom" if "out of memory" in tail.lower() else "failed", "error": tail}
+        else:
+            result = {"status": "completed", **json.loads(result_path.read_text())}
+    else:
+        subprocess.run([sys.executable, "-m", "engine", "train", str(spec_path)], env=env, capture_output=True,
+                       text=True, timeout=900)
+        runs = sorted((home / "state" / "runs").iterdir()) if (home / "state" / "runs").exists() else []
+        result = _engine_result(runs[-1]) if runs else {"status": "failed", "error": "no run directory"}
+    return summarise(case, result, time.time() - started)
+
+
+def summarise(case: Case, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {**dataclasses.asdict(case), "name": case.name, "seq_len": SEQ_LEN, "r": 16,
+                           "wall_s": round(wall_s, 1), "status": result["status"]}
+    if result["status"] != "completed":
+        return {**row, "error": result.get("error", "")}
+    timed = [(t, s) for t, s in zip(result["tokens_per_step"][case.warmup:], result["step_seconds"][case.warmup:])
+             if s > 0]
+    tokens_per_s = statistics.median(t / s for t, s in timed) if timed else None
+    arch = ModelArch.from_entry(models()[case.shape])
+    gpu = result.get("gpu") or os.environ.get("BENCH_GPU_NAME", "")
+    peak = peak_flops(gpu)
+    losses = result["losses"]
+    return {**row, "gpu": gpu, "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+            "mfu": round(tokens_per_s * flops_per_token(arch, SEQ_LEN) / peak, 4) if peak and tokens_per_s else None,
+            "peak_allocated_gib": round(result["peak_allocated_bytes"] / GIB, 3),
+            "peak_reserved_gib": round(result["peak_reserved_bytes"] / GIB, 3),
+            "first_loss": losses[0] if losses else None, "losses": [round(x, 4) for x in losses]}
+
+
+def prepare(work: Path, tokenizer: Path, gpus: list[str], shapes: list[str]) -> dict[str, Path]:
+    """Random-init model folders (made side by side, one per GPU) and the data files."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_long_texts(work / "long.jsonl")
+    write_varied_texts(work / "varied.jsonl")
+    folders = {shape: work / shape for shape in shapes}
+    makers = [subprocess.Popen([sys.executable, "-m", "bench.random_model", shape, str(folder), "--tokenizer",
+                                str(tokenizer)], env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]})
+              for i, (shape, folder) in enumerate(folders.items())]
+    for maker in makers:
+        if maker.wait():
+            raise SystemExit("making a random-init model failed")
+    return folders
+
+
+def gpu_name(index: str) -> str:
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", index],
+                          capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    suites = ["headline", "levers", "curve", "packing"] if args.suite == ["all"] else args.suite
+    cases = [case for suite in suites for case in suite_cases(suite)]
+    if args.only:
+        cases = [case for case in cases if any(part in case.name for part in args.only)]
+    work = Path(args.work)
+    gpus = args.gpus.split(",")
+    folders = prepare(work, Path(args.tokenizer), gpus, sorted({case.shape for case in cases}))
+    data = {"long": work / "long.jsonl", "varied": work / "varied.jsonl", "demo": work / "long.jsonl"}
+    # Longest first, so the GPUs finish together.
+    pending: queue.Queue[Case] = queue.Queue()
+    for case in sorted(cases, key=lambda c: (c.shape != "llama-3.1-8b", -c.steps)):
+        pending.put(case)
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.budget_s
+
+    def worker(gpu: str) -> None:
+        os.environ["BENCH_GPU_NAME"] = gpu_name(gpu)
+        while time.monotonic() < deadline:
+            try:
+                case = pending.get_nowait()
+            except queue.Empty:
+                return
+            row = measure(case, work, folders[case.shape], data[case.data], gpu)
+            row["gpu"] = row.get("gpu") or gpu_name(gpu)
+            with lock:
+                print(f"{case.name:<58} {row['status']:<9} {row.get('tokens_per_s')!s:>9} tok/s "
+                      f"{row.get('peak_reserved_gib')!s:>7} GiB  loss {row.get('first_loss')}  {row['wall_s']} s",
+                      flush=True)
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if not pending.empty():
+        print(f"budget of {args.budget_s} s spent; {pending.qsize()} cases not run", flush=True)
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables: each case against the baseline (or the plain engine) of the same settings."""
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["shape"], row["method"], row["checkpointing"]
+
+    baselines = {key(r): r for r in rows if r["variant"] == "baseline" and r["status"] == "completed"}
+    plains = {key(r): r for r in rows if r["variant"] == "plain" and r["status"] == "completed"}
+    gpus = sorted({r.get("gpu", "") for r in rows if r.get("gpu")})
+    out = [f"GPU: {', '.join(gpus)}; sequence {SEQ_LEN}, micro-batch {MICRO_BATCH}, LoRA r=16 on all 7 projections.", ""]
+    for suite, reference in (("headline", baselines), ("levers", plains)):
+        chosen = [r for r in rows if r["suite"] == suite]
+        if not chosen:
+            continue
+        against = "baseline" if suite == "headline" else "plain engine (every lever off)"
+        out += [f"### {suite}: against the {against}", "",
+                "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
+                "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in chosen:
+            ref = reference.get(key(r))
+            done = r["status"] == "completed"
+            speedup = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if done and ref and ref.get("tokens_per_s")
+                       else "")
+            memory = f"{r['peak_reserved_gib'] / ref['peak_reserved_gib']:.2f}x" if done and ref else ""
+            cells = ([r["tokens_per_s"], f"{r['mfu']:.1%}" if r.get("mfu") else "", r["peak_allocated_gib"],
+                      r["peak_reserved_gib"], f"{r['first_loss']:.4f}"] if done else [r["status"], "", "", "", ""])
+            out.append("| " + " | ".join(str(c) for c in [r["shape"], r["method"], "on" if r["checkpointing"] else "off",
+                                                          r["variant"], *cells, speedup, memory]) + " |")
+        out.append("")
+    curve = {r["variant"]: r for r in rows if r["suite"] == "curve" and r["status"] == "completed"}
+    if {"baseline", "engine"} <= curve.keys():
+        out += [curve_summary(curve["baseline"]["losses"], curve["engine"]["losses"]), ""]
+    packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
+    if {True, False} <= packing.keys():
+        out.append(f"Packing (variable-length data, micro-batch 8): {packing[False]['tokens_per_s']} real tokens/s padded, "
+                   f"{packing[True]['tokens_per_s']} packed ({packing[True]['tokens_per_s'] / packing[False]['tokens_per_s']:.2f}x); "
+                   f"peak reserved {packing[False]['peak_reserved_gib']} vs {packing[True]['peak_reserved_gib']} GiB.")
+    return "\n".join(out)
+
+
+def curve_summary(baseline: list[float], engine: list[float], window: int = 5) -> str:
+    """How far apart two loss curves are: first step, and the worst gap of their moving averages."""
+    def smooth(values: list[float]) -> list[float]:
+        return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+    a, b = smooth(baseline), smooth(engine)
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    return (f"Loss curve over {min(len(a), len(b))} steps: first step {baseline[0]:.4f} (baseline) vs {engine[0]:.4f} "
+            f"(engine), difference {abs(baseline[0] - engine[0]):.4f}; last step {baseline[-1]:.4f} vs {engine[-1]:.4f}; "
+            f"largest gap of the {window}-step moving averages {worst:.2%}.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure on this machine's GPUs")
+    run.add_argument("--out", required=True)
+    run.add_argument("--tokenizer", required=True, help="folder with tokenizer files for the random models")
+    run.add_argument("--work", default="/tmp/tunewiz-speed")
+    run.add_argument("--gpus", default="0", help="comma-separated CUDA indices; cases run side by side")
+    run.add_argument("--suite", nargs="+", default=["all"])
+    run.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
+    run.add_argument("--budget-s", type=float, default=540, help="start no case after this many seconds")
+    show = sub.add_parser("table", help="print the comparison tables")
+    show.add_argument("rows", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        cmd_run(args)
+    else:
+        print(table(load(args.rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,9 @@
 """Several GPUs: which ones a run uses, the batch arithmetic, and the commands that start the engine's ranks.
 
-The spec's batch numbers are per GPU: `training.micro_batch_size` sequences per forward pass on each GPU and
-`training.gradient_accumulation` micro-batches per optimiser step, as written for one GPU. On N GPUs each
-optimiser step sees micro × accumulation × N sequences, so a preset written for one card would take N times
-bigger steps. `keep_effective_batch` lowers the accumulation to keep the preset's effective batch, and it is
-what the launcher applies before it starts a run on several GPUs (and what `tunewiz train --print-launch`
-applies to the run directory it prepares for several hosts).
+A spec's effective batch is `training.micro_batch_size × training.gradient_accumulation` sequences per optimiser
+step, whatever the number of GPUs: on N GPUs each rank runs micro_batch_size sequences per pass and 1/N of the
+accumulation (`keep_effective_batch`, which every rank applies to its copy of the spec), so a preset trains the
+same way on 1 or 4 GPUs, only faster. The saved spec is never rewritten for a GPU count.
 
 One host starts its ranks through `accelerate launch` (`accelerate_command`); `torchrun_command` is the DDP
 equivalent; several hosts run the same command once per host with their own `--machine_rank`, which
@@ -132,7 +130,8 @@ def _gpu_word(n: int) -> str:
 
 
 def keep_effective_batch(spec: RunSpec, gpus: int) -> tuple[RunSpec, str]:
-    """A copy of `spec` whose accumulation keeps its one-GPU effective batch on `gpus` GPUs, and a line saying so."""
+    """A copy of `spec` with the per-GPU accumulation that keeps its effective batch on `gpus` GPUs, and a line
+    saying so (the engine shows it when training starts)."""
     t = spec.training
     n = max(gpus, 1)
     target = effective_batch(t.micro_batch_size, t.gradient_accumulation, 1)
@@ -372,15 +371,13 @@ def prepare_launch(spec: RunSpec, spec_path: str, hosts: int = 1, gpus_per_host:
                    main_ip: str | None = None, *, visible: int | None = None) -> tuple[RunDir, str]:
     """Create a run directory for a launch started by hand (nothing is started) and the text saying how.
 
-    The saved spec carries the gradient accumulation that keeps the effective batch on all the ranks, since
-    commands started by hand do not pass through the launcher.
+    The spec is saved as it is: each rank derives its own accumulation from it (`keep_effective_batch`).
     """
     from engine import rundir
 
     if visible is None and gpus_per_host is None:
         visible = visible_gpu_count()
     plan = launch_plan(spec, hosts, gpus_per_host, main_ip, visible=visible)
-    adjusted, _ = keep_effective_batch(spec, plan.num_processes)
-    run = rundir.create(adjusted)
+    run = rundir.create(spec)
     text = print_launch(spec, spec_path, hosts, gpus_per_host, main_ip, run_dir=str(run.path), visible=visible)
     return run, f"prepared run {run.run_id} (nothing is started; it lists as dead until its ranks start)\n{text}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +69,12 @@ def stop(run: RunDir, grace_s: float = 120.0, term_grace_s: float = 30.0,
     say("stop requested: the engine finishes its step and saves a checkpoint")
     if _wait(lambda: not run.engine_alive(), grace_s):
         return "graceful"
-    pgid = run.status().get("pgid")
+    status = run.status()
+    pgid = status.get("pgid")
+    host = status.get("host")
+    if isinstance(host, str) and host != socket.gethostname():
+        # A process group number means nothing on another machine (a run on shared storage).
+        return "graceful" if not run.engine_alive() else f"still running on {host}; run `tunewiz stop` there to signal it"
     if not isinstance(pgid, int):
         return "graceful" if not run.engine_alive() else "no pid recorded; cannot signal"
     for sig, wait_s, outcome in ((signal.SIGTERM, term_grace_s, "terminated"), (signal.SIGKILL, 10.0, "killed")):

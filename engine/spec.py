@@ -105,7 +105,9 @@ class TrainingSpec:
     lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule after warm-up.")
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up the learning rate.", lo=0, hi=0.5)
     micro_batch_size: int = _f(2, "Sequences per forward pass (per GPU).", lo=1, hi=4096)
-    gradient_accumulation: int = _f(4, "Micro-batches per optimiser step.", lo=1, hi=4096)
+    gradient_accumulation: int = _f(4, "Micro-batches per optimiser step. The effective batch, micro_batch_size × "
+                                    "gradient_accumulation, stays the same on any number of GPUs: on N GPUs each "
+                                    "runs 1/N of the micro-batches.", lo=1, hi=4096)
     max_seq_length: int = _f(2048, "Longest sequence in tokens; longer examples are truncated.", lo=16,
                              hi=1_048_576)
     packing: bool = _f(False, "Pack several short examples into one sequence (padding-free).")

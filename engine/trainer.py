@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, models, monitor, ranks, speed
+from engine import __version__, distributed, models, monitor, ranks, speed
 from engine.context import EngineContext, TrainOutcome
 from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
 from engine.data.prepare import PreparedData, prepare
@@ -253,10 +253,11 @@ def _finite(value: Any) -> float | None:
 
 
 def train(ctx: EngineContext) -> TrainOutcome:
-    """Load, prepare, train, save; emits events all along. The engine process calls this."""
+    """Load, prepare, train, save; emits events all along. The engine process (each rank) calls this."""
     import torch
 
-    spec = ctx.spec
+    # On N GPUs each rank runs 1/N of the accumulation: the spec's effective batch is kept.
+    spec, batch_line = distributed.keep_effective_batch(ctx.spec, ranks.world_size())
     run = ctx.run
     output = run.output_dir(spec)
     device, bf16_ok = _device()
@@ -293,6 +294,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
     encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
     encoder.add_stop_ids(model_stop_ids)
     total = plan_steps(spec, len(data.train), ranks.world_size())
+    ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
     args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)

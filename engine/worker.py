@@ -84,8 +84,8 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
     ctx = EngineContext(run, spec, EventWriter(run.events_path), resume=resume)
     _handle_signals(ctx)
     _route_warnings(ctx)
-    run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), started=round(time.time(), 3),
-                      finished=None, error=None)
+    run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), host=socket.gethostname(),
+                      started=round(time.time(), 3), finished=None, error=None)
     try:
         plan = _launch_plan(ctx)
     except BaseException as exc:  # noqa: BLE001 - a bad GPU selection ends the run visibly
@@ -114,8 +114,8 @@ def run_rank(run: RunDir, resume: bool = False) -> int:
         lock_fd = None
         if not os.environ.get(SUPERVISED_ENV):  # several hosts: no supervisor, rank 0 holds the lock
             lock_fd = _hold_lock(run)
-            run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), started=round(time.time(), 3),
-                              finished=None, error=None)
+            run.update_status(state="running", pid=os.getpid(), pgid=os.getpgid(0), host=socket.gethostname(),
+                              started=round(time.time(), 3), finished=None, error=None)
         _emit_started(ctx)
         code = _train_and_record(ctx)
         if lock_fd is not None:

@@ -342,14 +342,15 @@ def test_cli_print_launch_prepares_a_run_and_starts_nothing(capsys: pytest.Captu
     assert f"tunewiz attach {run.path}" in out
 
 
-def test_cli_print_launch_keeps_the_effective_batch_in_the_saved_spec(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_print_launch_saves_the_spec_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    # Each rank derives its accumulation from the saved spec, so the spec must not be lowered twice.
     code = cli.main(["train", "demo", "--print-launch", "--gpus-per-host", "2", "--set",
                      "training.gradient_accumulation=8", "--name", "wide"])
     assert code == 0
     assert "effective batch 32 = 4 per GPU × 4 accumulation × 2 GPUs (was 4 × 8 × 1)" in capsys.readouterr().out
     (run,) = rundir.list_runs()
     saved = run.load_spec()
-    assert (saved.name, saved.training.gradient_accumulation, saved.training.micro_batch_size) == ("wide", 4, 4)
+    assert (saved.name, saved.training.gradient_accumulation, saved.training.micro_batch_size) == ("wide", 8, 4)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

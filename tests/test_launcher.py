@@ -230,3 +230,12 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     assert launcher.stop(run, grace_s=0.2, term_grace_s=0.3) == "killed"
     assert not run.engine_alive() and run.state() == "dead"
     assert "finished" not in types(events(run))
+
+
+def test_stop_never_signals_an_engine_on_another_host(tmp_path: Path) -> None:
+    run = make_run()
+    _start_stubborn(run, tmp_path, "deaf_to_everything")
+    run.update_status(host="some-other-node")  # as a run on shared storage started elsewhere records it
+    outcome = launcher.stop(run, grace_s=0.2, term_grace_s=0.3)
+    assert outcome == "still running on some-other-node; run `tunewiz stop` there to signal it"
+    assert run.engine_alive()  # its process group number was not used here

@@ -39,7 +39,9 @@ def run(spec_path: Path) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare(spec, tokenizer, stop_ids=[])
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
+    cuda = torch.cuda.is_available()  # the CPU path exists for the bench's own tests
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa",
+                              "device_map": {"": 0} if cuda else None}
     if spec.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -65,7 +67,8 @@ def run(spec_path: Path) -> dict[str, Any]:
             self.began = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             self.seconds.append(time.monotonic() - self.began)
             self.tokens.append(int(state.num_input_tokens_seen) - self.seen)
             self.seen = int(state.num_input_tokens_seen)
@@ -81,17 +84,19 @@ def run(spec_path: Path) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed, data_seed=t.seed, logging_steps=1,
-        save_strategy="no", bf16=True, gradient_checkpointing=t.gradient_checkpointing,
+        save_strategy="no", bf16=cuda, use_cpu=not cuda, gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
         disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(data.train),
                       data_collator=PaddingCollator(tokenizer.pad_token_id, 8), callbacks=[timing])
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     return {"losses": timing.losses, "step_seconds": timing.seconds, "tokens_per_step": timing.tokens,
-            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "gpu": torch.cuda.get_device_name(0)}
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+            "gpu": torch.cuda.get_device_name(0) if cuda else "cpu"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,9 +101,11 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def row_settings(row: dict[str, Any]) -> tuple[ModelArch, Settings]:
     arch = ModelArch.from_entry(models()[row["model"]])
+    # Rows measured before the speed levers existed have neither key: fp32 adapters, no fused kernels.
     settings = Settings(method=row["method"], r=row["r"], micro_batch_size=row["micro_batch_size"],
                         seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
-                        optimizer=row["optimizer"], lora_dropout=row["lora_dropout"] > 0)
+                        optimizer=row["optimizer"], lora_dropout=row["lora_dropout"] > 0,
+                        fused_kernels=row.get("fused_kernels", "off"), adapter_bytes=row.get("adapter_bytes", 4))
     return arch, settings
 
 

@@ -197,8 +197,8 @@ def summarise(case: Case, result: dict[str, Any], wall_s: float) -> dict[str, An
     losses = result["losses"]
     return {**row, "gpu": gpu, "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
             "mfu": round(tokens_per_s * flops_per_token(arch, SEQ_LEN) / peak, 4) if peak and tokens_per_s else None,
-            "peak_allocated_gib": round(result["peak_allocated_bytes"] / GIB, 3),
-            "peak_reserved_gib": round(result["peak_reserved_bytes"] / GIB, 3),
+            "peak_allocated_gib": round((result["peak_allocated_bytes"] or 0) / GIB, 3),
+            "peak_reserved_gib": round((result["peak_reserved_bytes"] or 0) / GIB, 3),
             "first_loss": losses[0] if losses else None, "losses": [round(x, 4) for x in losses]}
 
 
@@ -290,7 +290,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             done = r["status"] == "completed"
             speedup = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if done and ref and ref.get("tokens_per_s")
                        else "")
-            memory = f"{r['peak_reserved_gib'] / ref['peak_reserved_gib']:.2f}x" if done and ref else ""
+            memory = (f"{r['peak_reserved_gib'] / ref['peak_reserved_gib']:.2f}x" if done and ref and ref["peak_reserved_gib"]
+                      else "")
             cells = ([r["tokens_per_s"], f"{r['mfu']:.1%}" if r.get("mfu") else "", r["peak_allocated_gib"],
                       r["peak_reserved_gib"], f"{r['first_loss']:.4f}"] if done else [r["status"], "", "", "", ""])
             out.append("| " + " | ".join(str(c) for c in [r["shape"], r["method"], "on" if r["checkpointing"] else "off",

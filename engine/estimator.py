@@ -3,11 +3,16 @@
 The terms follow the physics of training (docs: shared notes on LoRA/QLoRA memory):
   weights      bf16 (2 B/param), or NF4 linear weights (0.5 B + quantisation constants) with
                embeddings, norms and the LM head kept in bf16;
-  adapters     r * (d_in + d_out) per adapted linear, fp32 weights, gradients and optimiser state;
+  adapters     r * (d_in + d_out) per adapted linear: weights, gradients and optimiser state, in fp32
+               or in bf16 (`speed.adapter_dtype`);
   activations  what autograd keeps per token: every layer's saved tensors without checkpointing,
-               or each layer's input plus one recomputed layer with it;
-  logits       the vocabulary-wide logits and their fp32 loss copies;
+               or each layer's input plus one recomputed layer with it (liger's fused RMSNorm and
+               SwiGLU keep less than the stock layers);
+  logits       the vocabulary-wide logits and their fp32 loss copies, or with the fused linear
+               cross-entropy (`speed.fused_kernels`) only one chunk of them at a time;
   overhead     the allocator's reserve beyond what tensors hold.
+Under FSDP the weights and adapters are sharded across the GPUs, and each GPU also holds the
+gathered weights of the layers being computed and prefetched.
 The free coefficients (how much of the theoretical activation and logit bytes autograd really
 holds, and the allocator overhead) are fitted to real measurements: tests/data/memory_calibration.jsonl,
 measured by running the engine on a GPU (bench/calibrate_memory.py). The estimate is of torch's
@@ -40,6 +45,7 @@ COEFFICIENTS = {
     "logits_bytes_per_vocab_token": 13.436,
     "overhead_fraction": 0.014,
     "overhead_bytes": 151_715_460,
+    "fused_loss_bytes_per_hidden_token": 8.0,
 }
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -110,7 +116,7 @@ class ModelArch:
 
 @dataclass(frozen=True)
 class Settings:
-    """The run settings that move memory."""
+    """The run settings that move memory; the defaults are the engine's (engine/spec.py)."""
 
     method: str = "lora"
     r: int = 16
@@ -118,9 +124,13 @@ class Settings:
     micro_batch_size: int = 2
     seq_len: int = 2048
     gradient_checkpointing: bool = True
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"
     lora_dropout: bool = True
     double_quant: bool = True
+    fused_kernels: str = "all"  # speed.fused_kernels: "all", "loss" or "off"
+    adapter_bytes: int = 2  # bytes per adapter weight: 2 (bf16, the default on a bf16 GPU) or 4 (fp32)
+    gpus: int = 1
+    fsdp: bool = False
 
     @property
     def tokens(self) -> int:
@@ -129,10 +139,20 @@ class Settings:
     @classmethod
     def from_spec(cls, spec: "RunSpec") -> "Settings":
         targets = ALL_LINEAR if spec.lora.target_modules == ["all-linear"] else tuple(spec.lora.target_modules)
+        gpus = spec.training.gpus
+        count = len(gpus) if isinstance(gpus, list) else max(gpus, 1)
+        bf16 = spec.model.dtype in ("auto", "bf16")
         return cls(method=spec.method, r=spec.lora.r, targets=targets,
                    micro_batch_size=spec.training.micro_batch_size, seq_len=spec.training.max_seq_length,
                    gradient_checkpointing=spec.training.gradient_checkpointing, optimizer=spec.training.optimizer,
-                   lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant)
+                   lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant,
+                   fused_kernels=spec.speed.fused_kernels,
+                   adapter_bytes=2 if spec.speed.adapter_dtype == "auto" and bf16 else 4,
+                   gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp")
+
+    @property
+    def fused_loss(self) -> bool:
+        return self.fused_kernels in ("all", "loss")
 
 
 @dataclass(frozen=True)
@@ -156,12 +176,18 @@ class MemoryEstimate:
 
 
 def weight_bytes(arch: ModelArch, settings: Settings) -> int:
+    """The frozen weights one GPU holds (a 1/N shard under FSDP, plus the layers gathered for compute)."""
     other = arch.params - arch.linear_params  # embeddings, LM head, norms stay 16-bit
     if settings.method == "qlora":
         # NF4: 4 bits per weight; one absmax per 64 weights, itself 8-bit with double quantisation.
         constants = (1 / 64 + 4 / (64 * 256)) if settings.double_quant else 4 / 64
-        return int(arch.linear_params * (0.5 + constants) + 2 * other)
-    return 2 * arch.params
+        total = int(arch.linear_params * (0.5 + constants) + 2 * other)
+    else:
+        total = 2 * arch.params
+    if not settings.fsdp:
+        return total
+    gathered = 2 * 2 * arch.linear_params // arch.layers  # the layer computed and the one prefetched, 16-bit
+    return total // settings.gpus + gathered
 
 
 def adapter_params(arch: ModelArch, settings: Settings) -> int:
@@ -170,16 +196,23 @@ def adapter_params(arch: ModelArch, settings: Settings) -> int:
 
 
 def adapter_bytes(arch: ModelArch, settings: Settings) -> int:
-    """fp32 adapter weights and gradients, plus the optimiser's state."""
-    return adapter_params(arch, settings) * (4 + 4 + OPTIMIZER_STATE_BYTES.get(settings.optimizer, 8))
+    """Adapter weights and gradients, plus the optimiser's state (AdamW keeps it in the weights' dtype;
+    8-bit optimisers keep 2 bytes whatever the dtype); sharded under FSDP."""
+    state = OPTIMIZER_STATE_BYTES.get(settings.optimizer, 8)
+    if state == 8:
+        state = 2 * settings.adapter_bytes
+    total = adapter_params(arch, settings) * (2 * settings.adapter_bytes + state)
+    return total // settings.gpus if settings.fsdp else total
 
 
 def layer_activation_bytes_per_token(arch: ModelArch, settings: Settings) -> int:
     """Bytes autograd keeps per token for one decoder layer (bf16 activations, SDPA attention)."""
     h, f, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
-    saved = 2 * 6 * h  # two RMSNorms: fp32 input and bf16 output each
+    fused = settings.fused_kernels == "all"
+    # two RMSNorms: fp32 input and bf16 output each; liger's keeps its bf16 input (and a scalar per row)
+    saved = 2 * (2 if fused else 6) * h
     saved += 2 * q + 2 * 2 * kv + 2 * q  # attention: q, k, v and its output
-    saved += 3 * 2 * f  # gate output, activation output, up output
+    saved += (2 if fused else 3) * 2 * f  # gate and up outputs (+ the activation's output, unless fused)
     saved += 2 * f  # down projection input
     if settings.lora_dropout:
         # each adapted linear keeps its own dropout copy of its input (bf16) and mask (1 B)
@@ -198,6 +231,10 @@ def activation_bytes(arch: ModelArch, settings: Settings) -> int:
 
 
 def logits_bytes(arch: ModelArch, settings: Settings) -> int:
+    if settings.fused_loss:
+        # liger computes the loss in chunks of about tokens * hidden / vocab tokens, so a chunk of
+        # logits is about as big as the hidden states; plus the gradient of the hidden states.
+        return int(arch.hidden * settings.tokens * COEFFICIENTS["fused_loss_bytes_per_hidden_token"])
     return int(arch.vocab * settings.tokens * COEFFICIENTS["logits_bytes_per_vocab_token"])
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.calibrate_memory import row_settings
 from engine import catalog
 from engine.estimator import ModelArch, Settings, adapter_params, estimate
 
@@ -27,10 +28,7 @@ def test_calibration_covers_what_the_estimator_claims() -> None:
 @pytest.mark.parametrize("row", [r for r in ROWS if r["status"] == "completed"],
                          ids=lambda r: f"{r['model']}-{r['method']}-{r['seq_len']}-gc{int(r['gradient_checkpointing'])}")
 def test_estimate_within_ten_percent_of_measured(row: dict) -> None:
-    arch = ModelArch.from_entry(catalog.models()[row["model"]])
-    settings = Settings(method=row["method"], r=row["r"], micro_batch_size=row["micro_batch_size"],
-                        seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
-                        optimizer=row["optimizer"], lora_dropout=row["lora_dropout"] > 0)
+    arch, settings = row_settings(row)
     predicted = estimate(arch, settings).total
     measured = row["torch_peak_reserved_bytes"]
     assert abs(predicted - measured) / measured <= 0.10, (predicted / 2**30, measured / 2**30)

@@ -1,0 +1,100 @@
+"""Where a training step's GPU time goes: the engine's model set-up, profiled with torch.profiler.
+
+    python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain]
+
+It builds the model exactly as the engine's trainer does (engine.models.load_model,
+engine.speed.apply_fused_kernels, engine.trainer.apply_lora, engine.speed.cast_adapters; `--plain`
+turns the speed levers off), runs micro-batch 2 × 2048 random tokens under bf16 autocast with fused
+AdamW, and prints GPU kernel time per step grouped by kind (matmuls, attention, fused kernels,
+4-bit dequantisation, elementwise and copies, optimiser, ...), plus the ten costliest kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+KINDS = (  # first match wins
+    ("4-bit dequantise", r"dequant|kgemm_4bit|nf4"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
+    ("matmul", r"gemm|cutlass|sm90_xmma|nvjet|matmul|cublas|wgmma"),
+    ("fused kernels (liger)", r"liger|_rms_norm|_swiglu|_rope|cross_entropy|triton"),
+    ("optimiser", r"adam|foreach|multi_tensor"),
+    ("norms and reductions", r"norm|reduce|sum_|mean|softmax"),
+    ("elementwise and copies", r"elementwise|copy|cat|fill|mul|add|silu|cast|vectorized|index"),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+def main() -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import models, speed, spec as spec_mod
+    from engine.trainer import apply_lora
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="every speed lever off")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    spec = spec_mod.RunSpec(method=args.method)
+    spec.model.name = str(args.model)
+    if args.plain:
+        spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"'])
+    source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)
+    model = models.load_model(source, spec, torch.bfloat16, "cuda:0")
+    fused, note = speed.apply_fused_kernels(model, spec, True)
+    model, _ = apply_lora(model, spec)
+    speed.cast_adapters(model, speed.adapter_dtype(spec, torch.bfloat16, True))
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  fused=not args.plain)
+    tokens = torch.randint(0, 32000, (2, 2048), device="cuda:0")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    per_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if event.device_type != torch.autograd.DeviceType.CUDA or not cuda_us:
+            continue
+        per_kind[kind_of(event.key)] += cuda_us / args.steps / 1000
+        per_kernel[event.key] += cuda_us / args.steps / 1000
+    total = sum(per_kind.values())
+    label = f"{args.model.name} {args.method} checkpointing {'off' if args.no_checkpointing else 'on'} " \
+            f"{'plain' if args.plain else 'engine'} ({note})"
+    print(f"GPU time per step: {total:.1f} ms  [{label}]")
+    for kind, ms in sorted(per_kind.items(), key=lambda item: -item[1]):
+        print(f"  {kind:<26}{ms:>9.1f} ms {ms / total:>6.1%}")
+    print("  costliest kernels:")
+    for name, ms in sorted(per_kernel.items(), key=lambda item: -item[1])[:10]:
+        print(f"    {ms:>8.1f} ms  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

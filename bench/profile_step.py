@@ -49,6 +49,7 @@ def main() -> None:
 
     spec = spec_mod.RunSpec(method=args.method)
     spec.model.name = str(args.model)
+    spec.dataset.preset = "demo"  # unused: the step runs on random tokens
     if args.plain:
         spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"'])
     source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)

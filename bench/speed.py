@@ -53,6 +53,14 @@ LEVERS = {
     "fused_adamw": ("training.optimizer=\"adamw_torch_fused\"",),
     "compile": ("speed.compile=true",),
 }
+# The engine's defaults with one thing changed, and the baseline without LoRA dropout.
+VARIANTS = {
+    "engine_compile": ("speed.compile=true",),
+    "engine_no_dropout": ("lora.dropout=0.0",),
+    "engine_fp32_adapters": ("speed.adapter_dtype=\"fp32\"",),
+    "engine_unfused": ("speed.fused_kernels=\"off\"",),
+    "baseline_no_dropout": ("lora.dropout=0.0",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Case:
     shape: str
     method: str
     checkpointing: bool
-    variant: str  # "baseline", "engine", a lever name, or "engine+compile"
+    variant: str  # "baseline", "engine", a lever name, or "engine_compile"
     steps: int = 12
     warmup: int = 3
     data: str = "long"  # "long" (every example 2048 tokens), "demo" or "varied"
@@ -77,11 +85,15 @@ class Case:
         extra = "-packed" if self.packing else ""
         return f"{self.suite}-{self.shape}-{self.method}-{gc}-{self.variant}{extra}"
 
+    @property
+    def is_baseline(self) -> bool:
+        return self.variant.startswith("baseline")
+
     def overrides(self) -> tuple[str, ...]:
         if self.variant in ("baseline", "engine"):
             return ()
-        if self.variant == "engine+compile":
-            return ("speed.compile=true",)
+        if self.variant in VARIANTS:
+            return VARIANTS[self.variant]
         return PLAIN + LEVERS[self.variant]
 
 
@@ -94,10 +106,13 @@ def suite_cases(suite: str) -> list[Case]:
                       warmup=10 if lever == "compile" else 3) for shape in SHAPES for lever in LEVERS]
         cases += [Case("levers", "llama-3.1-8b", "qlora", True, lever) for lever in ("plain", "fused_all",
                                                                                       "bf16_adapters")]
-        return cases + [Case("levers", "llama-3.2-1b", "lora", True, "engine+compile", steps=20, warmup=10)]
+        cases += [Case("levers", shape, "lora", True, variant) for shape in SHAPES
+                  for variant in ("engine_no_dropout", "baseline_no_dropout")]
+        return cases + [Case("levers", "llama-3.2-1b", "lora", True, "engine_compile", steps=20, warmup=10)]
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
-                     learning_rate=1e-4) for variant in ("baseline", "engine")]
+                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_fp32_adapters",
+                                                         "engine_unfused")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
@@ -166,7 +181,7 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
     spec_mod.save(spec, spec_path)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "TUNEWIZ_HOME": str(home)}
     started = time.time()
-    if case.variant == "baseline":
+    if case.is_baseline:
         result_path = home / "baseline.json"
         done = subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(result_path)], env=env,
                               capture_output=True, text=True, timeout=900)
@@ -274,6 +289,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         return row["shape"], row["method"], row["checkpointing"]
 
     baselines = {key(r): r for r in rows if r["variant"] == "baseline" and r["status"] == "completed"}
+    no_dropout = {key(r): r for r in rows if r["variant"] == "baseline_no_dropout" and r["status"] == "completed"}
     plains = {key(r): r for r in rows if r["variant"] == "plain" and r["status"] == "completed"}
     gpus = sorted({r.get("gpu", "") for r in rows if r.get("gpu")})
     out = [f"GPU: {', '.join(gpus)}; sequence {SEQ_LEN}, micro-batch {MICRO_BATCH}, LoRA r=16 on all 7 projections.", ""]
@@ -286,7 +302,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
                 "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in chosen:
-            ref = reference.get(key(r))
+            ref = (no_dropout if "no_dropout" in r["variant"] else reference).get(key(r))
             done = r["status"] == "completed"
             speedup = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if done and ref and ref.get("tokens_per_s")
                        else "")
@@ -298,8 +314,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                                                           r["variant"], *cells, speedup, memory]) + " |")
         out.append("")
     curve = {r["variant"]: r for r in rows if r["suite"] == "curve" and r["status"] == "completed"}
-    if {"baseline", "engine"} <= curve.keys():
-        out += [curve_summary(curve["baseline"]["losses"], curve["engine"]["losses"]), ""]
+    for variant in sorted(set(curve) - {"baseline"}):
+        if "baseline" in curve:
+            out += [f"{variant}: " + curve_summary(curve["baseline"]["losses"], curve[variant]["losses"]), ""]
     packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
     if {True, False} <= packing.keys():
         out.append(f"Packing (variable-length data, micro-batch 8): {packing[False]['tokens_per_s']} real tokens/s padded, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pickle
 import random
 from collections import Counter
@@ -191,7 +192,7 @@ def prepare(spec: RunSpec, tokenizer: Any, offline_sample: bool = False, use_cac
     data.fingerprint = fingerprint
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks of a multi-GPU run may write at once
         with tmp.open("wb") as handle:
             pickle.dump(data, handle)
         tmp.replace(cache)

@@ -108,7 +108,7 @@ def suite_cases(suite: str) -> list[Case]:
                                                                                       "bf16_adapters")]
         cases += [Case("levers", shape, "lora", True, variant) for shape in SHAPES
                   for variant in ("engine_no_dropout", "baseline_no_dropout")]
-        return cases + [Case("levers", "llama-3.2-1b", "lora", True, "engine_compile", steps=20, warmup=10)]
+        return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
                      learning_rate=1e-4) for variant in ("baseline", "engine", "engine_fp32_adapters",
@@ -242,14 +242,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     suites = ["headline", "levers", "curve", "packing"] if args.suite == ["all"] else args.suite
     cases = [case for suite in suites for case in suite_cases(suite)]
     if args.only:
-        cases = [case for case in cases if any(part in case.name for part in args.only)]
+        cases = [case for case in cases if case.name in args.only
+                 or (not args.exact and any(part in case.name for part in args.only))]
     work = Path(args.work)
     gpus = args.gpus.split(",")
     folders = prepare(work, Path(args.tokenizer), gpus, sorted({case.shape for case in cases}))
     data = {"long": work / "long.jsonl", "varied": work / "varied.jsonl", "demo": work / "long.jsonl"}
     # Longest first, so the GPUs finish together.
     pending: queue.Queue[Case] = queue.Queue()
-    for case in sorted(cases, key=lambda c: (c.shape != "llama-3.1-8b", -c.steps)):
+    order = ((lambda c: args.only.index(c.name)) if args.exact  # the order asked for, most wanted first
+             else (lambda c: (c.shape != "llama-3.1-8b", -c.steps)))
+    for case in sorted(cases, key=order):
         pending.put(case)
     lock = threading.Lock()
     deadline = time.monotonic() + args.budget_s
@@ -347,6 +350,7 @@ def main() -> None:
     run.add_argument("--gpus", default="0", help="comma-separated CUDA indices; cases run side by side")
     run.add_argument("--suite", nargs="+", default=["all"])
     run.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
+    run.add_argument("--exact", action="store_true", help="--only names whole case names")
     run.add_argument("--budget-s", type=float, default=540, help="start no case after this many seconds")
     show = sub.add_parser("table", help="print the comparison tables")
     show.add_argument("rows", type=Path)

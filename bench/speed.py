@@ -49,7 +49,7 @@ LEVERS = {
     "plain": (),
     "fused_loss": ("speed.fused_kernels=\"loss\"",),
     "fused_all": ("speed.fused_kernels=\"all\"",),
-    "bf16_adapters": ("speed.adapter_dtype=\"auto\"",),
+    "bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "fused_adamw": ("training.optimizer=\"adamw_torch_fused\"",),
     "compile": ("speed.compile=true",),
 }
@@ -57,7 +57,7 @@ LEVERS = {
 VARIANTS = {
     "engine_compile": ("speed.compile=true",),
     "engine_no_dropout": ("lora.dropout=0.0",),
-    "engine_fp32_adapters": ("speed.adapter_dtype=\"fp32\"",),
+    "engine_bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
 }
@@ -111,7 +111,7 @@ def suite_cases(suite: str) -> list[Case]:
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
-                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_fp32_adapters",
+                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_bf16_adapters",
                                                          "engine_unfused")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
@@ -198,9 +198,18 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
     return summarise(case, result, time.time() - started)
 
 
+def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
+    """What the case ran with, so a results file still reads right after the engine's defaults change."""
+    if case.is_baseline:
+        return {"stack": "transformers+peft", "lora_dropout": spec.lora.dropout}
+    return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
+            "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile}
+
+
 def summarise(case: Case, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
     row: dict[str, Any] = {**dataclasses.asdict(case), "name": case.name, "seq_len": SEQ_LEN, "r": 16,
-                           "wall_s": round(wall_s, 1), "status": result["status"]}
+                           "wall_s": round(wall_s, 1), "status": result["status"],
+                           "settings": settings_of(case, case_spec(case, Path("model"), Path("data")))}
     if result["status"] != "completed":
         return {**row, "error": result.get("error", "")}
     timed = [(t, s) for t, s in zip(result["tokens_per_step"][case.warmup:], result["step_seconds"][case.warmup:])
@@ -289,7 +298,7 @@ def load(path: Path) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown tables: each case against the baseline (or the plain engine) of the same settings."""
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return row["shape"], row["method"], row["checkpointing"]
+        return row["suite"], row["shape"], row["method"], row["checkpointing"]
 
     baselines = {key(r): r for r in rows if r["variant"] == "baseline" and r["status"] == "completed"}
     no_dropout = {key(r): r for r in rows if r["variant"] == "baseline_no_dropout" and r["status"] == "completed"}
@@ -305,7 +314,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
                 "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in chosen:
-            ref = (no_dropout if "no_dropout" in r["variant"] else reference).get(key(r))
+            refs = no_dropout if "no_dropout" in r["variant"] else reference
+            ref = refs.get(key(r)) if refs.get(key(r), {}).get("gpu") == r.get("gpu") else None  # same card only
             done = r["status"] == "completed"
             speedup = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if done and ref and ref.get("tokens_per_s")
                        else "")

@@ -128,7 +128,7 @@ class Settings:
     lora_dropout: bool = True
     double_quant: bool = True
     fused_kernels: str = "all"  # speed.fused_kernels: "all", "loss" or "off"
-    adapter_bytes: int = 2  # bytes per adapter weight: 2 (bf16, the default on a bf16 GPU) or 4 (fp32)
+    adapter_bytes: int = 4  # bytes per adapter weight: 4 (fp32, the default) or 2 (bf16)
     gpus: int = 1
     fsdp: bool = False
 
@@ -147,7 +147,7 @@ class Settings:
                    gradient_checkpointing=spec.training.gradient_checkpointing, optimizer=spec.training.optimizer,
                    lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant,
                    fused_kernels=spec.speed.fused_kernels,
-                   adapter_bytes=2 if spec.speed.adapter_dtype == "auto" and bf16 else 4,
+                   adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
                    gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp")
 
     @property

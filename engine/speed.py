@@ -52,13 +52,13 @@ def apply_fused_kernels(model: Any, spec: RunSpec, cuda: bool) -> tuple[bool, st
 
 
 def adapter_dtype(spec: RunSpec, compute: "torch.dtype", cuda: bool) -> "torch.dtype":
-    """The LoRA weights' dtype: the compute dtype on a bf16 GPU run, else fp32.
+    """The LoRA weights' dtype: bf16 when asked for on a bf16 GPU run, else fp32.
 
     fp16 adapters stay fp32: fp16 mixed precision needs fp32 master weights for its loss scaler.
     """
     import torch
 
-    if spec.speed.adapter_dtype == "auto" and cuda and compute == torch.bfloat16:
+    if spec.speed.adapter_dtype == "bf16" and cuda and compute == torch.bfloat16:
         return torch.bfloat16
     return torch.float32
 
@@ -67,8 +67,8 @@ def cast_adapters(model: Any, dtype: "torch.dtype") -> int:
     """Cast the trainable (adapter) weights to `dtype`; returns how many tensors changed.
 
     peft creates adapters in fp32 (and keeps them so for 4-bit layers whatever it is asked), so
-    each adapted layer casts its bf16 input up and its output down: two extra passes over the
-    activations per layer. In the compute dtype they run as plain bf16 matmuls.
+    each adapted layer casts its bf16 input up and its output down: extra passes over the
+    activations. bf16 adapters skip them, at the price of bf16-rounded weight updates.
     """
     changed = 0
     for param in model.parameters():

@@ -194,9 +194,9 @@ def test_gpus_takes_a_count_or_a_list_of_indices() -> None:
 
 
 def test_speed_levers_round_trip_and_reject_unknown_values() -> None:
-    text = '[dataset]\npreset = "demo"\n[speed]\nfused_kernels = "loss"\nadapter_dtype = "fp32"\ncompile = true\n'
+    text = '[dataset]\npreset = "demo"\n[speed]\nfused_kernels = "loss"\nadapter_dtype = "bf16"\ncompile = true\n'
     loaded = spec_mod.loads(text)
-    assert (loaded.speed.fused_kernels, loaded.speed.adapter_dtype, loaded.speed.compile) == ("loss", "fp32", True)
+    assert (loaded.speed.fused_kernels, loaded.speed.adapter_dtype, loaded.speed.compile) == ("loss", "bf16", True)
     assert spec_mod.loads(spec_mod.dumps(loaded)) == loaded
     with pytest.raises(SpecError, match=r"speed.fused_kernels: 'al': expected one of .*did you mean 'all'"):
         spec_mod.loads('[dataset]\npreset = "demo"\n[speed]\nfused_kernels = "al"\n')

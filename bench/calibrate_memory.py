@@ -109,6 +109,26 @@ def row_settings(row: dict[str, Any]) -> tuple[ModelArch, Settings]:
     return arch, settings
 
 
+def rows_from_speed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Calibration rows from bench/speed.py results: the engine's runs at full length (not the baseline's,
+    which is another stack, nor compiled ones, whose memory torch.compile reshapes)."""
+    out = []
+    for row in rows:
+        settings = row.get("settings", {})
+        if row["status"] != "completed" or "stack" in settings or settings.get("compile") or row["data"] != "long":
+            continue
+        out.append({"model": row["shape"], "method": row["method"], "r": row["r"], "targets": "all-linear",
+                    "lora_dropout": settings["lora_dropout"], "micro_batch_size": row["micro_batch"],
+                    "seq_len": row["seq_len"], "gradient_checkpointing": row["checkpointing"],
+                    "optimizer": settings["optimizer"], "fused_kernels": settings["fused_kernels"],
+                    "adapter_bytes": 2 if settings["adapter_dtype"] == "bf16" else 4, "steps": row["steps"],
+                    "status": "completed", "gpu": row["gpu"], "source": f"bench/results/speed.jsonl: {row['name']}",
+                    "torch_peak_reserved_bytes": int(row["peak_reserved_gib"] * 2**30),
+                    "torch_peak_allocated_bytes": int(row["peak_allocated_gib"] * 2**30),
+                    "tokens_per_s": row["tokens_per_s"]})
+    return out
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("status") == "completed"]
@@ -128,9 +148,10 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
             act_gc, act_nogc = arch.layers * 2 * arch.hidden * saved.tokens + per_layer, 0.0
         else:
             act_gc, act_nogc = 0.0, arch.layers * per_layer + 2 * arch.hidden * saved.tokens
-        logits = arch.vocab * saved.tokens
-        # reserved = (1 + o) * (fixed + a*act + b*act_gc + c*logits) + k, linearised as below
-        features.append([fixed, act_nogc, act_gc, logits, 1.0])
+        logits = 0.0 if settings.fused_loss else arch.vocab * saved.tokens
+        fused_logits = arch.hidden * saved.tokens if settings.fused_loss else 0.0
+        # reserved = (1 + o) * (fixed + a*act + b*act_gc + c*logits + d*fused) + k, linearised as below
+        features.append([fixed, act_nogc, act_gc, logits, fused_logits, 1.0])
         targets.append(row["torch_peak_reserved_bytes"])
     x, y = np.array(features, dtype=float), np.array(targets, dtype=float)
     weights = 1.0 / y  # minimise relative error
@@ -140,21 +161,23 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
             "activations_no_checkpointing": round(solution[1] / scale, 4),
             "activations_checkpointing": round(solution[2] / scale, 4),
             "logits_bytes_per_vocab_token": round(solution[3] / scale, 3),
-            "overhead_bytes": int(solution[4])}
+            "fused_loss_bytes_per_hidden_token": round(solution[4] / scale, 3),
+            "overhead_bytes": int(solution[5])}
 
 
 def report(rows: list[dict[str, Any]]) -> float:
     """Print each row's estimate against its measurement; return the worst relative error."""
     worst = 0.0
-    print(f"{'model':<14}{'method':<7}{'seq':>6}{'gc':>4}{'measured GiB':>14}{'estimate GiB':>14}{'error':>8}")
+    print(f"{'model':<14}{'method':<7}{'seq':>6}{'gc':>4}{'fused':>8}{'measured GiB':>14}{'estimate GiB':>14}{'error':>8}")
     for row in rows:
         arch, settings = row_settings(row)
         est = estimator.estimate(arch, settings).total
         measured = row["torch_peak_reserved_bytes"]
         error = (est - measured) / measured
         worst = max(worst, abs(error))
+        levers = f"{row.get('fused_kernels', 'off')}/{row.get('adapter_bytes', 4)}B"
         print(f"{row['model']:<14}{row['method']:<7}{row['seq_len']:>6}{'on' if row['gradient_checkpointing'] else 'off':>4}"
-              f"{measured / 2**30:>14.2f}{est / 2**30:>14.2f}{error:>+8.1%}")
+              f"{levers:>8}{measured / 2**30:>14.2f}{est / 2**30:>14.2f}{error:>+8.1%}")
     print(f"worst error: {worst:.1%}")
     return worst
 
@@ -173,9 +196,14 @@ def main() -> None:
     run.add_argument("--micro-batch", type=int, default=2)
     fitting = sub.add_parser("fit", help="fit the estimator's coefficients and report errors")
     fitting.add_argument("rows", type=Path)
+    convert = sub.add_parser("from-speed", help="print calibration rows from bench/speed.py results")
+    convert.add_argument("rows", type=Path)
     args = parser.parse_args()
     if args.command == "run":
         cmd_run(args)
+    elif args.command == "from-speed":
+        for row in rows_from_speed([json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]):
+            print(json.dumps(row))
     else:
         rows = load_rows(args.rows)
         coefficients = fit(rows)

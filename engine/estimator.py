@@ -36,16 +36,18 @@ GIB = 1024**3
 # 1.9 GiB on average over the calibration rows (H200, CUDA 13). Added to the estimate to check a fit.
 CUDA_CONTEXT_BYTES = 2 * GIB
 
-# Fitted on tests/data/memory_calibration.jsonl (24 runs of the engine on an H200: 1B/3B/8B Llama
-# shapes, LoRA and QLoRA, checkpointing on and off, 512 and 2048 tokens). `python -m
-# bench.calibrate_memory fit tests/data/memory_calibration.jsonl` prints them and each row's error.
+# Fitted on tests/data/memory_calibration.jsonl: 24 runs of the engine before its speed levers (H200:
+# 1B/3B/8B Llama shapes, LoRA and QLoRA, checkpointing on and off, 512 and 2048 tokens) and 13 with them
+# (H100 and H200: fused kernels all/loss/off, fp32 and bf16 adapters; from bench/results/speed.jsonl).
+# `python -m bench.calibrate_memory fit tests/data/memory_calibration.jsonl` prints them and each row's
+# error (worst 7.4%).
 COEFFICIENTS = {
-    "activations_no_checkpointing": 0.8772,
-    "activations_checkpointing": 0.9205,
-    "logits_bytes_per_vocab_token": 13.436,
-    "overhead_fraction": 0.014,
-    "overhead_bytes": 151_715_460,
-    "fused_loss_bytes_per_hidden_token": 8.0,
+    "activations_no_checkpointing": 0.86,
+    "activations_checkpointing": 0.918,
+    "logits_bytes_per_vocab_token": 13.339,
+    "fused_loss_bytes_per_hidden_token": 16.923,
+    "overhead_fraction": 0.0251,
+    "overhead_bytes": 107_978_954,
 }
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

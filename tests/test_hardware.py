@@ -498,18 +498,23 @@ def make_fake_torch(root: Path, cuda_line: str, version: str = "2.7.1+cu126") ->
     return root
 
 
-def make_fake_bitsandbytes(root: Path, version: str = "0.45.5") -> None:
-    (root / "bitsandbytes").mkdir(parents=True)
-    (root / "bitsandbytes" / "__init__.py").write_text("raise RuntimeError('no import please')\n")
-    info = root / f"bitsandbytes-{version}.dist-info"
+def make_fake_library(root: Path, module: str, dist: str, version: str) -> None:
+    """An installed package that explodes when imported, with its version in dist-info metadata."""
+    (root / module).mkdir(parents=True)
+    (root / module / "__init__.py").write_text("raise RuntimeError('no import please')\n")
+    info = root / f"{module}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: bitsandbytes\nVersion: {version}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+
+
+def make_fake_bitsandbytes(root: Path, version: str = "0.45.5") -> None:
+    make_fake_library(root, "bitsandbytes", "bitsandbytes", version)
 
 
 @pytest.fixture
 def hide_real_libraries(monkeypatch):
     """Make sure a torch/bitsandbytes already imported by another test does not short-cut the check."""
-    for name in ("torch", "bitsandbytes"):
+    for name in ("torch", "bitsandbytes", "liger_kernel"):
         monkeypatch.delitem(sys.modules, name, raising=False)
 
 
@@ -541,15 +546,19 @@ def test_libraries_warnings_with_gpu(tmp_path, monkeypatch, hide_real_libraries,
     assert report.torch_version is None and report.torch_cuda is None and report.bitsandbytes is None
     assert any(w.startswith("PyTorch is not installed") for w in report.warnings)
     assert any(w.startswith("bitsandbytes is not installed") and "QLoRA" in w for w in report.warnings)
+    assert any(w.startswith("liger-kernel is not installed") and "pip install liger-kernel" in w
+               for w in report.warnings)
 
     cpu_build = tmp_path / "cpu"
     make_fake_torch(cpu_build, "cuda: Optional[str] = None", version="2.7.1+cpu")
     make_fake_bitsandbytes(cpu_build)
+    make_fake_library(cpu_build, "liger_kernel", "liger-kernel", "0.8.5")
     monkeypatch.setattr(sys, "path", [str(cpu_build)] + sys.path)
     report = probe()
     assert report.torch_version == "2.7.1+cpu" and report.bitsandbytes == "0.45.5"
+    assert report.liger_kernel == "0.8.5"
     assert any("2.7.1+cpu is a build without CUDA" in w for w in report.warnings)
-    assert not any(w.startswith("bitsandbytes") for w in report.warnings)
+    assert not any(w.startswith(("bitsandbytes", "liger-kernel")) for w in report.warnings)
 
     new_cuda = tmp_path / "cu14"
     make_fake_torch(new_cuda, "cuda: Optional[str] = '14.0'", version="3.0.0+cu140")
@@ -563,7 +572,7 @@ def test_no_library_warnings_without_gpu_or_check(tmp_path, monkeypatch, hide_re
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.endswith(("site-packages", "dist-packages"))])
     FakeNvml([], init_error=pynvml.NVMLError_LibraryNotFound()).install(monkeypatch)
     report = probe()
-    assert not any(w.startswith("bitsandbytes") for w in report.warnings)  # moot on the CPU
+    assert not any(w.startswith(("bitsandbytes", "liger-kernel")) for w in report.warnings)  # moot on the CPU
     assert any(w.startswith("PyTorch is not installed") for w in report.warnings)
     report = probe(check_libraries=False)
     assert not any("PyTorch" in w for w in report.warnings)

@@ -14,7 +14,8 @@ from typing import Any
 from engine import catalog, hardware
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB
 
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "textual", "nvidia-ml-py")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "textual",
+             "nvidia-ml-py")
 
 
 def add_commands(sub: Any) -> None:

@@ -1,0 +1,125 @@
+"""The speed levers' decisions on any machine (their GPU effect is measured by bench/speed.py), the rank
+helpers in a single process, and the benchmark's own arithmetic."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from bench import speed as bench_speed
+from engine import ranks, speed
+from engine.catalog import models
+from engine.estimator import ModelArch
+from engine.spec import RunSpec, apply_overrides
+
+
+def _spec(*overrides: str) -> RunSpec:
+    spec = RunSpec()
+    spec.dataset.preset = "demo"
+    return apply_overrides(spec, list(overrides))
+
+
+class _Model:
+    def __init__(self, model_type: str) -> None:
+        self.config = types.SimpleNamespace(model_type=model_type)
+
+
+@pytest.fixture
+def fake_liger(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """A liger-kernel whose patch function records what it was asked for."""
+    calls: list[dict[str, Any]] = []
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": object()}
+    patch._apply_liger_kernel_to_instance = lambda **kwargs: calls.append(kwargs)
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    monkeypatch.setattr(speed, "liger_available", lambda: True)
+    return calls
+
+
+def test_fused_kernels_ask_liger_for_what_the_spec_says(fake_liger: list[dict[str, Any]]) -> None:
+    model = _Model("llama")
+    assert speed.apply_fused_kernels(model, _spec(), cuda=True)[0] is True
+    assert speed.apply_fused_kernels(model, _spec('speed.fused_kernels="loss"'), cuda=True)[0] is True
+    everything, loss_only = fake_liger
+    assert everything["model"] is model and everything["cross_entropy"] is False
+    assert all(everything[k] for k in ("fused_linear_cross_entropy", "rms_norm", "rope", "swiglu"))
+    assert loss_only["fused_linear_cross_entropy"] and not any(loss_only[k] for k in ("rms_norm", "rope", "swiglu"))
+
+
+def test_fused_kernels_say_why_they_are_skipped(fake_liger: list[dict[str, Any]],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    llama = _Model("llama")
+    assert speed.apply_fused_kernels(llama, _spec('speed.fused_kernels="off"'), cuda=True) == (
+        False, 'fused kernels off (speed.fused_kernels = "off")')
+    assert "on the CPU" in speed.apply_fused_kernels(llama, _spec(), cuda=False)[1]
+    fused, note = speed.apply_fused_kernels(_Model("gpt_bigcode"), _spec(), cuda=True)
+    assert not fused and "liger-kernel has none for model type 'gpt_bigcode'" in note
+    monkeypatch.setattr(speed, "liger_available", lambda: False)
+    fused, note = speed.apply_fused_kernels(llama, _spec(), cuda=True)
+    assert not fused and "pip install liger-kernel" in note
+    assert not fake_liger  # liger was never asked
+
+
+def test_adapter_dtype() -> None:
+    import torch
+
+    assert speed.adapter_dtype(_spec(), torch.bfloat16, cuda=True) == torch.float32  # the default
+    bf16 = _spec('speed.adapter_dtype="bf16"')
+    assert speed.adapter_dtype(bf16, torch.bfloat16, cuda=True) == torch.bfloat16
+    assert speed.adapter_dtype(bf16, torch.float16, cuda=True) == torch.float32  # fp16 needs fp32 masters
+    assert speed.adapter_dtype(bf16, torch.float32, cuda=False) == torch.float32
+
+
+def test_cast_adapters_changes_only_trainable_weights() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    assert speed.cast_adapters(model, torch.bfloat16) == 2
+    assert model[0].weight.dtype == torch.float32 and model[1].weight.dtype == torch.bfloat16
+    assert speed.cast_adapters(model, torch.bfloat16) == 0
+
+
+def test_rank_helpers_in_a_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (ranks.rank(), ranks.local_rank(), ranks.world_size(), ranks.is_main()) == (0, 0, 1, True)
+    assert ranks.any_rank(True) is True and ranks.any_rank(False) is False
+    assert ranks.gather_int(7) == [7]
+    monkeypatch.setenv("RANK", "3")
+    assert not ranks.is_main()
+
+
+def test_benchmark_flops_match_the_published_accounting() -> None:
+    # docs: Llama-3.1-8B at s=2048 costs 32.2 GFLOP per LoRA token without recomputation.
+    arch = ModelArch.from_entry(models()["llama-3.1-8b"])
+    assert bench_speed.flops_per_token(arch, 2048) == pytest.approx(32.2e9, rel=0.02)
+    assert bench_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench_speed.peak_flops("Some Future GPU") is None
+
+
+def test_benchmark_table_compares_within_one_suite_and_card() -> None:
+    def row(suite: str, variant: str, tokens: float, gib: float, gpu: str = "H100") -> dict[str, Any]:
+        return {"suite": suite, "shape": "llama-3.1-8b", "method": "lora", "checkpointing": True, "variant": variant,
+                "status": "completed", "tokens_per_s": tokens, "mfu": 0.2, "peak_allocated_gib": gib,
+                "peak_reserved_gib": gib, "first_loss": 12.5, "gpu": gpu, "losses": [12.5, 11.0]}
+
+    text = bench_speed.table([row("headline", "baseline", 5000, 25), row("headline", "engine", 7500, 17.5),
+                              row("curve", "baseline", 500, 3), row("levers", "plain", 6000, 25, "H200"),
+                              row("levers", "fused_all", 6600, 18.5, "H200"), row("levers", "compile", 9000, 6)])
+    lines = {line.split(" | ")[3]: line for line in text.splitlines() if line.startswith("| llama")}
+    assert lines["engine"].endswith("| 1.50x | 0.70x |")  # against the headline baseline, not the curve's
+    assert lines["fused_all"].endswith("| 1.10x | 0.74x |")
+    assert lines["compile"].endswith("|  |  |")  # another card: no ratio
+
+
+def test_curve_summary_measures_the_gap_of_moving_averages() -> None:
+    summary = bench_speed.curve_summary([10.0] * 10, [10.0] * 5 + [10.5] * 5, window=5)
+    assert "difference 0.0000" in summary and "largest gap of the 5-step moving averages 5.00%" in summary

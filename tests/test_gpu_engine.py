@@ -59,6 +59,7 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
     assert all(validate(e) == [] for e in stream)
     steps = [e for e in stream if e["type"] == "step"]
     assert len(steps) == STEPS and stream[-1]["status"] == "completed"
+    assert [e for e in stream if e["type"] == "eval"], "no eval events"  # eval under the fused loss too
     gpu = [e for e in stream if e["type"] == "gpu" and e["devices"]]
     assert gpu, "no gpu events with devices"
     device = max((e["devices"][0] for e in gpu), key=lambda d: d.get("torch_peak_reserved_bytes", 0))
@@ -78,3 +79,23 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
     if results:
         with open(results, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_through_the_supervisor(tokenizer_dir: Path, model_root: Path) -> None:
+    from bench.random_model import make
+
+    model_dir = make("smollm2-135m-demo", model_root / "smollm2-135m-demo", tokenizer_dir)
+    result = subprocess.run(
+        [PYTHON, "-m", "engine", "train", "demo", "--name", "gpu-ddp", "--set", f"model.name={model_dir}",
+         "--set", "training.max_steps=10", "--set", "training.gpus=2", "--set", "training.eval_every=5"],
+        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+    run = rundir.list_runs()[0]
+    log = run.log_path.read_text(errors="replace")[-4000:] if run.log_path.exists() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log
+    stream = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    kinds = [e["type"] for e in stream]
+    assert kinds.count("started") == 1 and kinds.count("finished") == 1 and stream[-1]["status"] == "completed"
+    assert [e["step"] for e in stream if e["type"] == "step"] == list(range(1, 11))
+    assert max(len(e["devices"]) for e in stream if e["type"] == "gpu") >= 2  # every GPU of the run
+    assert len(stream[-1]["metrics"]["peak_reserved_bytes_per_gpu"]) == 2

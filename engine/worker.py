@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -105,6 +106,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
 def run_rank(run: RunDir, resume: bool = False) -> int:
     """One rank of a multi-GPU run. Rank 0 writes the run directory; the others only train."""
     os.environ[ranks.RANK_WORKER_ENV] = "1"
+    _die_with_launcher()
     spec = run.load_spec()
     main = ranks.is_main()
     ctx = EngineContext(run, spec, EventWriter(run.events_path), resume=resume, writes=main)
@@ -128,6 +130,23 @@ def run_rank(run: RunDir, resume: bool = False) -> int:
         _write_rank_error(run, exc)
         return 1
     return 0
+
+
+def _die_with_launcher(interval_s: float = 1.0) -> None:
+    """End this rank if the process that launched it (accelerate's agent) is gone.
+
+    torchrun starts the ranks in sessions of their own, so a SIGKILL to the engine's process group
+    (`tunewiz stop` when nothing else worked) kills the supervisor and the agent but not the ranks;
+    without this they would train on as orphans, holding the GPUs.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="tunewiz-launcher-watch", daemon=True).start()
 
 
 def _handle_signals(ctx: EngineContext) -> None:

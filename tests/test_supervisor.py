@@ -21,6 +21,11 @@ pytestmark = pytest.mark.timeout(90)
 def _no_engine_outlives_its_test(tunewiz_home: Path):
     yield
     kill_leftovers()
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):  # ranks live in sessions of their own
+        if "--rank-worker" in (process.info["cmdline"] or []) and str(tunewiz_home) in " ".join(process.info["cmdline"]):
+            process.kill()
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +90,22 @@ def test_sigterm_to_the_supervisor_becomes_a_stop_request() -> None:
 
     os.kill(run.status()["pid"], signal.SIGTERM)
     assert wait_finished(run, timeout=30)["status"] == "cancelled"
+
+
+def _rank_processes(run: RunDir) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "--rank-worker" in (p.info["cmdline"] or []) and str(run.path) in (p.info["cmdline"] or [])]
+
+
+def test_ranks_do_not_outlive_a_killed_launcher() -> None:
+    # torchrun puts ranks in sessions of their own: SIGKILL to the engine's group must still end them.
+    run = make_run()
+    _start(run, steps=400, step_s=0.05)
+    wait_for(lambda: steps_seen(run) >= 2 and len(_rank_processes(run)) == 2, timeout=60, run=run)
+    import os
+
+    os.killpg(run.status()["pgid"], signal.SIGKILL)
+    wait_for(lambda: not _rank_processes(run), timeout=20, what="the ranks to end")
+    assert run.state() == "dead"

@@ -168,7 +168,8 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
 def report(rows: list[dict[str, Any]]) -> float:
     """Print each row's estimate against its measurement; return the worst relative error."""
     worst = 0.0
-    print(f"{'model':<14}{'method':<7}{'seq':>6}{'gc':>4}{'fused':>8}{'measured GiB':>14}{'estimate GiB':>14}{'error':>8}")
+    print(f"{'model':<14}{'method':<7}{'seq':>6}{'gc':>4}{'fused':>8}{'measured GiB':>14}{'estimate GiB':>14}"
+          f"{'error':>8}")
     for row in rows:
         arch, settings = row_settings(row)
         est = estimator.estimate(arch, settings).total
@@ -176,8 +177,9 @@ def report(rows: list[dict[str, Any]]) -> float:
         error = (est - measured) / measured
         worst = max(worst, abs(error))
         levers = f"{row.get('fused_kernels', 'off')}/{row.get('adapter_bytes', 4)}B"
-        print(f"{row['model']:<14}{row['method']:<7}{row['seq_len']:>6}{'on' if row['gradient_checkpointing'] else 'off':>4}"
-              f"{levers:>8}{measured / 2**30:>14.2f}{est / 2**30:>14.2f}{error:>+8.1%}")
+        gc = "on" if row["gradient_checkpointing"] else "off"
+        print(f"{row['model']:<14}{row['method']:<7}{row['seq_len']:>6}{gc:>4}{levers:>8}{measured / 2**30:>14.2f}"
+              f"{est / 2**30:>14.2f}{error:>+8.1%}")
     print(f"worst error: {worst:.1%}")
     return worst
 

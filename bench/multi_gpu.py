@@ -122,7 +122,8 @@ def cmd_stop_resume(args: argparse.Namespace) -> None:
     events = _events(run_dir)
     steps = [e["step"] for e in events if e["type"] == "step"]
     finals = [e for e in events if e["type"] == "finished"]
-    row = {"bench": "stop-resume", "gpus": args.gpus, "detach_rc": started.returncode, "stop": stop.stdout.strip()[-200:],
+    row = {"bench": "stop-resume", "gpus": args.gpus, "detach_rc": started.returncode,
+           "stop": stop.stdout.strip()[-200:],
            "stopped_status": stopped.get("status"), "stopped_at": stopped.get("step"), "checkpoints": checkpoints,
            "resume_rc": resume.returncode, "final_status": finals[-1].get("status") if finals else None,
            "steps_after_resume": steps[len([e for e in first if e["type"] == "step"]):][:5],

@@ -295,16 +295,40 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown tables: each case against the baseline (or the plain engine) of the same settings."""
-    def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return row["suite"], row["shape"], row["method"], row["checkpointing"]
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value and reference else ""
 
-    baselines = {key(r): r for r in rows if r["variant"] == "baseline" and r["status"] == "completed"}
-    no_dropout = {key(r): r for r in rows if r["variant"] == "baseline_no_dropout" and r["status"] == "completed"}
-    plains = {key(r): r for r in rows if r["variant"] == "plain" and r["status"] == "completed"}
+
+def _table_row(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    done = r["status"] == "completed"
+    ref = ref if done and ref else {}
+    cells = ([r["tokens_per_s"], f"{r['mfu']:.1%}" if r.get("mfu") else "", r["peak_allocated_gib"],
+              r["peak_reserved_gib"], f"{r['first_loss']:.4f}"] if done else [r["status"], "", "", "", ""])
+    cells += [_ratio(r.get("tokens_per_s"), ref.get("tokens_per_s")),
+              _ratio(r.get("peak_reserved_gib"), ref.get("peak_reserved_gib"))]
+    head = [r["shape"], r["method"], "on" if r["checkpointing"] else "off", r["variant"]]
+    return "| " + " | ".join(str(c) for c in head + cells) + " |"
+
+
+def _packing_summary(packing: dict[bool, dict[str, Any]]) -> str:
+    padded, packed = packing[False], packing[True]
+    return (f"Packing (variable-length data, micro-batch 8): {padded['tokens_per_s']} real tokens/s padded, "
+            f"{packed['tokens_per_s']} packed ({_ratio(packed['tokens_per_s'], padded['tokens_per_s'])}); "
+            f"peak reserved {padded['peak_reserved_gib']} vs {packed['peak_reserved_gib']} GiB.")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables: each case against the baseline (or the plain engine) of the same suite, settings and card."""
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["suite"], row["shape"], row["method"], row["checkpointing"], row.get("gpu")
+
+    def references(variant: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+        return {key(r): r for r in rows if r["variant"] == variant and r["status"] == "completed"}
+
+    baselines, no_dropout, plains = references("baseline"), references("baseline_no_dropout"), references("plain")
     gpus = sorted({r.get("gpu", "") for r in rows if r.get("gpu")})
-    out = [f"GPU: {', '.join(gpus)}; sequence {SEQ_LEN}, micro-batch {MICRO_BATCH}, LoRA r=16 on all 7 projections.", ""]
+    out = [f"GPU: {', '.join(gpus)}; sequence {SEQ_LEN}, micro-batch {MICRO_BATCH}, LoRA r=16 on all 7 projections.",
+           ""]
     for suite, reference in (("headline", baselines), ("levers", plains)):
         chosen = [r for r in rows if r["suite"] == suite]
         if not chosen:
@@ -313,18 +337,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out += [f"### {suite}: against the {against}", "",
                 "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
                 "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in chosen:
-            refs = no_dropout if "no_dropout" in r["variant"] else reference
-            ref = refs.get(key(r)) if refs.get(key(r), {}).get("gpu") == r.get("gpu") else None  # same card only
-            done = r["status"] == "completed"
-            speedup = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if done and ref and ref.get("tokens_per_s")
-                       else "")
-            memory = (f"{r['peak_reserved_gib'] / ref['peak_reserved_gib']:.2f}x" if done and ref and ref["peak_reserved_gib"]
-                      else "")
-            cells = ([r["tokens_per_s"], f"{r['mfu']:.1%}" if r.get("mfu") else "", r["peak_allocated_gib"],
-                      r["peak_reserved_gib"], f"{r['first_loss']:.4f}"] if done else [r["status"], "", "", "", ""])
-            out.append("| " + " | ".join(str(c) for c in [r["shape"], r["method"], "on" if r["checkpointing"] else "off",
-                                                          r["variant"], *cells, speedup, memory]) + " |")
+        out += [_table_row(r, (no_dropout if "no_dropout" in r["variant"] else reference).get(key(r)))
+                for r in chosen]
         out.append("")
     curve = {r["variant"]: r for r in rows if r["suite"] == "curve" and r["status"] == "completed"}
     for variant in sorted(set(curve) - {"baseline"}):
@@ -332,9 +346,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             out += [f"{variant}: " + curve_summary(curve["baseline"]["losses"], curve[variant]["losses"]), ""]
     packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
     if {True, False} <= packing.keys():
-        out.append(f"Packing (variable-length data, micro-batch 8): {packing[False]['tokens_per_s']} real tokens/s padded, "
-                   f"{packing[True]['tokens_per_s']} packed ({packing[True]['tokens_per_s'] / packing[False]['tokens_per_s']:.2f}x); "
-                   f"peak reserved {packing[False]['peak_reserved_gib']} vs {packing[True]['peak_reserved_gib']} GiB.")
+        out.append(_packing_summary(packing))
     return "\n".join(out)
 
 
@@ -345,9 +357,9 @@ def curve_summary(baseline: list[float], engine: list[float], window: int = 5) -
 
     a, b = smooth(baseline), smooth(engine)
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    return (f"Loss curve over {min(len(a), len(b))} steps: first step {baseline[0]:.4f} (baseline) vs {engine[0]:.4f} "
-            f"(engine), difference {abs(baseline[0] - engine[0]):.4f}; last step {baseline[-1]:.4f} vs {engine[-1]:.4f}; "
-            f"largest gap of the {window}-step moving averages {worst:.2%}.")
+    return (f"Loss curve over {min(len(a), len(b))} steps: first step {baseline[0]:.4f} (baseline) vs "
+            f"{engine[0]:.4f} (engine), difference {abs(baseline[0] - engine[0]):.4f}; last step {baseline[-1]:.4f} vs "
+            f"{engine[-1]:.4f}; largest gap of the {window}-step moving averages {worst:.2%}.")
 
 
 def main() -> None:

@@ -74,7 +74,9 @@ def stop(run: RunDir, grace_s: float = 120.0, term_grace_s: float = 30.0,
     host = status.get("host")
     if isinstance(host, str) and host != socket.gethostname():
         # A process group number means nothing on another machine (a run on shared storage).
-        return "graceful" if not run.engine_alive() else f"still running on {host}; run `tunewiz stop` there to signal it"
+        if not run.engine_alive():
+            return "graceful"
+        return f"still running on {host}; run `tunewiz stop` there to signal it"
     if not isinstance(pgid, int):
         return "graceful" if not run.engine_alive() else "no pid recorded; cannot signal"
     for sig, wait_s, outcome in ((signal.SIGTERM, term_grace_s, "terminated"), (signal.SIGKILL, 10.0, "killed")):

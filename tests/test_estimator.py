@@ -29,7 +29,8 @@ def test_calibration_covers_what_the_estimator_claims() -> None:
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r["status"] == "completed"],
-                         ids=lambda r: f"{r['model']}-{r['method']}-{r['seq_len']}-gc{int(r['gradient_checkpointing'])}")
+                         ids=lambda r: f"{r['model']}-{r['method']}-{r['seq_len']}-gc{int(r['gradient_checkpointing'])}"
+                                       f"-{r.get('fused_kernels', 'off')}-{r.get('adapter_bytes', 4)}B")
 def test_estimate_within_ten_percent_of_measured(row: dict) -> None:
     arch, settings = row_settings(row)
     predicted = estimate(arch, settings).total

@@ -572,7 +572,8 @@ def test_no_library_warnings_without_gpu_or_check(tmp_path, monkeypatch, hide_re
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.endswith(("site-packages", "dist-packages"))])
     FakeNvml([], init_error=pynvml.NVMLError_LibraryNotFound()).install(monkeypatch)
     report = probe()
-    assert not any(w.startswith(("bitsandbytes", "liger-kernel")) for w in report.warnings)  # moot on the CPU
+    # both moot on the CPU
+    assert not any(w.startswith(("bitsandbytes", "liger-kernel")) for w in report.warnings)
     assert any(w.startswith("PyTorch is not installed") for w in report.warnings)
     report = probe(check_libraries=False)
     assert not any("PyTorch" in w for w in report.warnings)

@@ -24,7 +24,8 @@ def _no_engine_outlives_its_test(tunewiz_home: Path):
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):  # ranks live in sessions of their own
-        if "--rank-worker" in (process.info["cmdline"] or []) and str(tunewiz_home) in " ".join(process.info["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "--rank-worker" in command and str(tunewiz_home) in " ".join(command):
             process.kill()
 
 

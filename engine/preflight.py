@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from engine import hardware, models
+from engine import distributed, hardware, models
 from engine.data import sources
 from engine.errors import HardwareError
 from engine.spec import RunSpec
@@ -21,6 +21,8 @@ def check(spec: RunSpec, on_progress: Callable[[str], None] | None = None) -> di
     say = on_progress or (lambda _msg: None)
     source = models.resolve(spec)
     sources.resolve(spec.dataset)  # a missing file or unknown preset fails here, before any model loads
+    if spec.training.gpus != 1:  # more GPUs than this machine has fails here, not in the engine
+        distributed.resolve_gpus(spec.training.gpus, distributed.visible_gpu_count())
     if spec.method == "qlora":
         report = hardware.probe(check_libraries=True)
         if not report.has_gpu or not report.torch_cuda:

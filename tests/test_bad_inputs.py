@@ -97,6 +97,15 @@ def test_qlora_without_cuda(tmp_path: Path) -> None:
     assert "method = \"lora\"" in info.value.hint
 
 
+def test_more_gpus_than_the_machine_has(tmp_path: Path) -> None:
+    from engine.errors import TunewizError
+
+    spec = spec_for(write_jsonl(tmp_path / "ok.jsonl", [GOOD]), gpus=4)
+    with pytest.raises(TunewizError, match=r"training.gpus = 4 asks for 4 GPUs, but this machine sees none") as info:
+        preflight.check(spec)
+    assert "training.gpus = 1" in info.value.hint
+
+
 def test_max_seq_length_shorter_than_every_example(tmp_path: Path, demo_model: Path) -> None:
     path = write_jsonl(tmp_path / "ok.jsonl", [GOOD] * 4)
     with pytest.raises(DataError, match="max_seq_length = 16 is shorter than every example") as info:

@@ -97,13 +97,15 @@ def test_qlora_without_cuda(tmp_path: Path) -> None:
     assert "method = \"lora\"" in info.value.hint
 
 
-def test_more_gpus_than_the_machine_has(tmp_path: Path) -> None:
+def test_more_gpus_than_the_machine_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import distributed
     from engine.errors import TunewizError
 
+    monkeypatch.setattr(distributed, "visible_gpu_count", lambda: 2)
     spec = spec_for(write_jsonl(tmp_path / "ok.jsonl", [GOOD]), gpus=4)
-    with pytest.raises(TunewizError, match=r"training.gpus = 4 asks for 4 GPUs, but this machine sees none") as info:
+    with pytest.raises(TunewizError, match=r"training.gpus = 4 asks for 4 GPUs, but only 2 are visible") as info:
         preflight.check(spec)
-    assert "training.gpus = 1" in info.value.hint
+    assert "at most 2" in info.value.hint
 
 
 def test_max_seq_length_shorter_than_every_example(tmp_path: Path, demo_model: Path) -> None:

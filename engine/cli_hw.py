@@ -9,9 +9,11 @@ import argparse
 import dataclasses
 import importlib.metadata as md
 import json
+import shlex
 from typing import Any
 
 from engine import catalog, hardware
+from engine.errors import TunewizError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "textual",
@@ -27,6 +29,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("recommend", help="which model and method fit this GPU (or another: --vram)")
     p.add_argument("--seq-len", type=int, default=2048, help="longest training sequence in tokens (default 2048)")
     p.add_argument("--vram", type=float, metavar="GB", help="advise for a GPU with this much free memory")
+    p.add_argument("--gpus", type=int, metavar="N", help="use at most N of this machine's GPUs (default: all "
+                                                         "those of the best model; 1 for one GPU)")
     p.add_argument("--model", help="only this model (catalog name, hub id or local folder)")
     p.add_argument("--top", type=int, default=8, help="how many choices to show (default 8)")
     p.add_argument("--json", action="store_true")
@@ -110,22 +114,35 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     report = hardware.probe(check_libraries=False)
     vram = int(args.vram * 1e9) if args.vram else None
+    if args.gpus is not None and args.gpus < 1:
+        raise TunewizError(f"--gpus {args.gpus}: a run needs at least one GPU", hint="Use --gpus 1 or more.")
     if args.model:
-        choices = [rec.choice_for(args.model, report, args.seq_len, vram)]
+        choices = [rec.choice_for(args.model, report, args.seq_len, vram, gpus=args.gpus)]
         summary = choices[0].reason
     else:
-        result = rec.recommend(report, args.seq_len, vram)
+        result = rec.recommend(report, args.seq_len, vram, gpus=args.gpus)
         choices, summary = result.choices[: args.top], result.summary
     if args.json:
         print(json.dumps({"summary": summary, "choices": [_choice_dict(c) for c in choices]}, indent=1))
         return 0
+    several = any(c.gpus > 1 for c in choices)
     print(summary + "\n")
-    print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<8} {'BATCH':>7} {'CKPT':<5}")
+    print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<8} {'BATCH':>7} {'CKPT':<5}"
+          + (" GPUS STRATEGY" if several else ""))
     for c in choices:
         print(f"{c.model:<20} {c.method:<6} {c.needed_bytes / 1e9:>6.1f}GB {c.fit:<8} "
-              f"{c.micro_batch_size:>3}x{c.gradient_accumulation:<3} {'on' if c.gradient_checkpointing else 'off':<5}")
-    print(f"\nNEEDS includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context. Use one: "
-          "tunewiz train demo --set model.name=MODEL --set method=METHOD")
+              f"{c.micro_batch_size:>3}x{c.gradient_accumulation:<3} {'on' if c.gradient_checkpointing else 'off':<5}"
+              + (f" {c.gpus:>4} {c.strategy}" if several else ""))
+    if several:
+        gpus = shlex.quote(f"training.gpus={json.dumps(choices[0].training_gpus)}")
+        print(f"\nNEEDS is per GPU and includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context; BATCH is "
+              "micro-batch x accumulation on one GPU (on several, each runs its share of the accumulation). "
+              "Use one: tunewiz train demo --set model.name=MODEL --set method=METHOD "
+              f"--set {gpus} --set training.strategy=STRATEGY (--gpus 1 advises for "
+              "one GPU)")
+    else:
+        print(f"\nNEEDS includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context. Use one: "
+              "tunewiz train demo --set model.name=MODEL --set method=METHOD")
     return 0
 
 

@@ -3,6 +3,10 @@
 Policy: LoRA on 16-bit weights when it fits with margin (better quality, faster); QLoRA when only
 4-bit weights fit; gradient checkpointing off and a bigger micro-batch when memory allows (faster);
 on a CPU-only machine, the bundled demo model. Torch-free: the wizard imports it directly.
+
+Several GPUs: a run uses every GPU of the same model as the one with the most free memory (and nearly as
+much free memory). A model that fits one of them trains on all of them with data parallel (DDP); one that
+only fits when its weights are sharded across them trains with FSDP. The ranking is the same as on one GPU.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from engine import catalog
 from engine.errors import ModelError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, ModelArch, Settings, estimate
 from engine.hardware import GpuInfo, HardwareReport
-from engine.spec import RunSpec
+from engine.spec import RunSpec, TrainingSpec
 
 DEMO_MODEL = "smollm2-135m-demo"
 MARGIN = 0.85  # "fits" leaves 15% of free memory spare; "tight" is above that but below 100%
 EFFECTIVE_BATCH = 16
+# DDP tokens/s on 2 GPUs over twice that of 1 GPU: 8B LoRA 84%, QLoRA 80% (2 H200s, bench/results/multi_gpu.jsonl).
+SCALING = {"lora": 0.84, "qlora": 0.80}
 # Fastest first: no checkpointing beats a bigger micro-batch; micro-batch 1 with checkpointing is last.
 CONFIGS = ((False, 8), (False, 4), (False, 2), (True, 8), (True, 4), (False, 1), (True, 2), (True, 1))
 
@@ -43,20 +49,35 @@ class Choice:
     available_bytes: int | None
     fit: str  # "fits" | "tight" | "too_big"
     reason: str
+    gpus: int = 1  # GPUs the run uses; the estimate is per GPU
+    strategy: str = "ddp"  # how several GPUs share the work: "ddp" (a whole model on each) or "fsdp" (sharded)
+    gpu_ids: tuple[int, ...] = ()  # which visible GPUs (CUDA order); () on a CPU or for a hypothetical card
 
     @property
     def needed_bytes(self) -> int:
-        """The estimate plus the CUDA context: what must be free on the GPU."""
+        """The estimate plus the CUDA context: what must be free on the GPU (on each, for several)."""
         return self.estimate.total + CUDA_CONTEXT_BYTES
 
+    @property
+    def training_gpus(self) -> int | list[int]:
+        """`training.gpus` for this choice: a count when it is the first GPUs, else their indices."""
+        if not self.gpu_ids or self.gpu_ids == tuple(range(len(self.gpu_ids))):
+            return self.gpus
+        return list(self.gpu_ids)
+
     def apply(self, spec: RunSpec) -> RunSpec:
-        """A copy of `spec` with this choice's model, method and batch settings."""
+        """A copy of `spec` with this choice's model, method, batch settings and GPUs."""
+        strategy = self.strategy if self.gpus > 1 else _DEFAULT_STRATEGY
         return dataclasses.replace(
             spec, method=self.method, model=dataclasses.replace(spec.model, name=self.model),
             training=dataclasses.replace(spec.training, micro_batch_size=self.micro_batch_size,
                                          gradient_accumulation=self.gradient_accumulation,
                                          max_seq_length=self.max_seq_length,
-                                         gradient_checkpointing=self.gradient_checkpointing))
+                                         gradient_checkpointing=self.gradient_checkpointing,
+                                         gpus=self.training_gpus, strategy=strategy))
+
+
+_DEFAULT_STRATEGY = next(f.default for f in dataclasses.fields(TrainingSpec) if f.name == "strategy")
 
 
 @dataclass(frozen=True)
@@ -76,12 +97,19 @@ def _fit(needed: int, available: int | None) -> str:
     return "tight" if needed <= available else "too_big"
 
 
-def _best_config(arch: ModelArch, method: str, seq_len: int, available: int | None) -> tuple[Settings, MemoryEstimate]:
-    """The fastest settings that fit with margin, else the leanest ones."""
+def _best_config(arch: ModelArch, method: str, seq_len: int, available: int | None, gpus: int = 1,
+                 fsdp: bool = False) -> tuple[Settings, MemoryEstimate]:
+    """The fastest settings that fit with margin, else the leanest ones.
+
+    On several GPUs a micro-batch is left out when the GPUs together would pass more sequences than the
+    effective batch (the run could not keep it: engine.distributed.keep_effective_batch).
+    """
     leanest = None
     for checkpointing, micro_batch in CONFIGS:
+        if micro_batch * gpus > max(EFFECTIVE_BATCH, gpus):
+            continue
         settings = Settings(method=method, micro_batch_size=micro_batch, seq_len=seq_len,
-                            gradient_checkpointing=checkpointing)
+                            gradient_checkpointing=checkpointing, gpus=gpus, fsdp=fsdp)
         result = estimate(arch, settings)
         if _fit(result.total + CUDA_CONTEXT_BYTES, available) == "fits":
             return settings, result
@@ -90,44 +118,98 @@ def _best_config(arch: ModelArch, method: str, seq_len: int, available: int | No
     return leanest
 
 
-def _choice(name: str, arch: ModelArch, seq_len: int, available: int | None, label: str) -> Choice:
-    lora_settings, lora = _best_config(arch, "lora", seq_len, available)
+@dataclass(frozen=True)
+class _Gpus:
+    """The GPUs a run would use: their visible indices, the free memory of each (the least of them), the card."""
+
+    ids: tuple[int, ...]
+    free: int | None
+    card: GpuInfo | None
+
+    @property
+    def count(self) -> int:
+        return max(len(self.ids), 1)
+
+
+def _choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str) -> Choice:
+    """The best way to train one model on these GPUs: as on one GPU, with DDP across several when it fits one,
+    sharded with FSDP when only that fits (or when neither does: then it is the nearer miss)."""
+    ddp = _method_choice(name, arch, seq_len, gpus, label, "ddp")
+    if gpus.count == 1 or ddp.fit == "fits":
+        return ddp
+    fsdp = _method_choice(name, arch, seq_len, gpus, label, "fsdp")
+    order = ("fits", "tight", "too_big")
+    return fsdp if order.index(fsdp.fit) < order.index(ddp.fit) or ddp.fit == "too_big" else ddp
+
+
+def _speedup(gpus: int) -> str:
+    """The expected DDP speed-up over one GPU, from the scaling measured on 2 GPUs."""
+    low, high = sorted(SCALING.values())
+    return (f"about {gpus * low:.1f}–{gpus * high:.1f}× as fast as one GPU ({100 * low:.0f}–{100 * high:.0f}% "
+            f"scaling measured for 8B on 2 GPUs{'; more GPUs not measured' if gpus > 2 else ''})")
+
+
+def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str, strategy: str) -> Choice:
+    """LoRA when it fits, else QLoRA; on several GPUs with `strategy` ("fsdp": the weights sharded across them)."""
+    count, available = gpus.count, gpus.free
+    fsdp = strategy == "fsdp"
+    lora_settings, lora = _best_config(arch, "lora", seq_len, available, count, fsdp)
     lora_fit = _fit(lora.total + CUDA_CONTEXT_BYTES, available)
     if lora_fit == "fits":
         settings, result, fit = lora_settings, lora, lora_fit
     else:
-        settings, result = _best_config(arch, "qlora", seq_len, available)
+        settings, result = _best_config(arch, "qlora", seq_len, available, count, fsdp)
         fit = _fit(result.total + CUDA_CONTEXT_BYTES, available)
     needed = result.total + CUDA_CONTEXT_BYTES
     method = "QLoRA" if settings.method == "qlora" else "LoRA"
-    have = f"of your {gb(available)} free" if available else ""
+    how = "" if count == 1 else f" sharded over {count} GPUs (FSDP)" if fsdp else f" on {count} GPUs (DDP)"
+    each = " on each GPU" if count > 1 else ""
+    owner = "each GPU's" if count > 1 else "your"
+    have = f"of {owner} {gb(available)} free" if available else ""
     if fit == "too_big":
-        reason = f"{label} needs about {gb(needed)} even with QLoRA; you have {gb(available or 0)} free"
+        reason = (f"{label} needs about {gb(needed)}{each} even with QLoRA{how}; you have "
+                  f"{gb(available or 0)} free{each}")
     else:
-        reason = f"{label} with {method} needs about {gb(needed)} {have}".rstrip()
+        reason = f"{label} with {method}{how} needs about {gb(needed)} {have}".rstrip()
         if settings.method == "qlora":
             reason += f"; with LoRA it would need about {gb(lora.total + CUDA_CONTEXT_BYTES)}"
         reason += (f" (micro-batch {settings.micro_batch_size} x {seq_len} tokens, checkpointing "
                    f"{'on' if settings.gradient_checkpointing else 'off: faster'})")
         if fit == "tight":
             reason += "; tight: close other GPU programs or shorten the sequences"
+        if fsdp:
+            reason += ("; FSDP gathers each layer's weights as it computes, so it is slower than DDP would be "
+                       "(not measured yet)")
+            if settings.method == "qlora":
+                reason += "; the 4-bit weights are stored as bf16 so that FSDP can shard them"
+        elif count > 1:
+            reason += f"; DDP runs {_speedup(count)}"
     entry = catalog.models().get(name)
     if entry is not None and entry.gated:
         reason += ". Gated: accept its licence on the Hugging Face hub and log in first"
     return Choice(model=name, method=settings.method, micro_batch_size=settings.micro_batch_size,
                   gradient_accumulation=max(1, EFFECTIVE_BATCH // settings.micro_batch_size),
                   max_seq_length=seq_len, gradient_checkpointing=settings.gradient_checkpointing,
-                  estimate=result, available_bytes=available, fit=fit, reason=reason)
+                  estimate=result, available_bytes=available, fit=fit, reason=reason, gpus=count,
+                  strategy=strategy, gpu_ids=gpus.ids)
 
 
-def _available(report: HardwareReport, vram_bytes: int | None) -> tuple[int | None, GpuInfo | None]:
+def _gpus(report: HardwareReport, vram_bytes: int | None, limit: int | None = None) -> _Gpus:
+    """The GPUs a run uses: every GPU of the same model as the one with the most free memory, with at least
+    MARGIN of its free memory (at most `limit` of them); a hypothetical card of `vram_bytes`; or none."""
     if vram_bytes is not None:
-        return vram_bytes, None
-    gpus = [g for g in report.gpus if g.memory_free_bytes is not None]
-    if not gpus:
-        return None, None
-    best = max(gpus, key=lambda g: g.memory_free_bytes or 0)
-    return best.memory_free_bytes, best
+        return _Gpus((), vram_bytes, None)
+    usable = [(i, g) for i, g in enumerate(report.gpus) if g.memory_free_bytes is not None]
+    if not usable:
+        return _Gpus((), None, None)
+    names = [g.name for _, g in usable]
+    # the most free memory; on a tie, the model of which there are most
+    best_index, best = max(usable, key=lambda pair: (pair[1].memory_free_bytes or 0, names.count(pair[1].name)))
+    best_free = best.memory_free_bytes or 0
+    same = [(i, g) for i, g in usable if g.name == best.name and (g.memory_free_bytes or 0) >= best_free * MARGIN]
+    if limit is not None and len(same) > limit:
+        same = [(best_index, best)] if limit == 1 else same[:limit]
+    return _Gpus(tuple(i for i, _ in same), min(g.memory_free_bytes or 0 for _, g in same), best)
 
 
 def _rank(choice: Choice, params: int) -> tuple[int, bool, int]:
@@ -151,30 +233,52 @@ def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
     return Recommendation([choice], summary, None)
 
 
-def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None) -> Recommendation:
-    """Ranked choices for this machine (or for a card of `vram_bytes`, to see advice for another GPU)."""
-    available, gpu = _available(report, vram_bytes)
+def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
+              gpus: int | None = None) -> Recommendation:
+    """Ranked choices for this machine (or for one card of `vram_bytes`, to see advice for another GPU).
+
+    `gpus` caps how many of this machine's GPUs a run may use (None: all those of the best model; 1: one).
+    """
+    group = _gpus(report, vram_bytes, gpus)
+    available = group.free
     if available is None:
         return _cpu_recommendation(report, seq_len)
     choices = []
     for name, entry in catalog.models().items():
         if entry.bundled_gguf:
             continue  # the CPU demo; its hub twin is in the catalog for GPUs
-        choices.append((_choice(name, ModelArch.from_entry(entry), seq_len, available, entry.description.split(":")[0]),
+        choices.append((_choice(name, ModelArch.from_entry(entry), seq_len, group, entry.description.split(":")[0]),
                         entry.params))
     choices.sort(key=lambda pair: _rank(*pair))
     ranked = [c for c, _ in choices]
-    where = f"{gpu.name} with {gb(available)} free" if gpu else f"a {gb(available)} GPU"
+    gpu = group.card
+    if gpu is None:
+        where = f"a {gb(available)} GPU"
+    elif group.count > 1:
+        where = f"{group.count} × {gpu.name} with {gb(available)} free each"
+    else:
+        where = f"{gpu.name} with {gb(available)} free"
     fitting = [c for c in ranked if c.fit == "fits"]
     summary = f"On {where}: " + (ranked[0].reason if fitting else "no catalog model fits with margin; "
                                   "try a shorter max sequence length or free GPU memory.")
-    others = [g for g in report.gpus if g is not gpu and vram_bytes is None]
-    if others:
-        summary += f" ({len(report.gpus)} GPUs found; a run uses one.)"
+    if gpu is not None and len(report.gpus) > 1:
+        summary += f" ({len(report.gpus)} GPUs found; {_uses(report, group, gpus)}.)"
     held = sum(g.other_processes_bytes for g in report.gpus)
     if held and vram_bytes is None:
         summary += f" Other programs hold {gb(held)} of GPU memory."
     return Recommendation(ranked, summary, available)
+
+
+def _uses(report: HardwareReport, group: _Gpus, limit: int | None) -> str:
+    """Which of several GPUs a run uses, in words."""
+    if group.count == 1:
+        if limit == 1:
+            return "this advice is for one of them"
+        return "a run uses one: the others are another model or have less memory free"
+    if group.count == len(report.gpus):
+        return f"a run uses {'both' if group.count == 2 else f'all {group.count}'}"
+    listed = ", ".join(str(i) for i in group.ids)
+    return f"a run uses the {group.count} of the same model with the most memory free (GPUs {listed})"
 
 
 def arch_for(model: str) -> ModelArch:
@@ -211,8 +315,9 @@ def estimate_spec(spec: RunSpec) -> MemoryEstimate:
     return estimate(arch_for(spec.model.name), Settings.from_spec(spec))
 
 
-def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None) -> Choice:
-    """The best way to train one given model here (catalog name, hub id or local folder)."""
-    available, _ = _available(report, vram_bytes)
+def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
+               gpus: int | None = None) -> Choice:
+    """The best way to train one given model here (catalog name, hub id or local folder); `gpus` as for
+    `recommend`."""
     label = catalog.models()[model].description.split(":")[0] if model in catalog.models() else model
-    return _choice(model, arch_for(model), seq_len, available, label)
+    return _choice(model, arch_for(model), seq_len, _gpus(report, vram_bytes, gpus), label)

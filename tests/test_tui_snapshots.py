@@ -17,7 +17,7 @@ import pytest
 from textual.widgets import Input
 
 from tests.test_tui_wizard import on_screen, wait_until
-from tests.tui_fakes import FakeServices, gpu24_report, gpu80_report, no_gpu_report
+from tests.tui_fakes import FakeServices, gpu24_report, gpu80_report, gpu80x2_report, no_gpu_report
 from tui.app import TunewizApp
 from tui.screens.dataset import DatasetScreen
 from tui.screens.dialogs import ConfirmDialog, MessageDialog
@@ -168,6 +168,7 @@ CASES: dict[str, tuple[Callable[[], Any], Steps]] = {
     "model_no_gpu": (no_gpu_report, model),
     "model_24gb": (gpu24_report, model),
     "model_80gb": (gpu80_report, model),
+    "model_2x80gb": (gpu80x2_report, model),
     "model_24gb_no_bitsandbytes": (lambda: gpu24_report(bitsandbytes=False), model),
     "model_error_dialog": (gpu24_report, error_dialog),
     "model_too_big_dialog": (gpu24_report, too_big_dialog),
@@ -178,6 +179,7 @@ CASES: dict[str, tuple[Callable[[], Any], Steps]] = {
     "settings_advanced": (gpu24_report, settings_advanced),
     "review_no_gpu": (no_gpu_report, review),
     "review_24gb": (gpu24_report, review),
+    "review_2x80gb": (gpu80x2_report, review),
     "launched": (no_gpu_report, launched),
     "past_runs": (no_gpu_report, past_runs),
     "saved_presets": (no_gpu_report, saved_presets),

@@ -4,6 +4,7 @@ engine.recommend contract, a canned data checker and a launcher that records the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass, field
@@ -48,12 +49,17 @@ def gpu24_report(bitsandbytes: bool = True) -> HardwareReport:
                           driver_version="550.54", cuda_driver_version="12.4", total_gpu_count=1, warnings=warnings)
 
 
-def gpu80_report() -> HardwareReport:
-    gpu = GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", cuda_index=0, memory_total_bytes=80 * GIB,
-                  memory_used_bytes=1 * GIB, memory_free_bytes=79 * GIB, compute_capability=(9, 0),
-                  bf16_supported=True)
-    return HardwareReport(**_common(torch_cuda="12.4", bitsandbytes="0.45.0"), gpus=[gpu], driver_version="550.54",
-                          cuda_driver_version="12.4", total_gpu_count=1)
+def gpu80_report(count: int = 1) -> HardwareReport:
+    """One H100 80GB, or `count` of them."""
+    gpus = [GpuInfo(index=i, name="NVIDIA H100 80GB HBM3", cuda_index=i, memory_total_bytes=80 * GIB,
+                    memory_used_bytes=1 * GIB, memory_free_bytes=79 * GIB, compute_capability=(9, 0),
+                    bf16_supported=True) for i in range(count)]
+    return HardwareReport(**_common(torch_cuda="12.4", bitsandbytes="0.45.0"), gpus=gpus, driver_version="550.54",
+                          cuda_driver_version="12.4", total_gpu_count=count)
+
+
+def gpu80x2_report() -> HardwareReport:
+    return gpu80_report(2)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class FakeChoice:
     available_bytes: int | None
     fit: str
     reason: str
+    gpus: int = 1
+    strategy: str = "ddp"
 
     def apply(self, spec: RunSpec) -> RunSpec:
         new = copy.deepcopy(spec)
@@ -88,6 +96,7 @@ class FakeChoice:
         t = new.training
         t.micro_batch_size, t.gradient_accumulation = self.micro_batch_size, self.gradient_accumulation
         t.max_seq_length, t.gradient_checkpointing = self.max_seq_length, self.gradient_checkpointing
+        t.gpus, t.strategy = self.gpus, self.strategy if self.gpus > 1 else "auto"
         return new
 
 
@@ -103,8 +112,25 @@ def demo_choice(available: int | None) -> FakeChoice:
                       "The bundled demo model: small enough to train on a CPU in about 5 minutes.")
 
 
-def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None) -> FakeRecommendation:
+def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
+                   gpus: int | None = None) -> FakeRecommendation:
     free = report.best_gpu_free_bytes
+    count = len(report.gpus) if gpus is None else min(gpus, len(report.gpus))
+    if count > 1 and free is not None and free >= 40 * GIB:
+        choices = [
+            FakeChoice("qwen2.5-32b", "lora", 2, 8, seq_len, True, FakeEstimate(36 * GB), free, "fits",
+                       "Qwen2.5-32B with LoRA sharded over 2 GPUs (FSDP) needs about 40 GB of each GPU's 85 GB "
+                       "free.", gpus=count, strategy="fsdp"),
+            FakeChoice("llama-3.1-8b", "lora", 8, 2, seq_len, False, FakeEstimate(16 * GB), free, "fits",
+                       "Llama-3.1-8B with LoRA on 2 GPUs (DDP) needs about 30 GB of each GPU's 85 GB free; DDP "
+                       "runs about 1.6-1.7x as fast as one GPU.", gpus=count),
+            FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "fits",
+                       "Llama-3.1-70B with QLoRA on 2 GPUs (DDP) needs about 45 GB of each GPU's 85 GB.",
+                       gpus=count),
+            dataclasses.replace(demo_choice(free), gpus=count),
+        ]
+        return FakeRecommendation(choices, f"Your {count} 80 GB GPUs fit 32B models with LoRA sharded (FSDP) "
+                                           "and 8B models on each (DDP).", free)
     if free is None:
         return FakeRecommendation([demo_choice(None)], "No GPU: only the tiny demo model is practical here.", None)
     if free < 40 * GIB:
@@ -130,14 +156,15 @@ def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int 
     return FakeRecommendation(choices, "Your 80 GB GPU fits 8B models with LoRA and 70B with QLoRA.", free)
 
 
-def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048) -> FakeChoice:
+def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048, gpus: int | None = None) -> FakeChoice:
     free = report.best_gpu_free_bytes
-    for choice in fake_recommend(report, seq_len).choices:
+    for choice in fake_recommend(report, seq_len, gpus=gpus).choices:
         if choice.model == model:
             return choice
     if model == "Qwen/Qwen2.5-0.5B-Instruct":
+        count = len(report.gpus) if gpus is None else min(gpus, len(report.gpus))
         return FakeChoice(model, "lora", 8, 2, seq_len, False, FakeEstimate(1 * GB), free, "fits",
-                          "Qwen2.5-0.5B-Instruct with LoRA needs about 3.5 GB.")
+                          "Qwen2.5-0.5B-Instruct with LoRA needs about 3.5 GB.", gpus=max(count, 1))
     raise ModelError(f"{model} is neither a catalog model, a local folder nor a hub id we can read",
                      hint="check the spelling, e.g. Qwen/Qwen2.5-0.5B-Instruct")
 

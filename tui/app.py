@@ -122,6 +122,7 @@ class TunewizApp(App[int]):
         self.ensure_probed()
         self.state.spec = self.base
         self.state.choice = None
+        self.state.use_all_gpus = True
         self.state.dataset = wizard.DatasetSelection(preset=wizard.DEMO_PRESET)
         self.state.review_estimate = None
         self.state.relaunch_of = None
@@ -160,42 +161,66 @@ class TunewizApp(App[int]):
     @work(thread=True, exclusive=True, group="probe", exit_on_error=False)
     def probe_hardware(self) -> None:
         report = self.services.probe()
+        one = None
         try:
             recommendation = self.services.recommend(report, wizard.RECOMMEND_SEQ_LEN)
+            if any(getattr(c, "gpus", 1) > 1 for c in recommendation.choices):  # several GPUs: the switch to one
+                one = self.services.recommend(report, wizard.RECOMMEND_SEQ_LEN, gpus=1)
             error = None
         except Exception as exc:  # noqa: BLE001 - shown on the model step instead of a crash
             recommendation, error = None, f"{type(exc).__name__}: {exc}"
-        self.post_message(HardwareProbed(report, recommendation, error))
+        self.post_message(HardwareProbed(report, recommendation, error, one))
 
     @on(HardwareProbed)
     def _probed(self, message: HardwareProbed) -> None:
         self.state.report = message.report
         self.state.recommendation = message.recommendation
+        self.state.recommendation_one = message.recommendation_one
         self.state.recommend_error = message.recommend_error
+        self.state_signal.publish(None)
+
+    def toggle_gpus(self) -> None:
+        """The model step's switch between every GPU the recommendation uses and one."""
+        self.state.use_all_gpus = not self.state.use_all_gpus
         self.state_signal.publish(None)
 
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
     def estimate_model(self, name: str) -> None:
+        several = self.state.recommendation_one is not None
         try:
             choice = self.services.choice_for(name, self.state.report, wizard.RECOMMEND_SEQ_LEN)
+            one = self.services.choice_for(name, self.state.report, wizard.RECOMMEND_SEQ_LEN, gpus=1) if several \
+                else None
         except (TunewizError, ServiceError) as exc:
             self.post_message(ModelEstimated(name, error=str(exc), hint=getattr(exc, "hint", None)))
             return
-        self.post_message(ModelEstimated(name, choice=choice))
+        self.post_message(ModelEstimated(name, choice=choice, choice_one=one))
 
     @on(ModelEstimated)
     def _model_estimated(self, message: ModelEstimated) -> None:
         if message.error:
             self.show_error(f"Could not estimate {message.name}", message.error, message.hint)
             return
-        self.state.extra_choices = [c for c in self.state.extra_choices if c.model != message.choice.model]
-        self.state.extra_choices.insert(0, message.choice)
+        for extra, choice in ((self.state.extra_choices, message.choice),
+                              (self.state.extra_choices_one, message.choice_one)):
+            if choice is not None:
+                extra[:] = [c for c in extra if c.model != choice.model]
+                extra.insert(0, choice)
         self.state_signal.publish(None)
 
     @work(thread=True, exclusive=True, group="review-estimate", exit_on_error=False)
     def estimate_review(self, spec: RunSpec) -> None:
+        report = self.state.report
         try:
-            choice = self.services.choice_for(spec.model.name, self.state.report, spec.training.max_seq_length)
+            plan = wizard.gpu_plan(spec, report, self.state.gpus_offered)
+        except TunewizError:
+            plan = None  # the review step says why
+        try:
+            if plan is None:
+                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length)
+            else:  # the estimate for the GPUs the spec trains on
+                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length,
+                                                  gpus=plan[0])
         except (TunewizError, ServiceError):
             choice = None
         self.post_message(ReviewEstimated(choice))

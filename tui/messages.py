@@ -17,6 +17,8 @@ class HardwareProbed(Message):
     report: Any
     recommendation: Any
     recommend_error: str | None = None
+    recommendation_one: Any = None
+    """The advice for one GPU, where `recommendation` trains on several."""
 
 
 @dataclass
@@ -27,6 +29,8 @@ class ModelEstimated(Message):
     choice: Any = None
     error: str | None = None
     hint: str | None = None
+    choice_one: Any = None
+    """The estimate for one GPU, where `choice` trains on several."""
 
 
 @dataclass

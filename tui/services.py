@@ -73,6 +73,8 @@ class _DemoChoice:
     available_bytes: int | None = None
     fit: str = "fits"
     reason: str = "The bundled demo model trains anywhere, even on a CPU, in a few minutes."
+    gpus: int = 1
+    strategy: str = "ddp"
 
     def apply(self, spec: RunSpec) -> RunSpec:
         new = copy.deepcopy(spec)
@@ -91,21 +93,21 @@ class _Recommendation:
     available_bytes: int | None = None
 
 
-def default_recommend(report: Any, seq_len: int) -> Any:
+def default_recommend(report: Any, seq_len: int, gpus: int | None = None) -> Any:
     try:
         from engine import recommend
     except ImportError:
         return _Recommendation([_DemoChoice("smollm2-135m-demo")],
                                "The recommender is not installed yet; the demo model is offered.")
-    return recommend.recommend(report, seq_len=seq_len)
+    return recommend.recommend(report, seq_len=seq_len, gpus=gpus)
 
 
-def default_choice_for(model: str, report: Any, seq_len: int) -> Any:
+def default_choice_for(model: str, report: Any, seq_len: int, gpus: int | None = None) -> Any:
     try:
         from engine import recommend
     except ImportError:
         raise ServiceError(f"cannot estimate {model}: the recommender is not installed yet") from None
-    return recommend.choice_for(model, report, seq_len=seq_len)
+    return recommend.choice_for(model, report, seq_len=seq_len, gpus=gpus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +212,12 @@ class Services:
 
     probe: Callable[[], Any] = default_probe
     """() -> engine.hardware.HardwareReport"""
-    recommend: Callable[[Any, int], Any] = default_recommend
-    """(report, seq_len) -> engine.recommend.Recommendation"""
-    choice_for: Callable[[str, Any, int], Any] = default_choice_for
-    """(model name or path, report, seq_len) -> engine.recommend.Choice; raises for unknown models"""
+    recommend: Callable[..., Any] = default_recommend
+    """(report, seq_len[, gpus=1]) -> engine.recommend.Recommendation; `gpus=1` only where the first answer
+    trains on several GPUs (the advice for one)"""
+    choice_for: Callable[..., Any] = default_choice_for
+    """(model name or path, report, seq_len[, gpus=N]) -> engine.recommend.Choice; raises for unknown models.
+    `gpus` only on machines with several GPUs."""
     check_data: Callable[[CheckRequest, Callable[[], bool]], dict[str, Any]] = default_check_data
     """(request, is_cancelled) -> the checker's JSON report ({} when cancelled)"""
     launch: Callable[[RunSpec, Path | None], Any] = default_launch

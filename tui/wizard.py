@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from engine import presets, spec as spec_mod
+from engine.distributed import keep_effective_batch, resolve_gpus
 from engine.spec import Problem, RunSpec, SpecError
 
 DEMO_PRESET = "demo"
@@ -45,6 +46,8 @@ class ChoiceLike(Protocol):
     available_bytes: int | None
     fit: str
     reason: str
+    gpus: int  # the estimate is per GPU
+    strategy: str  # "ddp" or "fsdp" when gpus > 1
 
     @property
     def estimate(self) -> Any: ...
@@ -110,9 +113,12 @@ class WizardState:
 
     spec: RunSpec
     report: Any = None  # engine.hardware.HardwareReport once probed
-    recommendation: Any = None  # engine.recommend.Recommendation
+    recommendation: Any = None  # engine.recommend.Recommendation (on all the GPUs a run can use)
+    recommendation_one: Any = None  # the same for one GPU, where the recommendation uses several
     recommend_error: str | None = None
+    use_all_gpus: bool = True  # the model step's switch: every GPU the recommendation uses, or one
     extra_choices: list[Any] = field(default_factory=list)  # models the user typed, estimated on the fly
+    extra_choices_one: list[Any] = field(default_factory=list)  # the same, for one GPU (machines with several)
     choice: Any = None  # the Choice picked on the model step
     dataset: DatasetSelection = field(default_factory=lambda: DatasetSelection(preset=DEMO_PRESET))
     checks: dict[CheckRequest, CheckResult] = field(default_factory=dict)
@@ -131,10 +137,23 @@ class WizardState:
         return self.checks.get(self.check_request(spec))
 
     @property
+    def gpus_offered(self) -> int:
+        """How many GPUs the recommendation trains on: more than 1 on a machine with several alike."""
+        ranked = self.recommendation.choices if self.recommendation is not None else []
+        return max((getattr(c, "gpus", 1) for c in ranked), default=1)
+
+    @property
+    def one_gpu(self) -> bool:
+        """True when the user switched a machine with several GPUs to one."""
+        return not self.use_all_gpus and self.recommendation_one is not None
+
+    @property
     def choices(self) -> list[Any]:
-        """Typed-in models first, then the recommender's ranking."""
-        ranked = list(self.recommendation.choices) if self.recommendation is not None else []
-        return [*self.extra_choices, *ranked]
+        """Typed-in models first, then the recommender's ranking (for one GPU when switched to one)."""
+        recommendation = self.recommendation_one if self.one_gpu else self.recommendation
+        extra = self.extra_choices_one if self.one_gpu else self.extra_choices
+        ranked = list(recommendation.choices) if recommendation is not None else []
+        return [*extra, *ranked]
 
 
 def base_spec(preset: str = DEMO_PRESET) -> RunSpec:
@@ -185,6 +204,38 @@ def apply_dataset(spec: RunSpec, selection: DatasetSelection, base: RunSpec,
     elif choice is not None:
         new.training.max_seq_length = choice.max_seq_length
     return validated(auto_name(new, base))
+
+
+STRATEGY_WORDS = {
+    "ddp": "DDP: each GPU holds the whole model",
+    "fsdp": "FSDP: the weights are sharded across the GPUs",
+    "auto": "auto: DDP when the model fits one GPU, else FSDP",
+}
+
+
+def gpu_plan(spec: RunSpec, report: Any, offered: int = 1) -> tuple[int, str, str] | None:
+    """What the review step says about the GPUs: how many, which ones and how they share the work, and the
+    effective batch line the engine will log (engine.distributed.keep_effective_batch).
+
+    None where there is nothing to choose (one GPU, or the CPU, and the spec asks for no more). `offered` is how
+    many GPUs the recommendation uses. Raises TunewizError when the spec asks for GPUs that are not there.
+    """
+    if report is None:
+        return None
+    visible = len(report.gpus)
+    ids = resolve_gpus(spec.training.gpus, visible)
+    if len(ids) <= 1 and visible <= 1:
+        return None
+    count = max(len(ids), 1)
+    names = [report.gpus[i].name for i in ids]
+    if count > 1:
+        cards = f"{count} × {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+        text = f"{cards} (GPUs {', '.join(map(str, ids))}) · {STRATEGY_WORDS[spec.training.strategy]}"
+    else:
+        text = f"1 of the {visible} found ({names[0]}, GPU {ids[0]})"
+        if offered > 1:
+            text += f"; g on the Model step trains on {offered}"
+    return count, text, keep_effective_batch(spec, count)[1]
 
 
 def validated(spec: RunSpec) -> RunSpec:

@@ -26,7 +26,25 @@ METHODS = (
 
 
 def choice_id(choice: Any) -> str:
-    return f"{choice.model}|{choice.method}"
+    return f"{choice.model}|{choice.method}|{getattr(choice, 'gpus', 1)}"
+
+
+def gpus_text(choice: Any) -> str:
+    """'2 GPUs DDP' for a choice that trains on several GPUs, else ''."""
+    gpus = getattr(choice, "gpus", 1)
+    return f"{gpus} GPUs {choice.strategy.upper()}" if gpus > 1 else ""
+
+
+def gpu_note(state: Any) -> Text | None:
+    """What the model step's `g` switches between, on a machine with several GPUs alike."""
+    offered = state.gpus_offered
+    if offered < 2 or state.recommendation_one is None:
+        return None
+    if state.one_gpu:
+        return Text.assemble(("Training on 1 GPU", "bold"), f" of {offered} alike. g: use all {offered} (faster, "
+                                                            "or bigger models).")
+    return Text.assemble((f"Training on all {offered} GPUs", "bold"), ": DDP when a model fits one, else FSDP. "
+                                                                      "g: use 1 GPU.")
 
 
 def qlora_problem(choice: Any, report: Any) -> str | None:
@@ -46,6 +64,8 @@ def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
                          "  ", fit_text(fit))
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
+    if gpus_text(choice):
+        head.append(f"  {gpus_text(choice)}", style="bold magenta")
     bar = memory_bar(estimate_total(choice), available, fit, where=where)
     lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
     problem = qlora_problem(choice, report)
@@ -61,10 +81,17 @@ class ModelScreen(WizardScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         *WizardScreen.BINDINGS,
         Binding("o", "other", "Other model"),
+        Binding("g", "gpus", "All GPUs / 1 GPU"),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: list[Any] = []
+        """The choices the list shows, in its order."""
 
     def compose_body(self) -> ComposeResult:
         yield Static(METHODS, classes="note")
+        yield Static(id="gpu-note", classes="note")
         yield OptionList(id="choices")
         with Horizontal(classes="row"):
             yield Static("Other model:", classes="label")
@@ -76,36 +103,53 @@ class ModelScreen(WizardScreen):
         self.query_one("#choices", OptionList).focus()
 
     def refresh_state(self) -> None:
+        note = gpu_note(self.state)
+        note_widget = self.query_one("#gpu-note", Static)
+        if note_widget.display != (note is not None):
+            note_widget.display = note is not None
+            self.refresh_bindings()  # offers `g` or not
+        if note is not None:
+            note_widget.update(note)
         options = self.query_one("#choices", OptionList)
         choices = self.state.choices
         ids = [choice_id(c) for c in choices]
-        current = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        current = [choice_id(c) for c in self._shown]
         if ids == current and choices:
             return
         if not choices:
             message = self.state.recommend_error or "Waiting for the hardware check..."
+            self._shown = []
             options.clear_options()
             options.add_option(Option(Text(message, style="dim"), id="none", disabled=True))
             return
-        keep = self.state.choice and choice_id(self.state.choice)
-        new_ids = set(ids) - set(current)
+        keep = self._highlighted_choice() or self.state.choice  # the same model after the GPU switch
+        shown_models = {c.model for c in self._shown}
         options.clear_options()
         options.add_options(Option(choice_prompt(c, rank, self.state.report), id=choice_id(c))
                             for rank, c in enumerate(choices, 1))
-        typed = [i for i, c in enumerate(choices) if choice_id(c) in new_ids and c in self.state.extra_choices]
+        self._shown = choices
+        extra = self.state.extra_choices_one if self.state.one_gpu else self.state.extra_choices
+        typed = [i for i, c in enumerate(choices) if c.model not in shown_models and c in extra]
+        same = [i for i, c in enumerate(choices) if keep is not None and c.model == keep.model]
+        exact = [i for i in same if choices[i].method == keep.method]
         if typed:
             options.highlighted = typed[0]
             options.focus()
-        elif keep in ids:
-            options.highlighted = ids.index(keep)
         else:
-            options.highlighted = 0
+            options.highlighted = (exact or same or [0])[0]
 
     def _highlighted_choice(self) -> Any:
-        options = self.query_one("#choices", OptionList)
-        index = options.highlighted
-        choices = self.state.choices
-        return choices[index] if index is not None and index < len(choices) else None
+        index = self.query_one("#choices", OptionList).highlighted
+        return self._shown[index] if index is not None and index < len(self._shown) else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "gpus":
+            return gpu_note(self.state) is not None
+        return True
+
+    def action_gpus(self) -> None:
+        if gpu_note(self.state) is not None:
+            self.tw.toggle_gpus()
 
     @on(OptionList.OptionSelected, "#choices")
     def _selected(self) -> None:

@@ -14,6 +14,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Static
 
 from engine import presets, spec as spec_mod
+from engine.errors import TunewizError
 from engine.spec import RunSpec, SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
@@ -34,7 +35,22 @@ def estimate_for(state: wizard.WizardState, spec: RunSpec) -> tuple[Any, str]:
     if (candidate.micro_batch_size, candidate.max_seq_length) != (t.micro_batch_size, t.max_seq_length):
         notes.append(f"estimated for batch {candidate.micro_batch_size} x {candidate.max_seq_length} tokens, "
                      f"you have {t.micro_batch_size} x {t.max_seq_length}")
+    gpus = getattr(candidate, "gpus", 1)
+    if gpus > 1 and t.strategy not in ("auto", candidate.strategy):
+        notes.append(f"estimated for {candidate.strategy.upper()}, you chose {t.strategy.upper()}")
     return candidate, "; ".join(notes)
+
+
+def gpu_lines(state: wizard.WizardState, spec: RunSpec) -> list[Any]:
+    """'GPUs: 2 × H100 (GPUs 0, 1) · DDP: ...' and the effective batch line; nothing on one GPU or the CPU."""
+    try:
+        plan = wizard.gpu_plan(spec, state.report, state.gpus_offered)
+    except TunewizError as exc:
+        return [Text.assemble(("GPUs: ", "bold"), (str(exc), "bold red"))]
+    if plan is None:
+        return []
+    _count, text, batch = plan
+    return [Text.assemble(("GPUs: ", "bold"), text), Padding(Text(batch, style="dim"), (0, 0, 0, 6))]
 
 
 def check_line(state: wizard.WizardState, spec: RunSpec) -> Text:
@@ -105,6 +121,7 @@ class ReviewScreen(WizardScreen):
         else:
             lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
                                                               else "no estimate", "dim")))
+        lines += gpu_lines(self.state, spec)
         lines.append(Text.assemble(("Data: ", "bold"), check_line(self.state, spec)))
         where = (f"adapter in {spec.output_dir}; logs in {runs}/<run id>/" if spec.output_dir else
                  f"{runs}/<run id>/ (the adapter goes in its output/ folder)")

@@ -15,6 +15,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Input, Select, Static
 
+from engine.errors import TunewizError
 from engine.spec import SECTIONS, RunSpec, SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
@@ -98,6 +99,12 @@ class SettingsScreen(WizardScreen):
             ("Model ", "dim"), spec.model.name, ("  method ", "dim"), spec.method.upper(),
             ("  batch ", "dim"), f"{spec.training.micro_batch_size}x{spec.training.gradient_accumulation}",
             ("  data ", "dim"), str(data))
+        try:
+            plan = wizard.gpu_plan(spec, self.state.report, self.state.gpus_offered)
+        except TunewizError:
+            plan = None  # the review step says why
+        if plan is not None and plan[0] > 1:
+            summary.append_text(Text.assemble(("  GPUs ", "dim"), f"{plan[0]} {spec.training.strategy.upper()}"))
         check = self.state.check_for(spec)
         lengths = (check.report or {}).get("token_lengths") if check is not None and check.report else None
         if lengths:

@@ -63,11 +63,12 @@ def estimate_total(choice: Any) -> int | None:
 def verdict(choice: Any, report: Any) -> tuple[int | None, str, str]:
     """(memory available, fits/tight/too_big, what that memory is) for a choice on this machine.
 
-    With a GPU that is the recommender's own verdict. Without one, training runs on the CPU and needs RAM, which
-    the recommender's per-model verdict does not weigh, so it is judged here against free RAM.
+    With a GPU that is the recommender's own verdict (on several GPUs, about each of them). Without one, training
+    runs on the CPU and needs RAM, which the recommender's per-model verdict does not weigh, so it is judged here
+    against free RAM.
     """
     if report is None or report.has_gpu:
-        return choice.available_bytes, choice.fit, "free"
+        return choice.available_bytes, choice.fit, "free per GPU" if getattr(choice, "gpus", 1) > 1 else "free"
     available, needed = report.ram_available_bytes, estimate_total(choice)
     if not available or not needed:
         return available, choice.fit, "RAM free"

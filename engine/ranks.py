@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-RANK_WORKER_ENV = "TUNEWIZ_RANK_WORKER"  # set for every rank of a multi-GPU run
-
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -86,8 +87,6 @@ def _device() -> tuple[str, bool]:
 
 def using_fsdp() -> bool:
     """Whether `accelerate launch` started this rank with FSDP (it tells the ranks through the environment)."""
-    import os
-
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
@@ -294,7 +293,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
     encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
     encoder.add_stop_ids(model_stop_ids)
     total = plan_steps(spec, len(data.train), ranks.world_size())
-    ctx.log(batch_line)
+    if cuda:  # "per GPU" means nothing on a CPU run
+        ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
     args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)

@@ -105,7 +105,6 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
 
 def run_rank(run: RunDir, resume: bool = False) -> int:
     """One rank of a multi-GPU run. Rank 0 writes the run directory; the others only train."""
-    os.environ[ranks.RANK_WORKER_ENV] = "1"
     _die_with_launcher()
     spec = run.load_spec()
     main = ranks.is_main()
@@ -245,6 +244,7 @@ def _supervise(ctx: EngineContext, plan: distributed.LaunchPlan) -> int:
             run.request_stop("signal")  # the ranks agree on the step to stop at through the stop file
         time.sleep(0.5)
     errors = sorted(run.path.glob(RANK_ERROR_GLOB), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+    ctx.events.close()
     ctx.events = EventWriter(run.events_path)  # rank 0 wrote in between: continue its numbering
     state = run.status().get("state")
     if errors:

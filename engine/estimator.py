@@ -133,6 +133,7 @@ class Settings:
     adapter_bytes: int = 4  # bytes per adapter weight: 4 (fp32, the default) or 2 (bf16)
     gpus: int = 1
     fsdp: bool = False
+    checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
 
     @property
     def tokens(self) -> int:
@@ -150,7 +151,8 @@ class Settings:
                    lora_dropout=spec.lora.dropout > 0, double_quant=spec.quantization.double_quant,
                    fused_kernels=spec.speed.fused_kernels,
                    adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
-                   gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp")
+                   gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp",
+                   checkpoint_layers=spec.training.checkpoint_layers)
 
     @property
     def fused_loss(self) -> bool:
@@ -223,13 +225,26 @@ def layer_activation_bytes_per_token(arch: ModelArch, settings: Settings) -> int
     return saved
 
 
+def checkpointed_layers(arch: ModelArch, settings: Settings) -> int:
+    """How many decoder layers recompute their activations (0 without checkpointing)."""
+    if not settings.gradient_checkpointing:
+        return 0
+    return min(settings.checkpoint_layers or arch.layers, arch.layers)
+
+
 def activation_bytes(arch: ModelArch, settings: Settings) -> int:
+    """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
+    everything (partial checkpointing mixes the two, each with its own fitted coefficient)."""
     per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens
-    if settings.gradient_checkpointing:
-        theory = arch.layers * 2 * arch.hidden * settings.tokens + per_layer
-        return int(theory * COEFFICIENTS["activations_checkpointing"])
-    theory = arch.layers * per_layer + 2 * arch.hidden * settings.tokens
-    return int(theory * COEFFICIENTS["activations_no_checkpointing"])
+    recomputed = checkpointed_layers(arch, settings)
+    kept = arch.layers - recomputed
+    total = 0.0
+    if recomputed:
+        total += (recomputed * 2 * arch.hidden * settings.tokens + per_layer) * COEFFICIENTS["activations_checkpointing"]
+    if kept:
+        extra = 0 if recomputed else 2 * arch.hidden * settings.tokens
+        total += (kept * per_layer + extra) * COEFFICIENTS["activations_no_checkpointing"]
+    return int(total)
 
 
 def logits_bytes(arch: ModelArch, settings: Settings) -> int:

@@ -28,7 +28,11 @@ EFFECTIVE_BATCH = 16
 # DDP tokens/s on 2 GPUs over twice that of 1 GPU: 8B LoRA 84%, QLoRA 80% (2 H200s, bench/results/multi_gpu.jsonl).
 SCALING = {"lora": 0.84, "qlora": 0.80}
 # Fastest first: no checkpointing beats a bigger micro-batch; micro-batch 1 with checkpointing is last.
-CONFIGS = ((False, 8), (False, 4), (False, 2), (True, 8), (True, 4), (False, 1), (True, 2), (True, 1))
+# "partial" recomputes only some layers (the fewest that fit): full checkpointing adds half again to a LoRA
+# step's FLOPs (bench/results/speed.jsonl: 8B at micro-batch 2 ran 1.48x faster without it), a quarter of
+# the layers an eighth.
+CONFIGS = ((False, 8), (False, 4), (False, 2), ("partial", 2), (True, 8), (True, 4), (False, 1), (True, 2),
+           (True, 1))
 
 
 def gb(n: float) -> str:
@@ -49,6 +53,7 @@ class Choice:
     available_bytes: int | None
     fit: str  # "fits" | "tight" | "too_big"
     reason: str
+    checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
     gpus: int = 1  # GPUs the run uses; the estimate is per GPU
     strategy: str = "ddp"  # how several GPUs share the work: "ddp" (a whole model on each) or "fsdp" (sharded)
     gpu_ids: tuple[int, ...] = ()  # which visible GPUs (CUDA order); () on a CPU or for a hypothetical card
@@ -74,6 +79,7 @@ class Choice:
                                          gradient_accumulation=self.gradient_accumulation,
                                          max_seq_length=self.max_seq_length,
                                          gradient_checkpointing=self.gradient_checkpointing,
+                                         checkpoint_layers=self.checkpoint_layers,
                                          gpus=self.training_gpus, strategy=strategy))
 
 
@@ -108,14 +114,29 @@ def _best_config(arch: ModelArch, method: str, seq_len: int, available: int | No
     for checkpointing, micro_batch in CONFIGS:
         if micro_batch * gpus > max(EFFECTIVE_BATCH, gpus):
             continue
-        settings = Settings(method=method, micro_batch_size=micro_batch, seq_len=seq_len,
-                            gradient_checkpointing=checkpointing, gpus=gpus, fsdp=fsdp)
-        result = estimate(arch, settings)
-        if _fit(result.total + CUDA_CONTEXT_BYTES, available) == "fits":
-            return settings, result
+        for layers in (_partial_checkpointing(arch.layers) if checkpointing == "partial" else (None,)):
+            settings = Settings(method=method, micro_batch_size=micro_batch, seq_len=seq_len,
+                                gradient_checkpointing=bool(checkpointing), gpus=gpus, fsdp=fsdp,
+                                checkpoint_layers=layers)
+            result = estimate(arch, settings)
+            if _fit(result.total + CUDA_CONTEXT_BYTES, available) == "fits":
+                return settings, result
         leanest = (settings, result)
     assert leanest is not None
     return leanest
+
+
+def _checkpointing_words(arch: ModelArch, settings: Settings) -> str:
+    if not settings.gradient_checkpointing:
+        return "off: faster"
+    if settings.checkpoint_layers is None:
+        return "on"
+    return f"on for {settings.checkpoint_layers} of {arch.layers} layers: the fewest that fit"
+
+
+def _partial_checkpointing(layers: int) -> tuple[int, ...]:
+    """Checkpointed layer counts to try, fewest (fastest) first: a quarter, half, three quarters of them."""
+    return tuple(sorted({max(1, layers * quarter // 4) for quarter in (1, 2, 3)}))
 
 
 @dataclass(frozen=True)
@@ -174,7 +195,7 @@ def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label:
         if settings.method == "qlora":
             reason += f"; with LoRA it would need about {gb(lora.total + CUDA_CONTEXT_BYTES)}"
         reason += (f" (micro-batch {settings.micro_batch_size} x {seq_len} tokens, checkpointing "
-                   f"{'on' if settings.gradient_checkpointing else 'off: faster'})")
+                   f"{_checkpointing_words(arch, settings)})")
         if fit == "tight":
             reason += "; tight: close other GPU programs or shorten the sequences"
         if fsdp:
@@ -190,6 +211,7 @@ def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label:
     return Choice(model=name, method=settings.method, micro_batch_size=settings.micro_batch_size,
                   gradient_accumulation=max(1, EFFECTIVE_BATCH // settings.micro_batch_size),
                   max_seq_length=seq_len, gradient_checkpointing=settings.gradient_checkpointing,
+                  checkpoint_layers=settings.checkpoint_layers,
                   estimate=result, available_bytes=available, fit=fit, reason=reason, gpus=count,
                   strategy=strategy, gpu_ids=gpus.ids)
 

@@ -113,6 +113,10 @@ class TrainingSpec:
     packing: bool = _f(False, "Pack several short examples into one sequence (padding-free).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass: much less memory, "
                                       "about 30% slower.")
+    checkpoint_layers: int | None = _f(None, "With gradient_checkpointing on, how many decoder layers recompute "
+                                       "their activations in the backward pass (the first N); the others keep "
+                                       "them, which is faster and takes more memory. Default: every layer. The "
+                                       "recommender picks the fewest that fit.", lo=1)
     optimizer: Optimizer = _f("adamw_torch_fused", "Optimiser. `adamw_torch_fused` updates all adapter weights in one "
                               "kernel; 8-bit variants need bitsandbytes and a GPU.")
     weight_decay: float = _f(0.0, "Decoupled weight decay on adapter weights.", lo=0, hi=1.0)

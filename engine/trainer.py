@@ -118,6 +118,22 @@ def apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
     return get_peft_model(model, config), resolved
 
 
+def limit_checkpointing(model: Any, layers: int | None) -> tuple[int, int]:
+    """Keep gradient checkpointing on only the first `layers` decoder layers (all when None).
+
+    transformers turns it on for every layer that supports it; the others then keep their
+    activations instead of recomputing them: faster, for the memory they hold. Returns
+    (checkpointed layers, layers that support it).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointable = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = len(checkpointable) if layers is None else min(layers, len(checkpointable))
+    for module in checkpointable[keep:]:
+        module.gradient_checkpointing = False
+    return keep, len(checkpointable)
+
+
 def _library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -176,6 +192,10 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             self.last_eval_loss: float | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if spec.training.gradient_checkpointing and spec.training.checkpoint_layers is not None:
+                # The Trainer has just turned checkpointing on for every layer.
+                kept, total_layers = limit_checkpointing(model, spec.training.checkpoint_layers)
+                ctx.log(f"gradient checkpointing on {kept} of {total_layers} layers")
             self.started = time.monotonic()
             self.first_step = state.global_step
             self.last_log = (0.0, state.global_step, state.num_input_tokens_seen)

@@ -45,7 +45,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Path) -
     (home / "data" / "models").symlink_to(shared_demo_model.parent)
     os.environ["TUNEWIZ_HOME"] = str(home)  # the autouse fixture resets it for each test
     result = cli("train", "demo", "--set", f"training.max_steps={TRAIN_STEPS}", "--set", "training.eval_every=12",
-                 "--set", "training.sample_every=18")
+                 "--set", "training.sample_every=18", "--set", "training.gradient_checkpointing=true",
+                 "--set", "training.checkpoint_layers=10")  # partial checkpointing, which the recommender uses
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = rundir.list_runs(home / "state" / "runs")[0]
     return run, home
@@ -69,6 +70,7 @@ def test_events_tell_the_whole_story(trained: tuple[rundir.RunDir, Path]) -> Non
     assert [e["step"] for e in samples] == [0, 18, 36]
     assert all(s["reference"] in ("positive", "negative") for s in samples[0]["samples"])
     assert any(e["type"] == "checkpoint" for e in stream)
+    assert any(e["type"] == "log" and e["message"] == "gradient checkpointing on 10 of 30 layers" for e in stream)
     resources = [e for e in stream if e["type"] == "gpu"]
     assert resources and resources[0]["devices"] == [] and resources[0]["process"]["rss_bytes"] > 0
     assert run.state() == "completed"

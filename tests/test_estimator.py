@@ -68,3 +68,14 @@ def test_arch_from_config_json() -> None:
     assert arch.kv_dim == 32 and arch.q_dim == 64
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         ModelArch.from_config({"num_hidden_layers": 2})
+
+
+def test_partial_checkpointing_sits_between_none_and_full() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    full = estimate(arch, Settings()).activations
+    assert estimate(arch, Settings(checkpoint_layers=arch.layers)).activations == full
+    quarter = estimate(arch, Settings(checkpoint_layers=8)).activations
+    half = estimate(arch, Settings(checkpoint_layers=16)).activations
+    none = estimate(arch, Settings(gradient_checkpointing=False)).activations
+    assert full < half < quarter < none
+    assert estimate(arch, Settings(gradient_checkpointing=False, checkpoint_layers=8)).activations == none

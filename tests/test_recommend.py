@@ -75,6 +75,16 @@ def test_8b_on_an_80gb_card_trains_without_checkpointing() -> None:
     assert choice.micro_batch_size * choice.gradient_accumulation == 16
 
 
+def test_partial_checkpointing_when_no_checkpointing_does_not_fit() -> None:
+    choice = choice_for("llama-3.1-8b", machine(gpu(48)))
+    assert (choice.gradient_checkpointing, choice.checkpoint_layers, choice.micro_batch_size) == (True, 8, 2)
+    assert "checkpointing on for 8 of 32 layers" in choice.reason
+    spec = choice.apply(spec_mod.loads('[dataset]\npreset = "demo"\n'))
+    assert (spec.training.gradient_checkpointing, spec.training.checkpoint_layers) == (True, 8)
+    roomier = choice_for("llama-3.1-8b", machine(gpu(40)))
+    assert roomier.checkpoint_layers == 16  # less memory: more layers recompute
+
+
 def test_checkpointing_off_when_memory_allows() -> None:
     small = choice_for("qwen2.5-1.5b", machine(gpu(80)))
     assert small.method == "lora" and small.gradient_checkpointing is False and small.micro_batch_size >= 4

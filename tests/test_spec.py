@@ -189,6 +189,8 @@ def test_gpus_takes_a_count_or_a_list_of_indices() -> None:
         spec_mod.loads(base + 'gpus = "two"\n', source="spec")
     with pytest.raises(SpecError, match=r"training.gpus: \[1, 1\]: list distinct GPU indices"):
         spec_mod.loads(base + "gpus = [1, 1]\n")
+    with pytest.raises(SpecError, match=r"training.checkpoint_layers: 0: must be at least 1"):
+        spec_mod.loads(base + "checkpoint_layers = 0\n")
     with pytest.raises(SpecError, match=r"training.gpus: -1: must be at least 0"):
         spec_mod.loads(base + "gpus = -1\n")
 

@@ -123,3 +123,32 @@ def test_benchmark_table_compares_within_one_suite_and_card() -> None:
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:
     summary = bench_speed.curve_summary([10.0] * 10, [10.0] * 5 + [10.5] * 5, window=5)
     assert "difference 0.0000" in summary and "largest gap of the 5-step moving averages 5.00%" in summary
+
+
+def _tiny_llama(layers: int = 4) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+
+
+@pytest.mark.parametrize("layers", [None, 1, 3])
+def test_partial_checkpointing_keeps_the_maths(layers: int | None) -> None:
+    import torch
+
+    from engine.trainer import limit_checkpointing
+
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for limit in (None, layers):
+        model = _tiny_llama()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kept = limit_checkpointing(model, limit)
+        model.train()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert kept == (4 if layers is None else layers, 4)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [i < kept[0] for i in range(4)]
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)  # recomputing fewer layers changes no gradient

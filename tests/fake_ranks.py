@@ -17,8 +17,10 @@ import time
 
 
 def launch(world: int, run_dir: str, extra: list[str]) -> int:
+    # Sessions of their own, as torchrun starts them: a signal to the engine's group does not reach them.
     ranks = [subprocess.Popen([sys.executable, "-m", "engine.worker", run_dir, "--rank-worker", *extra],
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)})
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)},
+                              start_new_session=True)
              for r in range(world)]
 
     def forward(signum: int, _frame: object) -> None:

@@ -57,6 +57,7 @@ LEVERS = {
 VARIANTS = {
     "engine_compile": ("speed.compile=true",),
     "engine_no_dropout": ("lora.dropout=0.0",),
+    "engine_quarter_checkpointing": ("training.checkpoint_layers=8",),  # 8 of the 8B shape's 32 layers
     "engine_bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
@@ -108,6 +109,7 @@ def suite_cases(suite: str) -> list[Case]:
                                                                                       "bf16_adapters")]
         cases += [Case("levers", shape, "lora", True, variant) for shape in SHAPES
                   for variant in ("engine_no_dropout", "baseline_no_dropout")]
+        cases.append(Case("levers", "llama-3.1-8b", "lora", True, "engine_quarter_checkpointing"))
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",

@@ -496,11 +496,13 @@ async def test_demo_check_report_reaches_review(tmp_path: Path) -> None:
         await on_screen(pilot, DatasetScreen)
         await wait_until(pilot, lambda: app.state.check_for(app.screen.candidate_spec()) is not None
                          and app.state.check_for(app.screen.candidate_spec()).report, "the data check")
-        assert "318 usable" in text_of(app.screen.query_one("#data-check"))
+        # The state changes before the screen is redrawn: wait for the text, not just the state.
+        await wait_until(pilot, lambda: "318 usable" in text_of(app.screen.query_one("#data-check")),
+                         "the data check on screen")
         await pilot.press("ctrl+n", "ctrl+n")
         await on_screen(pilot, ReviewScreen)
-        summary = text_of(app.screen.query_one("#review-summary"))
-        assert "318 usable examples of 320 read, 2 skipped" in summary
+        await wait_until(pilot, lambda: "318 usable examples of 320 read, 2 skipped"
+                         in text_of(app.screen.query_one("#review-summary")), "the check in the review")
         assert demo_check_report(fakes.checks[0])["examples"] == 318
 
 

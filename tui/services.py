@@ -7,14 +7,13 @@ and the launcher, which starts the engine detached in its own session.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,70 +42,18 @@ def default_probe() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recommender (engine.recommend; a stand-in that offers the demo model while it is missing)
-
-
-@dataclass(frozen=True)
-class _Estimate:
-    weights: int = 0
-    adapters_optimizer: int = 0
-    activations: int = 0
-    logits: int = 0
-    overhead: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.adapters_optimizer + self.activations + self.logits + self.overhead
-
-
-@dataclass(frozen=True)
-class _DemoChoice:
-    """The demo preset's own settings, offered when engine.recommend is not installed."""
-
-    model: str
-    method: str = "lora"
-    micro_batch_size: int = 4
-    gradient_accumulation: int = 1
-    max_seq_length: int = 2048
-    gradient_checkpointing: bool = False
-    estimate: _Estimate = field(default_factory=_Estimate)
-    available_bytes: int | None = None
-    fit: str = "fits"
-    reason: str = "The bundled demo model trains anywhere, even on a CPU, in a few minutes."
-    gpus: int = 1
-    strategy: str = "ddp"
-
-    def apply(self, spec: RunSpec) -> RunSpec:
-        new = copy.deepcopy(spec)
-        new.model.name, new.method = self.model, self.method
-        new.training.micro_batch_size = self.micro_batch_size
-        new.training.gradient_accumulation = self.gradient_accumulation
-        new.training.max_seq_length = self.max_seq_length
-        new.training.gradient_checkpointing = self.gradient_checkpointing
-        return new
-
-
-@dataclass(frozen=True)
-class _Recommendation:
-    choices: list[Any]
-    summary: str
-    available_bytes: int | None = None
+# Recommender (engine.recommend: torch-free, so the app imports it directly)
 
 
 def default_recommend(report: Any, seq_len: int, gpus: int | None = None) -> Any:
-    try:
-        from engine import recommend
-    except ImportError:
-        return _Recommendation([_DemoChoice("smollm2-135m-demo")],
-                               "The recommender is not installed yet; the demo model is offered.")
+    from engine import recommend
+
     return recommend.recommend(report, seq_len=seq_len, gpus=gpus)
 
 
 def default_choice_for(model: str, report: Any, seq_len: int, gpus: int | None = None) -> Any:
-    try:
-        from engine import recommend
-    except ImportError:
-        raise ServiceError(f"cannot estimate {model}: the recommender is not installed yet") from None
+    from engine import recommend
+
     return recommend.choice_for(model, report, seq_len=seq_len, gpus=gpus)
 
 

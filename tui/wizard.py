@@ -13,11 +13,14 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine import presets, spec as spec_mod
 from engine.distributed import keep_effective_batch, resolve_gpus
 from engine.spec import Problem, RunSpec, SpecError
+
+if TYPE_CHECKING:
+    from engine.recommend import Choice
 
 DEMO_PRESET = "demo"
 RECOMMEND_SEQ_LEN = 2048
@@ -32,27 +35,6 @@ BASIC_KEYS = ("name", "training.epochs", "training.max_steps", "training.learnin
 """The settings a beginner sees first; the advanced view shows every key of the spec."""
 
 STEPS = ("Welcome", "Hardware", "Model", "Data", "Settings", "Review", "Launch")
-
-
-class ChoiceLike(Protocol):
-    """What the wizard reads from an engine.recommend.Choice."""
-
-    model: str
-    method: str
-    micro_batch_size: int
-    gradient_accumulation: int
-    max_seq_length: int
-    gradient_checkpointing: bool
-    available_bytes: int | None
-    fit: str
-    reason: str
-    gpus: int  # the estimate is per GPU
-    strategy: str  # "ddp" or "fsdp" when gpus > 1
-
-    @property
-    def estimate(self) -> Any: ...
-
-    def apply(self, spec: RunSpec) -> RunSpec: ...
 
 
 @dataclass(frozen=True)
@@ -180,14 +162,14 @@ def auto_name(spec: RunSpec, base: RunSpec) -> RunSpec:
     return spec
 
 
-def apply_choice(spec: RunSpec, choice: ChoiceLike, base: RunSpec) -> RunSpec:
+def apply_choice(spec: RunSpec, choice: Choice, base: RunSpec) -> RunSpec:
     """The model step: the recommender's model, method, batch shape and memory settings."""
     new = choice.apply(copy.deepcopy(spec))
     return validated(auto_name(new, base))
 
 
 def apply_dataset(spec: RunSpec, selection: DatasetSelection, base: RunSpec,
-                  choice: ChoiceLike | None = None) -> RunSpec:
+                  choice: Choice | None = None) -> RunSpec:
     """The dataset step: the data, and the preset's length and epochs where memory allows."""
     from engine import catalog
 

@@ -154,6 +154,17 @@ def test_memory_verdict_uses_free_ram_without_a_gpu() -> None:
     assert verdict(fake_recommend(report).choices[0], report)[1] == "fits"
 
 
+def test_no_cuda_context_is_counted_on_a_cpu() -> None:
+    from engine.recommend import choice_for
+    from tui.widgets.memory import estimate_breakdown, estimate_total
+
+    choice = choice_for("llama-3.1-8b", gpu24_report())
+    assert estimate_total(choice, gpu24_report()) == choice.needed_bytes
+    assert "CUDA context" in estimate_breakdown(choice, gpu24_report())
+    assert estimate_total(choice, no_gpu_report()) == choice.estimate.total < choice.needed_bytes
+    assert "CUDA context" not in estimate_breakdown(choice, no_gpu_report())
+
+
 def test_peek_reads_columns_and_guesses_a_mapping(tmp_path: Path) -> None:
     from tui.datafile import guess_mapping, peek
 

@@ -66,7 +66,7 @@ def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
     if gpus_text(choice):
         head.append(f"  {gpus_text(choice)}", style="bold magenta")
-    bar = memory_bar(estimate_total(choice), available, fit, where=where)
+    bar = memory_bar(estimate_total(choice, report), available, fit, where=where)
     lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
     problem = qlora_problem(choice, report)
     if problem:

@@ -111,12 +111,13 @@ class ReviewScreen(WizardScreen):
             memory = Text("Memory: ", style="bold")
             memory.append_text(fit_text(fit))
             memory.append(" ")
-            memory.append_text(memory_bar(estimate_total(choice), available, fit, width=16, where=where))
+            needed = estimate_total(choice, self.state.report)
+            memory.append_text(memory_bar(needed, available, fit, width=16, where=where))
             lines.append(memory)
-            detail = estimate_breakdown(choice)
+            detail = estimate_breakdown(choice, self.state.report)
             if detail:
                 lines.append(Padding(Text(detail, style="dim"), (0, 0, 0, 8)))
-            if note and estimate_total(choice):
+            if note and needed:
                 lines.append(Padding(Text(f"({note})", style="dim"), (0, 0, 0, 8)))
         else:
             lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None

@@ -50,10 +50,15 @@ def memory_bar(needed: int | None, available: int | None, fit: str, width: int =
     return bar
 
 
-def estimate_total(choice: Any) -> int | None:
-    """What must be free for the choice: the recommender's `needed_bytes` (estimate plus CUDA context)."""
+def _on_gpu(report: Any) -> bool:
+    return report is None or bool(report.has_gpu)
+
+
+def estimate_total(choice: Any, report: Any = None) -> int | None:
+    """What must be free for the choice: on a GPU the recommender's `needed_bytes` (the estimate plus the
+    CUDA context); on a CPU the estimate alone, since no CUDA context is made."""
     needed = getattr(choice, "needed_bytes", None)
-    if isinstance(needed, int) and needed > 0:
+    if _on_gpu(report) and isinstance(needed, int) and needed > 0:
         return needed
     estimate = getattr(choice, "estimate", None)
     total = getattr(estimate, "total", None)
@@ -67,17 +72,18 @@ def verdict(choice: Any, report: Any) -> tuple[int | None, str, str]:
     runs on the CPU and needs RAM, which the recommender's per-model verdict does not weigh, so it is judged here
     against free RAM.
     """
-    if report is None or report.has_gpu:
+    if _on_gpu(report):
         return choice.available_bytes, choice.fit, "free per GPU" if getattr(choice, "gpus", 1) > 1 else "free"
-    available, needed = report.ram_available_bytes, estimate_total(choice)
+    available, needed = report.ram_available_bytes, estimate_total(choice, report)
     if not available or not needed:
         return available, choice.fit, "RAM free"
     fit = "fits" if needed <= 0.85 * available else "tight" if needed <= available else "too_big"
     return available, fit, "RAM free"
 
 
-def estimate_breakdown(choice: Any) -> str:
-    """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GB)' for the review step."""
+def estimate_breakdown(choice: Any, report: Any = None) -> str:
+    """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GB)' for the review step (with the
+    CUDA context on a GPU)."""
     estimate = getattr(choice, "estimate", None)
     if estimate is None:
         return ""
@@ -86,6 +92,6 @@ def estimate_breakdown(choice: Any) -> str:
     shown = [f"{label} {getattr(estimate, name, 0) / 1e9:.1f}" for name, label in parts
              if isinstance(getattr(estimate, name, 0), int) and getattr(estimate, name, 0) > 0]
     context = (getattr(choice, "needed_bytes", 0) or 0) - (getattr(estimate, "total", 0) or 0)
-    if shown and context > 0:
+    if shown and context > 0 and _on_gpu(report):
         shown.append(f"CUDA context {context / 1e9:.1f}")
     return ", ".join(shown) + " (GB)" if shown else ""

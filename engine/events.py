@@ -162,26 +162,34 @@ class EventReader:
         self._pending = b""
         self._inode: int | None = None
 
-    def poll(self, max_bytes: int | None = None) -> ReadResult:
+    def poll_bytes(self, max_bytes: int | None = None) -> tuple[bytes, bool]:
+        """(the complete lines written since the last poll, without the last newline; reset)."""
         reset = False
         try:
             stat = self.path.stat()
         except FileNotFoundError:
-            return ReadResult([])
+            return b"", False
         if self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self.offset):
             self.offset, self._pending, reset = 0, b"", True
         self._inode = stat.st_ino
         if stat.st_size == self.offset:
-            return ReadResult([], reset)
+            return b"", reset
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             chunk = handle.read(max_bytes if max_bytes else -1)
         self.offset += len(chunk)
         data = self._pending + chunk
-        lines = data.split(b"\n")
-        self._pending = lines.pop()
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._pending = data
+            return b"", reset
+        self._pending = data[cut + 1:]
+        return data[:cut], reset
+
+    def poll(self, max_bytes: int | None = None) -> ReadResult:
+        complete, reset = self.poll_bytes(max_bytes)
         events, skipped = [], 0
-        for line in lines:
+        for line in complete.split(b"\n") if complete else ():
             event = decode_line(line)
             if event is None:
                 skipped += line.strip() != b""

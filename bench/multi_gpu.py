@@ -46,8 +46,9 @@ def _only_run(home: Path) -> Path:
     return run_dir
 
 
-def _spec(work: Path, method: str, gpus: int, steps: int, shape: str) -> Path:
+def _spec(work: Path, method: str, gpus: int, steps: int, shape: str, overrides: list[str] | None = None) -> Path:
     spec = run_spec(work / shape, work / "long.jsonl", method, 2048, True, steps, 2)
+    spec = spec_mod.apply_overrides(spec, overrides or [])
     spec.name = f"ddp-{shape}-{method}-{gpus}gpu"
     spec.training.gpus = gpus
     path = work / f"{spec.name}.toml"
@@ -75,16 +76,21 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     work = Path(args.work)
     for method in args.methods:
         home = work / "homes" / f"ddp-{method}-{args.gpus}"
-        spec_path = _spec(work, method, args.gpus, args.steps, args.shape)
+        spec_path = _spec(work, method, args.gpus, args.steps, args.shape, args.set)
         started = time.time()
         done = _cli("train", str(spec_path), home=home)
         row = {"bench": "scaling", "shape": args.shape, "method": method, **_summary(_only_run(home), args.gpus),
-               "wall_s": round(time.time() - started, 1)}
+               "wall_s": round(time.time() - started, 1), "gpu": _gpu_name(), "overrides": args.set}
         if done.returncode and not row["errors"]:
             row["errors"] = [done.stderr[-400:]]
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+
+
+def _gpu_name() -> str:
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return done.stdout.splitlines()[0].strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -148,6 +154,8 @@ def main() -> None:
             p.add_argument("--methods", nargs="+", default=["lora", "qlora"])
             p.add_argument("--steps", type=int, default=24)
             p.add_argument("--shape", default="llama-3.1-8b")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="a spec override for every run, recorded in the rows (repeatable)")
     args = parser.parse_args()
     if args.command == "table":
         print(table([json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]))

@@ -2,17 +2,18 @@
 
     python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain]
 
-It builds the model exactly as the engine's trainer does (engine.models.load_model,
-engine.speed.apply_fused_kernels, engine.trainer.apply_lora, engine.speed.cast_adapters; `--plain`
-turns the speed levers off), runs micro-batch 2 × 2048 random tokens under bf16 autocast with fused
+It builds the model exactly as the engine's trainer does (engine.models.load_model and
+engine.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048 random tokens under bf16 autocast with fused
 AdamW, and prints GPU kernel time per step grouped by kind (matmuls, attention, fused kernels,
-4-bit dequantisation, elementwise and copies, optimiser, ...), plus the ten costliest kernels.
+4-bit dequantisation, elementwise and copies, optimiser, ...), plus the ten costliest kernels, and
+the wall time of a synchronised step (its excess over the GPU time is time the GPU waits for the host).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from engine import models, speed, spec as spec_mod
-    from engine.trainer import apply_lora
+    from engine.trainer import prepare_trainable
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -51,12 +52,12 @@ def main() -> None:
     spec.model.name = str(args.model)
     spec.dataset.preset = "demo"  # unused: the step runs on random tokens
     if args.plain:
-        spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"'])
+        spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"',
+                                                   'speed.lean_lora=false'])
     source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)
     model = models.load_model(source, spec, torch.bfloat16, "cuda:0")
-    fused, note = speed.apply_fused_kernels(model, spec, True)
-    model, _ = apply_lora(model, spec)
-    speed.cast_adapters(model, speed.adapter_dtype(spec, torch.bfloat16, True))
+    model, prepared = prepare_trainable(model, spec, torch.bfloat16, True)
+    note = "; ".join(prepared.notes)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -74,6 +75,11 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.steps):  # wall time of a step with nothing around it: the gap to the GPU time is host overhead
+        step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - started) / args.steps * 1000
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
@@ -89,7 +95,7 @@ def main() -> None:
     total = sum(per_kind.values())
     label = f"{args.model.name} {args.method} checkpointing {'off' if args.no_checkpointing else 'on'} " \
             f"{'plain' if args.plain else 'engine'} ({note})"
-    print(f"GPU time per step: {total:.1f} ms  [{label}]")
+    print(f"GPU time per step: {total:.1f} ms, wall time {wall_ms:.1f} ms  [{label}]")
     for kind, ms in sorted(per_kind.items(), key=lambda item: -item[1]):
         print(f"  {kind:<26}{ms:>9.1f} ms {ms / total:>6.1%}")
     print("  costliest kernels:")

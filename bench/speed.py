@@ -44,12 +44,14 @@ GIB = 1024**3
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
               ("L40S", 362e12), ("A10G", 125e12), ("RTX 4090", 165e12), ("L4", 121e12))
 # The engine with every lever off, and each lever alone on top of that.
-PLAIN = ("speed.fused_kernels=\"off\"", "speed.adapter_dtype=\"fp32\"", "training.optimizer=\"adamw_torch\"")
+PLAIN = ("speed.fused_kernels=\"off\"", "speed.adapter_dtype=\"fp32\"", "training.optimizer=\"adamw_torch\"",
+         "speed.lean_lora=false")
 LEVERS = {
     "plain": (),
     "fused_loss": ("speed.fused_kernels=\"loss\"",),
     "fused_all": ("speed.fused_kernels=\"all\"",),
     "bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
+    "lean_lora": ("speed.lean_lora=true",),
     "fused_adamw": ("training.optimizer=\"adamw_torch_fused\"",),
     "compile": ("speed.compile=true",),
 }
@@ -60,6 +62,7 @@ VARIANTS = {
     "engine_quarter_checkpointing": ("training.checkpoint_layers=8",),  # 8 of the 8B shape's 32 layers
     "engine_bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
+    "engine_no_lean": ("speed.lean_lora=false",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
 }
 
@@ -106,7 +109,7 @@ def suite_cases(suite: str) -> list[Case]:
         cases = [Case("levers", shape, "lora", True, lever, steps=20 if lever == "compile" else 12,
                       warmup=10 if lever == "compile" else 3) for shape in SHAPES for lever in LEVERS]
         cases += [Case("levers", "llama-3.1-8b", "qlora", True, lever) for lever in ("plain", "fused_all",
-                                                                                      "bf16_adapters")]
+                                                                                      "bf16_adapters", "lean_lora")]
         cases += [Case("levers", shape, "lora", True, variant) for shape in SHAPES
                   for variant in ("engine_no_dropout", "baseline_no_dropout")]
         cases.append(Case("levers", "llama-3.1-8b", "lora", True, "engine_quarter_checkpointing"))
@@ -205,7 +208,8 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
     if case.is_baseline:
         return {"stack": "transformers+peft", "lora_dropout": spec.lora.dropout}
     return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
-            "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile}
+            "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile,
+            "lean_lora": spec.speed.lean_lora}
 
 
 def summarise(case: Case, result: dict[str, Any], wall_s: float) -> dict[str, Any]:

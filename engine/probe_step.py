@@ -20,7 +20,7 @@ def probe_step(spec: RunSpec) -> dict[str, Any]:
     """Measured and estimated peak memory of one step of `spec` on GPU 0."""
     import torch
 
-    from engine.trainer import apply_lora, check_method_supported
+    from engine.trainer import check_method_supported, prepare_trainable
 
     if not torch.cuda.is_available():
         raise HardwareError("tunewiz probe measures GPU memory, and no CUDA GPU is available",
@@ -32,7 +32,7 @@ def probe_step(spec: RunSpec) -> dict[str, Any]:
     free_before, _ = torch.cuda.mem_get_info(0)
     torch.cuda.reset_peak_memory_stats(0)
     model = models.load_model(source, spec, dtype, "cuda:0")
-    model, _targets = apply_lora(model, spec)
+    model, _prepared = prepare_trainable(model, spec, dtype, True)
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -152,6 +152,9 @@ class SpeedSpec:
                                      "compute dtype); `bf16` on a bf16 GPU is about 15% faster on an 8B model, but its "
                                      "rounded updates made a 50-step loss curve drift 7% from fp32 adapters' "
                                      "(docs/speed.md). Ignored on a CPU and with fp16.")
+    lean_lora: bool = _f(True, "LoRA layers skip peft's upcast of each input to the adapters' fp32 (autocast casts "
+                               "it back down anyway) and add the scaled adapter output inside the adapter's matmul: "
+                               "fewer passes over the activations, the same maths. `false` uses peft's forward.")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
                               "off only on long runs.")
 

@@ -7,6 +7,7 @@ Each lever is measured alone and together by `bench/speed.py`; the numbers are i
 from __future__ import annotations
 
 import importlib.util
+import types
 from typing import TYPE_CHECKING, Any
 
 from engine.spec import RunSpec
@@ -19,6 +20,9 @@ LIGER_KERNELS = {
     "all": {"fused_linear_cross_entropy": True, "rms_norm": True, "rope": True, "swiglu": True},
     "loss": {"fused_linear_cross_entropy": True, "rms_norm": False, "rope": False, "swiglu": False},
 }
+
+# peft's LoRA classes for linear layers, which the lean forward serves.
+LORA_LINEAR_CLASSES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
 
 
 def liger_available() -> bool:
@@ -76,3 +80,57 @@ def cast_adapters(model: Any, dtype: "torch.dtype") -> int:
             param.data = param.data.to(dtype)
             changed += 1
     return changed
+
+
+def _lean_lora_forward(self: Any, x: "torch.Tensor", *args: Any, **kwargs: Any) -> "torch.Tensor":
+    """A peft LoRA layer's forward for plain training: base(x) + scaling * B(A(dropout(x))).
+
+    peft casts the input up to the adapters' fp32 before A (a full copy of the activations that
+    autocast then casts back down) and adds the scaled adapter output in two more passes. Here the
+    input goes to A as it is (autocast runs A in the compute dtype either way) and the scaling and
+    the add happen inside B's matmul (`addmm`'s alpha and bias). Anything else (adapters disabled
+    or merged, several adapters, DoRA and other variants, mixed-adapter batches, no autocast with
+    mismatched dtypes) goes to peft's own forward.
+    """
+    import torch
+
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if x.dtype != lora_A.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    hidden = lora_A(self.lora_dropout[name](x))
+    out_features = result.shape[-1]
+    lean = torch.addmm(result.reshape(-1, out_features), hidden.reshape(-1, hidden.shape[-1]),
+                       lora_B.weight.t(), alpha=self.scaling[name])
+    return lean.view(result.shape).to(result.dtype)
+
+
+def apply_lean_lora(model: Any, spec: RunSpec) -> int:
+    """Give every LoRA linear layer the lean forward (`speed.lean_lora`); returns how many layers.
+
+    The layer's class forward stays the fallback, so peft's own features (disabling or merging
+    the adapter, several adapters) keep working on the patched model.
+    """
+    if not spec.speed.lean_lora:
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and _is_linear_lora(module):
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            patched += 1
+    return patched
+
+
+def _is_linear_lora(module: Any) -> bool:
+    """LoRA on a linear layer (torch's, or bitsandbytes' 4/8-bit), not on embeddings or convolutions.
+
+    By class name: peft defines its bitsandbytes classes only where bitsandbytes is installed.
+    """
+    return type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ in LORA_LINEAR_CLASSES

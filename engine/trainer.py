@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,32 @@ def apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
                         target_modules=resolved, use_rslora=spec.lora.use_rslora, use_dora=spec.lora.use_dora,
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config), resolved
+
+
+@dataclass
+class Prepared:
+    """What `prepare_trainable` did to a model."""
+
+    targets: list[str]
+    fused_loss: bool
+    adapter_dtype: Any
+    notes: list[str]
+
+
+def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tuple[Any, Prepared]:
+    """The speed levers and the LoRA adapter on a loaded model, in the order they need.
+
+    One function for the trainer, `tunewiz probe` and the profiler, so that what is measured is
+    what trains. Fused kernels patch the base model before peft wraps it.
+    """
+    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
+    model, targets = apply_lora(model, spec)
+    adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
+    speed.cast_adapters(model, adapter_dtype)
+    notes = [kernels_note]
+    if lean := speed.apply_lean_lora(model, spec):
+        notes.append(f"lean LoRA forward on {lean} layers (speed.lean_lora)")
+    return model, Prepared(targets, fused_loss, adapter_dtype, notes)
 
 
 def limit_checkpointing(model: Any, layers: int | None) -> tuple[int, int]:
@@ -297,11 +324,10 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.log(f"skipped row {problem}", level="warning")
 
     model = models.load_model(source, spec, dtype, device, fsdp=using_fsdp())
-    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
-    ctx.log(kernels_note)
-    model, targets = apply_lora(model, spec)
-    adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
-    speed.cast_adapters(model, adapter_dtype)
+    model, prepared = prepare_trainable(model, spec, dtype, cuda)
+    for line in prepared.notes:
+        ctx.log(line)
+    fused_loss, targets, adapter_dtype = prepared.fused_loss, prepared.targets, prepared.adapter_dtype
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
              f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "

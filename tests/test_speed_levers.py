@@ -152,3 +152,77 @@ def test_partial_checkpointing_keeps_the_maths(layers: int | None) -> None:
     assert kept == (4 if layers is None else layers, 4)
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [i < kept[0] for i in range(4)]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)  # recomputing fewer layers changes no gradient
+
+
+def _lora_llama(lean: bool, dropout: float = 0.0, dtype: Any = None) -> Any:
+    """The tiny llama with a LoRA adapter whose B is not zero (so the adapter shows in every output)."""
+    import torch
+
+    from engine.trainer import prepare_trainable
+
+    base = _tiny_llama(2)
+    if dtype is not None:
+        base = base.to(dtype)
+    spec = _spec(f"lora.dropout={dropout}", f"speed.lean_lora={str(lean).lower()}", 'lora.target_modules=["all-linear"]')
+    model, prepared = prepare_trainable(base, spec, dtype or torch.float32, cuda=False)
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.1)
+    assert bool(prepared.notes[1:]) is lean  # the run's log says when the lean forward is on
+    return model
+
+
+def _loss_and_grads(model: Any, autocast: bool = False) -> tuple[Any, Any]:
+    import torch
+
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_lean_lora_keeps_the_maths() -> None:
+    import torch
+
+    peft_loss, peft_grads = _loss_and_grads(_lora_llama(lean=False))
+    lean_loss, lean_grads = _loss_and_grads(_lora_llama(lean=True))
+    assert torch.allclose(peft_loss, lean_loss, atol=1e-6)
+    assert torch.allclose(peft_grads, lean_grads, atol=1e-6)
+    # bf16 weights, fp32 adapters, autocast: the engine's GPU set-up; the lean forward skips the upcast
+    peft_loss, peft_grads = _loss_and_grads(_lora_llama(lean=False, dtype=torch.bfloat16), autocast=True)
+    lean_loss, lean_grads = _loss_and_grads(_lora_llama(lean=True, dtype=torch.bfloat16), autocast=True)
+    assert abs(peft_loss.item() - lean_loss.item()) < 2e-2
+    assert torch.nn.functional.cosine_similarity(peft_grads, lean_grads, dim=0) > 0.999
+
+
+def test_lean_lora_replaces_peft_forward_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import Linear
+
+    model = _lora_llama(lean=True, dropout=0.1)
+    patched = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(patched) == 14 and all("forward" in vars(m) for m in patched)  # 7 projections x 2 layers
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("peft's forward ran")
+
+    monkeypatch.setattr(Linear, "forward", refuse)
+    _loss_and_grads(model)  # every LoRA layer took the lean path, dropout included
+
+
+def test_lean_lora_leaves_disabled_and_merged_adapters_to_peft() -> None:
+    import torch
+
+    lean, plain = _lora_llama(lean=True), _lora_llama(lean=False)
+    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with lean.disable_adapter(), plain.disable_adapter():
+            without = lean(input_ids=tokens).logits
+            assert torch.allclose(without, plain(input_ids=tokens).logits, atol=1e-6)  # the same base model
+        with_adapter = lean(input_ids=tokens).logits
+        assert not torch.allclose(without, with_adapter)
+        lean.merge_adapter()
+        assert torch.allclose(lean(input_ids=tokens).logits, with_adapter, atol=1e-5)  # not added twice
+        lean.unmerge_adapter()
+        assert torch.allclose(lean(input_ids=tokens).logits, with_adapter, atol=1e-5)

@@ -118,6 +118,30 @@ def test_benchmark_table_compares_within_one_suite_and_card() -> None:
     assert lines["engine"].endswith("| 1.50x | 0.70x |")  # against the headline baseline, not the curve's
     assert lines["fused_all"].endswith("| 1.10x | 0.74x |")
     assert lines["compile"].endswith("|  |  |")  # another card: no ratio
+    auto = {**row("headline", "engine_auto", 12500, 45), "checkpointing": False}
+    text = bench_speed.table([row("headline", "baseline", 5000, 25), {**row("headline", "baseline", 8000, 55),
+                                                                      "checkpointing": False}, auto])
+    assert next(line for line in text.splitlines() if "engine_auto" in line).endswith("| 2.50x | 1.80x |")
+
+
+def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) -> None:
+    import json
+
+    from engine import recommend
+
+    folder = tmp_path / "llama-3.1-8b"
+    folder.mkdir()
+    from bench.random_model import llama_config
+
+    (folder / "config.json").write_text(json.dumps(llama_config("llama-3.1-8b").to_dict()))
+    (case,) = [c for c in bench_speed.suite_cases("headline") if c.variant == "engine_auto"]
+    spec = bench_speed.case_spec(case, folder, tmp_path / "long.jsonl")
+    choice = recommend.choice_for(str(folder), recommend.HardwareReport(), 2048, 80 * 10**9, gpus=1)
+    assert (spec.training.micro_batch_size, spec.training.gradient_accumulation,
+            spec.training.gradient_checkpointing) == (choice.micro_batch_size, choice.gradient_accumulation,
+                                                      choice.gradient_checkpointing)
+    assert not spec.training.gradient_checkpointing  # 8B LoRA on 80 GB: no checkpointing, as the README says
+    assert bench_speed.settings_of(case, spec)["gradient_accumulation"] == choice.gradient_accumulation
 
 
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:

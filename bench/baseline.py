@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 
-def run(spec_path: Path) -> dict[str, Any]:
+def run(spec_path: Path, dropout_seed: int | None = None) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
@@ -83,7 +83,8 @@ def run(spec_path: Path) -> dict[str, Any]:
         output_dir=str(spec_path.parent / f"{spec.name}-baseline"), per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed, data_seed=t.seed, logging_steps=1,
+        max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed if dropout_seed is None else dropout_seed,
+        data_seed=t.seed, logging_steps=1,
         save_strategy="no", bf16=cuda, use_cpu=not cuda, gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
     parser.add_argument("result", type=Path)
+    parser.add_argument("--dropout-seed", type=int, help="seed the training loop's random numbers (the LoRA dropout "
+                        "masks) apart from the spec's seed; the adapter's initial weights and the data order stay")
     args = parser.parse_args(argv)
-    args.result.write_text(json.dumps(run(args.spec)) + "\n")
+    args.result.write_text(json.dumps(run(args.spec, args.dropout_seed)) + "\n")
     return 0
 
 

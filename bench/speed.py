@@ -69,6 +69,7 @@ VARIANTS = {
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
     "engine_no_lean": ("speed.lean_lora=false",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
+    "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
 
 
@@ -122,8 +123,9 @@ def suite_cases(suite: str) -> list[Case]:
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
-                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_bf16_adapters",
-                                                         "engine_unfused")]
+                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_bf16_adapters", "engine_unfused",
+                                                         "engine_no_lean", "baseline_other_dropout",
+                                                         "baseline_no_dropout", "engine_no_dropout")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
@@ -197,8 +199,9 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
     started = time.time()
     if case.is_baseline:
         result_path = home / "baseline.json"
-        done = subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(result_path)], env=env,
-                              capture_output=True, text=True, timeout=900)
+        reseed = ["--dropout-seed", str(spec.training.seed + 1)] if case.variant == "baseline_other_dropout" else []
+        done = subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(result_path), *reseed],
+                              env=env, capture_output=True, text=True, timeout=900)
         if done.returncode:
             tail = done.stderr[-600:]
             result = {"status": "oom" if "out of memory" in tail.lower() else "failed", "error": tail}
@@ -209,7 +212,7 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
                        text=True, timeout=900)
         runs = sorted((home / "state" / "runs").iterdir()) if (home / "state" / "runs").exists() else []
         result = _engine_result(runs[-1]) if runs else {"status": "failed", "error": "no run directory"}
-    return summarise(case, result, time.time() - started)
+    return summarise(case, result, time.time() - started, spec)
 
 
 def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
@@ -223,10 +226,9 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
             "checkpointing": spec.training.gradient_checkpointing, "checkpoint_layers": spec.training.checkpoint_layers}
 
 
-def summarise(case: Case, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def summarise(case: Case, result: dict[str, Any], wall_s: float, spec: spec_mod.RunSpec) -> dict[str, Any]:
     row: dict[str, Any] = {**dataclasses.asdict(case), "name": case.name, "seq_len": SEQ_LEN, "r": 16,
-                           "wall_s": round(wall_s, 1), "status": result["status"],
-                           "settings": settings_of(case, case_spec(case, Path("model"), Path("data")))}
+                           "wall_s": round(wall_s, 1), "status": result["status"], "settings": settings_of(case, spec)}
     if result["status"] != "completed":
         return {**row, "error": result.get("error", "")}
     timed = [(t, s) for t, s in zip(result["tokens_per_step"][case.warmup:], result["step_seconds"][case.warmup:])
@@ -362,9 +364,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 for r in chosen]
         out.append("")
     curve = {r["variant"]: r for r in rows if r["suite"] == "curve" and r["status"] == "completed"}
-    for variant in sorted(set(curve) - {"baseline"}):
-        if "baseline" in curve:
-            out += [f"{variant}: " + curve_summary(curve["baseline"]["losses"], curve[variant]["losses"]), ""]
+    for variant in sorted(set(curve) - {"baseline", "baseline_no_dropout"}):
+        reference = "baseline_no_dropout" if variant.endswith("no_dropout") else "baseline"
+        if reference in curve:
+            out += [f"{variant} against {reference}: "
+                    + curve_summary(curve[reference]["losses"], curve[variant]["losses"]), ""]
     packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
     if {True, False} <= packing.keys():
         out.append(_packing_summary(packing))

@@ -141,7 +141,19 @@ def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) ->
             spec.training.gradient_checkpointing) == (choice.micro_batch_size, choice.gradient_accumulation,
                                                       choice.gradient_checkpointing)
     assert not spec.training.gradient_checkpointing  # 8B LoRA on 80 GB: no checkpointing, as the README says
-    assert bench_speed.settings_of(case, spec)["gradient_accumulation"] == choice.gradient_accumulation
+    row = bench_speed.summarise(case, {"status": "failed", "error": "x"}, 1.0, spec)
+    assert row["settings"]["gradient_accumulation"] == choice.gradient_accumulation  # what ran, not the case's default
+
+
+def test_benchmark_curves_pair_each_variant_with_its_baseline() -> None:
+    def row(variant: str, losses: list[float]) -> dict[str, Any]:
+        return {"suite": "curve", "shape": "llama-3.2-1b", "method": "lora", "checkpointing": True, "variant": variant,
+                "status": "completed", "losses": losses, "gpu": "H100"}
+
+    text = bench_speed.table([row("baseline", [10.0] * 10), row("engine", [10.2] * 10),
+                              row("baseline_no_dropout", [8.0] * 10), row("engine_no_dropout", [8.0] * 10)])
+    assert "engine against baseline: " in text and "gap of the 5-step moving averages 2.00%" in text
+    assert "engine_no_dropout against baseline_no_dropout: " in text and "averages 0.00%" in text
 
 
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:

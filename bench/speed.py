@@ -118,7 +118,7 @@ def suite_cases(suite: str) -> list[Case]:
         cases += [Case("levers", "llama-3.1-8b", "qlora", True, lever) for lever in ("plain", "fused_all",
                                                                                       "bf16_adapters", "lean_lora")]
         cases += [Case("levers", shape, "lora", True, variant) for shape in SHAPES
-                  for variant in ("engine_no_dropout", "baseline_no_dropout")]
+                  for variant in ("engine_no_dropout", "baseline_no_dropout", "engine_no_lean")]
         cases.append(Case("levers", "llama-3.1-8b", "lora", True, "engine_quarter_checkpointing"))
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":

@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -284,6 +285,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         pending.put(case)
     lock = threading.Lock()
     deadline = time.monotonic() + args.budget_s
+    # Cases are compared only within one machine and one session: the same GPU model on another host
+    # (another CPU, clocks, neighbours) moved the engine's tokens/s by up to 25%.
+    machine = f"{socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M')}"
 
     def worker(gpu: str) -> None:
         os.environ["BENCH_GPU_NAME"] = gpu_name(gpu)
@@ -294,6 +298,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 return
             row = measure(case, work, folders[case.shape], data[case.data], gpu)
             row["gpu"] = row.get("gpu") or gpu_name(gpu)
+            row["machine"] = machine
             with lock:
                 print(f"{case.name:<58} {row['status']:<9} {row.get('tokens_per_s')!s:>9} tok/s "
                       f"{row.get('peak_reserved_gib')!s:>7} GiB  loss {row.get('first_loss')}  {row['wall_s']} s",
@@ -337,38 +342,43 @@ def _packing_summary(packing: dict[bool, dict[str, Any]]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown tables: each case against the baseline (or the plain engine) of the same suite, settings and card."""
+    """Markdown tables, one per suite and machine session: each case against the baseline (or the plain
+    engine) of the same suite, settings, card and session."""
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return row["suite"], row["shape"], row["method"], row["checkpointing"], row.get("gpu")
+        return row["suite"], row["shape"], row["method"], row["checkpointing"], row.get("gpu"), row.get("machine")
 
     def reference_key(row: dict[str, Any]) -> tuple[Any, ...]:
         """The automatic choice is held against the baseline as the issue defines it: checkpointing on."""
-        return (*key(row)[:3], True, key(row)[4]) if row["variant"] == "engine_auto" else key(row)
+        return (*key(row)[:3], True, *key(row)[4:]) if row["variant"] == "engine_auto" else key(row)
 
     def references(variant: str) -> dict[tuple[Any, ...], dict[str, Any]]:
         return {key(r): r for r in rows if r["variant"] == variant and r["status"] == "completed"}
 
     baselines, no_dropout, plains = references("baseline"), references("baseline_no_dropout"), references("plain")
-    gpus = sorted({r.get("gpu", "") for r in rows if r.get("gpu")})
-    out = [f"GPU: {', '.join(gpus)}; sequence {SEQ_LEN}, micro-batch {MICRO_BATCH}, LoRA r=16 on all 7 projections.",
-           ""]
+    out = [f"Sequence {SEQ_LEN}, micro-batch {MICRO_BATCH} unless a row's settings say otherwise, LoRA r=16 on all "
+           "7 projections.", ""]
+    sessions = list(dict.fromkeys(r.get("machine") for r in rows))
     for suite, reference in (("headline", baselines), ("levers", plains)):
-        chosen = [r for r in rows if r["suite"] == suite]
-        if not chosen:
-            continue
         against = "baseline" if suite == "headline" else "plain engine (every lever off)"
-        out += [f"### {suite}: against the {against}", "",
-                "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
-                "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        out += [_table_row(r, (no_dropout if "no_dropout" in r["variant"] else reference).get(reference_key(r)))
-                for r in chosen]
-        out.append("")
-    curve = {r["variant"]: r for r in rows if r["suite"] == "curve" and r["status"] == "completed"}
-    for variant in sorted(set(curve) - {"baseline", "baseline_no_dropout"}):
-        reference = "baseline_no_dropout" if variant.endswith("no_dropout") else "baseline"
-        if reference in curve:
-            out += [f"{variant} against {reference}: "
-                    + curve_summary(curve[reference]["losses"], curve[variant]["losses"]), ""]
+        for session in sessions:
+            chosen = [r for r in rows if r["suite"] == suite and r.get("machine") == session]
+            if not chosen:
+                continue
+            gpus = ", ".join(sorted({r.get("gpu") or "?" for r in chosen}))
+            out += [f"### {suite}: against the {against} ({session or 'earlier sessions'}; {gpus})", "",
+                    "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
+                    "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            out += [_table_row(r, (no_dropout if "no_dropout" in r["variant"] else reference).get(reference_key(r)))
+                    for r in chosen]
+            out.append("")
+    for session in sessions:
+        curve = {r["variant"]: r for r in rows
+                 if r["suite"] == "curve" and r["status"] == "completed" and r.get("machine") == session}
+        for variant in sorted(set(curve) - {"baseline", "baseline_no_dropout"}):
+            reference = "baseline_no_dropout" if variant.endswith("no_dropout") else "baseline"
+            if reference in curve:
+                out += [f"{variant} against {reference} ({session or 'earlier sessions'}): "
+                        + curve_summary(curve[reference]["losses"], curve[variant]["losses"]), ""]
     packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
     if {True, False} <= packing.keys():
         out.append(_packing_summary(packing))

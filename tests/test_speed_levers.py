@@ -122,6 +122,11 @@ def test_benchmark_table_compares_within_one_suite_and_card() -> None:
     text = bench_speed.table([row("headline", "baseline", 5000, 25), {**row("headline", "baseline", 8000, 55),
                                                                       "checkpointing": False}, auto])
     assert next(line for line in text.splitlines() if "engine_auto" in line).endswith("| 2.50x | 1.80x |")
+    # the same card in another machine session is another reference: never mixed
+    text = bench_speed.table([{**row("headline", "baseline", 5000, 25), "machine": "a"},
+                              {**row("headline", "engine", 7500, 17.5), "machine": "b"}])
+    assert "(a; H100)" in text and "(b; H100)" in text
+    assert next(line for line in text.splitlines() if "| engine |" in line).endswith("|  |  |")
 
 
 def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) -> None:
@@ -152,8 +157,8 @@ def test_benchmark_curves_pair_each_variant_with_its_baseline() -> None:
 
     text = bench_speed.table([row("baseline", [10.0] * 10), row("engine", [10.2] * 10),
                               row("baseline_no_dropout", [8.0] * 10), row("engine_no_dropout", [8.0] * 10)])
-    assert "engine against baseline: " in text and "gap of the 5-step moving averages 2.00%" in text
-    assert "engine_no_dropout against baseline_no_dropout: " in text and "averages 0.00%" in text
+    assert "engine against baseline (" in text and "gap of the 5-step moving averages 2.00%" in text
+    assert "engine_no_dropout against baseline_no_dropout (" in text and "averages 0.00%" in text
 
 
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:

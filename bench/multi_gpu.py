@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,8 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         started = time.time()
         done = _cli("train", str(spec_path), home=home)
         row = {"bench": "scaling", "shape": args.shape, "method": method, **_summary(_only_run(home), args.gpus),
-               "wall_s": round(time.time() - started, 1), "gpu": _gpu_name(), "overrides": args.set}
+               "wall_s": round(time.time() - started, 1), "gpu": _gpu_name(), "overrides": args.set,
+               "machine": socket.gethostname()}
         if done.returncode and not row["errors"]:
             row["errors"] = [done.stderr[-400:]]
         print(json.dumps(row), flush=True)
@@ -95,15 +97,18 @@ def _gpu_name() -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Tokens/s on 1 and N GPUs, scaling efficiency and peak memory per GPU; then the stop/resume check."""
-    out = ["| shape | method | GPUs | tokens/s | scaling efficiency | peak reserved GiB per GPU | batch |",
-           "|---|---|---|---|---|---|---|"]
-    single = {(r["shape"], r["method"]): r for r in rows if r.get("bench") == "scaling" and r["gpus"] == 1}
+    out = ["| machine | shape | method | steps | GPUs | tokens/s | scaling efficiency | peak reserved GiB per GPU |",
+           "|---|---|---|---|---|---|---|---|"]
+    # 1 and N GPUs are compared only within one machine session
+    single = {(r["shape"], r["method"], r.get("machine")): r for r in rows
+              if r.get("bench") == "scaling" and r["gpus"] == 1}
     for r in (r for r in rows if r.get("bench") == "scaling"):
-        one = single.get((r["shape"], r["method"]), {})
+        one = single.get((r["shape"], r["method"], r.get("machine")), {})
         efficiency = (f"{r['tokens_per_s'] / (r['gpus'] * one['tokens_per_s']):.0%}"
                       if r["gpus"] > 1 and r.get("tokens_per_s") and one.get("tokens_per_s") else "")
-        out.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | {r.get('tokens_per_s') or r.get('status')} | "
-                   f"{efficiency} | {', '.join(str(g) for g in r['peak_reserved_gib_per_gpu'])} | {r.get('batch')} |")
+        out.append(f"| {r.get('machine') or 'earlier session'} | {r['shape']} | {r['method']} | {r['steps']} | "
+                   f"{r['gpus']} | {r.get('tokens_per_s') or r.get('status')} | {efficiency} | "
+                   f"{', '.join(str(g) for g in r['peak_reserved_gib_per_gpu'])} |")
     for r in (r for r in rows if r.get("bench") == "stop-resume"):
         out.append(f"\nStop/resume on {r['gpus']} GPUs: stopped `{r['stopped_status']}` at step {r['stopped_at']} "
                    f"(checkpoints {', '.join(r['checkpoints'])}); resumed steps {r['steps_after_resume']} ... "

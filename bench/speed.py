@@ -285,9 +285,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         pending.put(case)
     lock = threading.Lock()
     deadline = time.monotonic() + args.budget_s
-    # Cases are compared only within one machine and one session: the same GPU model on another host
-    # (another CPU, clocks, neighbours) moved the engine's tokens/s by up to 25%.
-    machine = f"{socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M')}"
+    # Cases are compared only within one machine: the same GPU model on another host (another CPU,
+    # clocks, neighbours) moved the engine's tokens/s by up to 25%.
+    machine = socket.gethostname()
 
     def worker(gpu: str) -> None:
         os.environ["BENCH_GPU_NAME"] = gpu_name(gpu)

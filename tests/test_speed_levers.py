@@ -267,3 +267,14 @@ def test_lean_lora_leaves_disabled_and_merged_adapters_to_peft() -> None:
         assert torch.allclose(lean(input_ids=tokens).logits, with_adapter, atol=1e-5)  # not added twice
         lean.unmerge_adapter()
         assert torch.allclose(lean(input_ids=tokens).logits, with_adapter, atol=1e-5)
+
+
+def test_multi_gpu_table_scales_against_one_gpu_of_the_same_machine() -> None:
+    from bench import multi_gpu
+
+    def row(gpus: int, tokens: float, machine: str) -> dict[str, Any]:
+        return {"bench": "scaling", "shape": "llama-3.1-8b", "method": "lora", "steps": 32, "gpus": gpus,
+                "tokens_per_s": tokens, "peak_reserved_gib_per_gpu": [17.9] * gpus, "machine": machine}
+
+    text = multi_gpu.table([row(1, 9000, "a"), row(1, 5000, "b"), row(2, 15300, "a")])
+    assert "| a | llama-3.1-8b | lora | 32 | 2 | 15300 | 85% | 17.9, 17.9 |" in text

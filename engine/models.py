@@ -83,13 +83,19 @@ def resolve(spec: RunSpec) -> ModelSource:
                              hint="a model folder needs config.json and weights (*.safetensors); "
                                   "or name a .gguf file")
         return ModelSource(str(path.resolve()), is_local=True, label=str(path))
+    check_hub_id(name, "model.name")
+    return ModelSource(name, revision=spec.model.revision, gguf_file=spec.model.gguf_file, label=name)
+
+
+def check_hub_id(name: str, what: str) -> None:
+    """Raise a ModelError when `name`, which is neither a catalog model nor an existing path, cannot be a
+    hub id either (a path that does not exist, say): what it is not, and the catalog names it may mean."""
     looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
     if looks_like_path or not HUB_ID.match(name):
-        close = [n for n in entries if n.startswith(name[:4])][:3]
-        raise ModelError(f"model.name {name!r} is not a catalog model, an existing path or a hub id (org/name)",
+        close = [n for n in catalog.models() if n.startswith(name[:4])][:3]
+        raise ModelError(f"{what} {name!r} is not a catalog model, an existing path or a hub id (org/name)",
                          hint="see `tunewiz models` for catalog names" + (f" (maybe {', '.join(close)}?)" if close
                                                                            else ""))
-    return ModelSource(name, revision=spec.model.revision, gguf_file=spec.model.gguf_file, label=name)
 
 
 def _conversion_dir(gguf: Path) -> Path:

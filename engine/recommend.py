@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import catalog
+from engine import catalog, models
 from engine.errors import ModelError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, ModelArch, Settings, estimate
 from engine.hardware import GpuInfo, HardwareReport
@@ -315,6 +315,7 @@ def arch_for(model: str) -> ModelArch:
         return _arch_from(path / "config.json")
     if path.suffix == ".gguf":
         raise ModelError("cannot estimate a .gguf file before it is converted", hint="train it once, or use a hub id")
+    models.check_hub_id(model, "model")
     try:
         from huggingface_hub import hf_hub_download
 

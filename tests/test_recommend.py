@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,21 @@ def test_estimate_of_exactly_a_spec() -> None:
                           '[training]\nmicro_batch_size = 1\nmax_seq_length = 4096\n')
     expected = estimate(arch_for("llama-3.1-8b"), Settings(method="qlora", micro_batch_size=1, seq_len=4096))
     assert estimate_spec(spec) == expected
+
+
+def test_a_missing_folder_is_named_as_such_without_asking_the_hub(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    import huggingface_hub
+
+    from engine.errors import ModelError
+    from engine.recommend import arch_for
+
+    def hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    with pytest.raises(ModelError, match=r"model '.*missing' is not a catalog model, an existing path or a hub id"):
+        arch_for(str(tmp_path / "missing"))
+    with pytest.raises(ModelError) as typo:
+        arch_for("llama-3.1-8bb")
+    assert "maybe llama-3.2-1b, llama-3.2-3b, llama-3.1-8b" in str(typo.value.hint)

@@ -278,3 +278,16 @@ def test_multi_gpu_table_scales_against_one_gpu_of_the_same_machine() -> None:
 
     text = multi_gpu.table([row(1, 9000, "a"), row(1, 5000, "b"), row(2, 15300, "a")])
     assert "| a | llama-3.1-8b | lora | 32 | 2 | 15300 | 85% | 17.9, 17.9 |" in text
+
+
+def test_lean_lora_compiles_without_graph_breaks() -> None:
+    """`speed.compile` traces the lean forward whole: no graph break, the same loss and gradients."""
+    import torch
+    import torch._dynamo
+
+    reference_loss, reference_grads = _loss_and_grads(_lora_llama(lean=True))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss, grads = _loss_and_grads(torch.compile(_lora_llama(lean=True), backend="aot_eager"))
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch.allclose(loss, reference_loss, atol=1e-6) and torch.allclose(grads, reference_grads, atol=1e-5)

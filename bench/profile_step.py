@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: the engine's model set-up, profiled with torch.profiler.
 
-    python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain]
+    python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--trace T.json.gz]
 
 It builds the model exactly as the engine's trainer does (engine.models.load_model and
 engine.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048 random tokens under bf16 autocast with fused
@@ -16,6 +16,7 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 KINDS = (  # first match wins
     ("4-bit dequantise", r"dequant|kgemm_4bit|nf4"),
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--plain", action="store_true", help="every speed lever off")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--trace", type=Path, help="also record CPU activity with Python stacks, write this Chrome "
+                        "trace (.json or .json.gz) and print where the GPU waits for the host (bench.host_gaps)")
     args = parser.parse_args()
 
     spec = spec_mod.RunSpec(method=args.method)
@@ -101,6 +104,24 @@ def main() -> None:
     print("  costliest kernels:")
     for name, ms in sorted(per_kernel.items(), key=lambda item: -item[1])[:10]:
         print(f"    {ms:>8.1f} ms  {name[:110]}")
+    if args.trace:
+        trace_host_gaps(step, args.trace, args.steps)
+
+
+def trace_host_gaps(step: Any, path: Path, steps: int) -> None:
+    """Profile `steps` more steps with CPU activity and Python stacks; write the trace; print the host gaps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import host_gaps
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path))
+    print(f"trace: {path}")
+    print(host_gaps.render(host_gaps.analyse(host_gaps.load(path)), steps=steps))
 
 
 if __name__ == "__main__":

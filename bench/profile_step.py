@@ -4,9 +4,11 @@
 
 It builds the model exactly as the engine's trainer does (engine.models.load_model and
 engine.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
-random tokens under bf16 autocast with fused AdamW, and prints GPU kernel time per step grouped by kind (matmuls, attention, fused kernels,
-4-bit dequantisation, elementwise and copies, optimiser, ...), plus the ten costliest kernels, and
-the wall time of a synchronised step (its excess over the GPU time is time the GPU waits for the host).
+random tokens under bf16 autocast with fused AdamW, and prints GPU kernel time per step grouped by
+kind (matmuls, attention, fused kernels, 4-bit dequantisation, elementwise and copies, optimiser, ...),
+plus the ten costliest kernels, and the wall time of a synchronised step (its excess over the GPU time
+is time the GPU waits for the host). `--trace` also records the host side and charges those waits to
+Python frames (bench/host_gaps.py).
 """
 
 from __future__ import annotations

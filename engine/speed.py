@@ -87,8 +87,9 @@ def _lean_lora_forward(self: Any, x: "torch.Tensor", *args: Any, **kwargs: Any) 
 
     peft casts the input up to the adapters' fp32 before A (a full copy of the activations that
     autocast then casts back down) and adds the scaled adapter output in two more passes. Here the
-    input goes to A as it is (autocast runs A in the compute dtype either way) and the scaling and
-    the add happen inside B's matmul (`addmm`'s alpha and bias). Anything else (adapters disabled
+    input goes to A as it is (autocast runs A in the compute dtype either way), and B's matmul does
+    the scaling and the add (`addmm`: alpha = scaling, the frozen layer's output as the term added).
+    Anything else (adapters disabled
     or merged, several adapters, DoRA and other variants, mixed-adapter batches, no autocast with
     mismatched dtypes) goes to peft's own forward.
     """

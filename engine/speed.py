@@ -89,9 +89,8 @@ def _lean_lora_forward(self: Any, x: "torch.Tensor", *args: Any, **kwargs: Any) 
     autocast then casts back down) and adds the scaled adapter output in two more passes. Here the
     input goes to A as it is (autocast runs A in the compute dtype either way), and B's matmul does
     the scaling and the add (`addmm`: alpha = scaling, the frozen layer's output as the term added).
-    Anything else (adapters disabled
-    or merged, several adapters, DoRA and other variants, mixed-adapter batches, no autocast with
-    mismatched dtypes) goes to peft's own forward.
+    Anything else (adapters disabled or merged, several adapters, DoRA and other variants,
+    mixed-adapter batches, no autocast with mismatched dtypes) goes to peft's own forward.
     """
     import torch
 

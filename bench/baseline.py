@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any
 
 
+def loop_seeds(seed: int, dropout_seed: int | None) -> dict[str, int]:
+    """TrainingArguments' seeds: `seed` drives the loop's random numbers (the LoRA dropout masks),
+    `data_seed` the data order, which stays the spec's whatever the dropout seed. The adapter's
+    initial weights come from the spec's seed before the Trainer exists."""
+    return {"seed": seed if dropout_seed is None else dropout_seed, "data_seed": seed}
+
+
 def run(spec_path: Path, dropout_seed: int | None = None) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -83,8 +90,7 @@ def run(spec_path: Path, dropout_seed: int | None = None) -> dict[str, Any]:
         output_dir=str(spec_path.parent / f"{spec.name}-baseline"), per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed if dropout_seed is None else dropout_seed,
-        data_seed=t.seed, logging_steps=1,
+        max_grad_norm=t.max_grad_norm, optim="adamw_torch", **loop_seeds(t.seed, dropout_seed), logging_steps=1,
         save_strategy="no", bf16=cuda, use_cpu=not cuda, gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,

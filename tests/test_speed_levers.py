@@ -291,3 +291,10 @@ def test_lean_lora_compiles_without_graph_breaks() -> None:
     loss, grads = _loss_and_grads(torch.compile(_lora_llama(lean=True), backend="aot_eager"))
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch.allclose(loss, reference_loss, atol=1e-6) and torch.allclose(grads, reference_grads, atol=1e-5)
+
+
+def test_baseline_dropout_seed_changes_only_the_loops_random_numbers() -> None:
+    from bench.baseline import loop_seeds
+
+    assert loop_seeds(42, None) == {"seed": 42, "data_seed": 42}
+    assert loop_seeds(42, 43) == {"seed": 43, "data_seed": 42}  # the same data order, other dropout masks

@@ -20,8 +20,8 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, RichLog, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
 from engine.render import duration
@@ -53,6 +53,8 @@ STOP_OUTCOMES = {
     "killed": "The engine had to be killed: it resumes from its last periodic checkpoint.",
     "not running": "The run had already ended.",
 }
+EXPORT_KINDS = {"adapter": "the adapter", "merged": "a merged model", "gguf-q8_0": "GGUF q8_0 + Modelfile",
+                "gguf-q4_k_m": "GGUF q4_k_m + Modelfile", "gguf-f16": "GGUF f16 + Modelfile"}
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
@@ -311,41 +313,6 @@ def log_line(line: LogLine) -> Text:
     return Text.assemble((clock_text(line.time) + " ", "dim"), (line.text, LEVEL_STYLES.get(line.level, "")))
 
 
-class ExportDialog(ModalScreen["str | None"]):
-    """Choose what to export: `adapter` or `merged`; Esc cancels."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("a", "choose('adapter')", "Adapter"),
-        Binding("m", "choose('merged')", "Merged model"),
-        Binding("escape,n", "choose(None)", "Cancel"),
-    ]
-
-    def __init__(self, adapter_out: Path, merged_out: Path) -> None:
-        super().__init__(classes="dialog-screen")
-        self.adapter_out, self.merged_out = adapter_out, merged_out
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Static(Text("Export the trained model", style="bold"), classes="dialog-title")
-            yield Static(Text.assemble(
-                ("a  Adapter only", "bold"), " (a few MB; load it on top of the base model with peft)\n",
-                (f"   → {self.adapter_out}\n", "dim"),
-                ("m  Merged model", "bold"), " (the base model with the adapter merged in; plain transformers "
-                "loads it; takes a minute and the model's full size on disk)\n",
-                (f"   → {self.merged_out}", "dim")), classes="dialog-body")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Adapter (a)", id="adapter", compact=True)
-                yield Button("Merged (m)", id="merged", compact=True)
-                yield Button("Cancel (esc)", id="cancel", compact=True)
-
-    def action_choose(self, what: str | None) -> None:
-        self.dismiss(what)
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(None if event.button.id == "cancel" else event.button.id)
-
-
 class DashboardScreen(Screen[None]):
     """Watch one run: header, charts, resources, samples and log; stop, resume, export, detach."""
 
@@ -403,7 +370,9 @@ class DashboardScreen(Screen[None]):
         self._reader: BulkEventReader | None = None
         self._model: RunModel | None = None
         self._evaluating = False
-        self._eval_progress: str | None = None
+        self._exporting = False
+        self._task_progress: str | None = None
+        """What a running evaluation or export says it is doing."""
         self.eval_summary: dict[str, Any] | None = None
         """The stored before/after evaluation (read once the run has ended)."""
         self.snapshots = 0
@@ -549,7 +518,7 @@ class DashboardScreen(Screen[None]):
         alert = self.query_one("#run-alert", Static)
         text = alert_text(self.view, tall=self.size.height >= TALL)
         if text is not None and self.run_state == "completed":
-            extra = (Text(f"Evaluating: {self._eval_progress}", style="yellow") if self._eval_progress
+            extra = (Text(self._task_progress, style="yellow") if self._task_progress
                      else evaluation_text(self.eval_summary))
             if extra is not None:
                 text.append("\n")
@@ -609,7 +578,7 @@ class DashboardScreen(Screen[None]):
         if action == "resume":
             return state in ("cancelled", "failed", "dead") and not self._resuming
         if action == "export":
-            return state == "completed"
+            return state == "completed" and not self._exporting
         if action in ("chat", "compare"):
             return state in ("completed", "cancelled", "failed", "dead") and self._has_adapter()
         if action == "evaluate":
@@ -721,24 +690,26 @@ class DashboardScreen(Screen[None]):
             self.follow()
 
     def action_export(self) -> None:
-        base = Path.cwd()
-        adapter_out = base / f"{self.run.run_id}-adapter"
-        merged_out = base / f"{self.run.run_id}-merged"
+        from tui.screens.dialogs import ExportDialog
 
-        def chosen(what: str | None) -> None:
-            if what:
-                out = adapter_out if what == "adapter" else merged_out
-                self.notify(f"Exporting the {what} to {out}…", timeout=8)
-                self.export_run(what == "merged", out)
+        def chosen(kind: str | None) -> None:
+            if kind:
+                self._exporting = True
+                self.refresh_bindings()
+                self.notify(f"Exporting ({EXPORT_KINDS[kind]})…", timeout=8)
+                self.export_run(kind)
 
-        self.app.push_screen(ExportDialog(adapter_out, merged_out), chosen)
+        self.app.push_screen(ExportDialog(self.run.path / "exports"), chosen)
 
-    @work(thread=True, exclusive=False, group="export", exit_on_error=False)
-    def export_run(self, merged: bool, out: Path) -> None:
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
+    def export_run(self, kind: str) -> None:
         from tui.services import ServiceError
 
+        def progress(message: str) -> None:
+            self.post_message(RunActionDone("progress-export", self.run.run_id, message))
+
         try:
-            result = self.app.services.export(self.run, merged, out)  # type: ignore[attr-defined]
+            result = self.app.services.export(self.run, kind, progress)  # type: ignore[attr-defined]
         except ServiceError as exc:
             self.post_message(RunActionDone("export", self.run.run_id, error=str(exc), hint=exc.hint))
             return
@@ -755,13 +726,15 @@ class DashboardScreen(Screen[None]):
         if message.action == "progress":
             self.notify(str(message.result))
             return
-        if message.action == "progress-eval":
-            self._eval_progress = str(message.result)
+        if message.action in ("progress-eval", "progress-export"):
+            self._task_progress = ("Evaluating: " if message.action == "progress-eval" else "Exporting: ") + str(
+                message.result)
             self._draw_alert()
             return
-        if message.action == "evaluate":
-            self._evaluating = False
-            self._eval_progress = None
+        if message.action in ("evaluate", "export"):
+            self._evaluating = self._evaluating and message.action != "evaluate"
+            self._exporting = self._exporting and message.action != "export"
+            self._task_progress = None
             self.refresh_bindings()
             self._draw_alert()
         if message.error:
@@ -771,11 +744,15 @@ class DashboardScreen(Screen[None]):
                 self._resuming = False
                 self.refresh_bindings()
             return
-        if message.action == "evaluate":
+        if message.action in ("evaluate", "export"):
             from tui.screens.dialogs import MessageDialog
 
-            self.app.push_screen(MessageDialog("Before and after", str(message.result),
-                                               f"every answer is in {self.run.path / 'eval' / 'report.md'}"))
+            if message.action == "evaluate":
+                self.app.push_screen(MessageDialog("Before and after", str(message.result),
+                                                   f"every answer is in {self.run.path / 'eval' / 'report.md'}"))
+            else:
+                self.app.push_screen(MessageDialog("Exported", str(message.result)))
+            log.write(Text.assemble((clock_text(self._now()) + " ", "dim"), (f"{message.action}: done", "bold")))
             return
         texts = {"stop": STOP_OUTCOMES.get(str(message.result), f"stop: {message.result}"),
                  "resume": f"resumed ({message.result})", "export": f"export: {message.result}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
@@ -125,3 +126,43 @@ class SamplingDialog(ModalScreen["SamplingSettings | None"]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ExportDialog(ModalScreen["str | None"]):
+    """Choose what to export: the adapter, a merged model or a GGUF file (with an Ollama Modelfile)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "choose('adapter')", "Adapter"),
+        Binding("m", "choose('merged')", "Merged"),
+        Binding("g", "choose('gguf-q8_0')", "GGUF q8_0"),
+        Binding("k", "choose('gguf-q4_k_m')", "GGUF q4_k_m"),
+        Binding("escape,n", "choose(None)", "Cancel"),
+    ]
+
+    def __init__(self, exports: Path) -> None:
+        super().__init__(classes="dialog-screen")
+        self.exports = exports
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Export the trained model", style="bold"), classes="dialog-title")
+            yield Static(Text.assemble(
+                ("a  Adapter only", "bold"), ": a few MB, loaded on top of the base model with peft\n",
+                ("m  Merged model", "bold"), ": the base model with the adapter merged in; plain transformers "
+                "loads it (the model's full size on disk)\n",
+                ("g  GGUF q8_0", "bold"), ": one file for llama.cpp, Ollama and LM Studio, with a Modelfile\n",
+                ("k  GGUF q4_k_m", "bold"), ": the small size most people download (needs llama-cpp-python)\n",
+                (f"Into {self.exports}/…; every export is re-loaded and checked against the adapter.", "dim")),
+                classes="dialog-body")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Adapter (a)", id="adapter", compact=True)
+                yield Button("Merged (m)", id="merged", compact=True)
+                yield Button("GGUF (g)", id="gguf-q8_0", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def action_choose(self, what: str | None) -> None:
+        self.dismiss(what)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(None if event.button.id == "cancel" else event.button.id)

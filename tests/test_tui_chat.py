@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, OptionList
 
 from engine.chat_client import Reply, SamplingSettings
 from tests.test_tui_dashboard import FIXED, make_services, place, shown, text_of, wait_until
 from tui.app import TunewizApp
 from tui.screens.chat import ChatScreen
 from tui.screens.dashboard import DashboardScreen
-from tui.screens.dialogs import MessageDialog, SamplingDialog
+from tui.screens.dialogs import ChoiceDialog, MessageDialog, SamplingDialog
 from tui.screens.runs import RunsScreen
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,6 +193,34 @@ async def test_sampling_settings_are_edited_and_checked(tmp_path: Path) -> None:
         await send(pilot, "hi")
         await wait_until(pilot, lambda: fake.requests, "a request")
         assert fake.requests[0][3].temperature == 0.7
+
+
+@pytest.mark.asyncio
+async def test_any_checkpoint_can_be_chosen(tmp_path: Path) -> None:
+    app, _, placed = chat_app(tmp_path / "runs")
+    output = placed.runs["completed"].output_dir()
+    for step in (12, 24):
+        (output / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    asked: list[int | None] = []
+
+    def chat(run: Any, checkpoint: int | None) -> FakeChatClient:
+        asked.append(checkpoint)
+        return FakeChatClient()
+
+    app.services.chat = chat
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: not screen.busy and screen.answers, "an answer")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChoiceDialog), "the checkpoint choice")
+        labels = [str(o.prompt) for o in pilot.app.screen.query_one(OptionList).options]
+        assert labels == ["the final adapter", "checkpoint 12", "checkpoint 24"]
+        await pilot.press("down", "enter")
+        await wait_until(pilot, lambda: pilot.app.screen is screen and screen.ready is not None, "the new model")
+        assert asked == [None, 12] and not screen.answers and not screen.conversation.history[True]
+        assert "checkpoint 12" in text_of(screen.query_one("#chat-title"))
 
 
 @pytest.mark.asyncio

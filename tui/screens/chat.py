@@ -65,10 +65,11 @@ class ChatScreen(Screen[None]):
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape", "escape", "Stop answer / Back"),
-        Binding("ctrl+b", "compare", "Compare with base"),
+        Binding("escape", "escape", "Back/stop"),
+        Binding("ctrl+b", "compare", "Compare"),
         Binding("ctrl+r", "new_chat", "New chat"),
         Binding("ctrl+s", "settings", "Settings"),
+        Binding("ctrl+o", "checkpoint", "Checkpoint"),
     ]
 
     def __init__(self, run: Any, checkpoint: int | None = None, compare: bool = False) -> None:
@@ -89,9 +90,14 @@ class ChatScreen(Screen[None]):
     def busy(self) -> bool:
         return bool(self.pending)
 
-    def compose(self) -> ComposeResult:
+    def _title(self) -> Text:
         which = f"checkpoint {self.checkpoint}" if self.checkpoint else "final adapter"
-        yield Static(Text.assemble(("Chat ", "bold"), f"· run {self.run.run_id} · {which}"), id="chat-title")
+        if self.ready is not None and self.ready.get("checkpoint") and not self.checkpoint:
+            which = f"checkpoint {self.ready['checkpoint']} (the newest)"
+        return Text.assemble(("Chat ", "bold"), f"· run {self.run.run_id} · {which}")
+
+    def compose(self) -> ComposeResult:
+        yield Static(self._title(), id="chat-title")
         yield Static(Text("starting the model…", style="yellow"), id="chat-status")
         yield VerticalScroll(id="chat-log")
         yield Input(placeholder="Type a message, Enter sends", id="chat-input", disabled=True)
@@ -128,6 +134,7 @@ class ChatScreen(Screen[None]):
             self._status(Text(str(data.get("message", "")), style="yellow"))
         elif message.type == "ready":
             self.ready = data
+            self.query_one("#chat-title", Static).update(self._title())
             self.query_one("#chat-input", Input).disabled = False
             self.query_one("#chat-input", Input).focus()
             self._status_ready()
@@ -252,6 +259,46 @@ class ChatScreen(Screen[None]):
                 self._status_ready()
 
         self.app.push_screen(SamplingDialog(self.settings), chosen)
+
+    def action_checkpoint(self) -> None:
+        """Chat with another checkpoint of the run: a new chat process loads it."""
+        from engine.rundir import checkpoint_steps
+        from tui.screens.dialogs import ChoiceDialog
+
+        if self.busy:
+            self.notify("Wait for the answer, or press Esc to stop it.")
+            return
+        steps = sorted(checkpoint_steps(self.run.output_dir()))
+        final = (self.run.output_dir() / "adapter" / "adapter_config.json").exists()
+        options = ([("final", "the final adapter")] if final else []) + [(str(s), f"checkpoint {s}") for s in steps]
+        if len(options) < 2:
+            self.notify("This run has no other checkpoint to chat with.")
+            return
+
+        def chosen(value: str | None) -> None:
+            if value is None:
+                return
+            checkpoint = None if value == "final" else int(value)
+            if checkpoint == self.checkpoint:
+                return
+            self.checkpoint = checkpoint
+            self._restart()
+
+        self.app.push_screen(ChoiceDialog("Chat with which checkpoint?", options), chosen)
+
+    def _restart(self) -> None:
+        """Drop the conversation and the chat process; start one for `self.checkpoint`."""
+        if self.client is not None:
+            self.client.close(timeout=2.0)
+        self.client, self.ready, self.failed = None, None, None
+        self.pending.clear()
+        self.answers.clear()
+        self.conversation.reset()
+        self.query_one("#chat-log", VerticalScroll).remove_children()
+        self.query_one("#chat-input", Input).disabled = True
+        self.query_one("#chat-title", Static).update(self._title())
+        self._status(Text("starting the model…", style="yellow"))
+        self.converse()
 
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:

@@ -169,12 +169,20 @@ def find(prefix: str, runs_root: Path | None = None) -> RunDir:
     raise RunNotFound(f"{prefix!r} matches {len(matches)} runs ({names}); type more of the id")
 
 
-def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
-    """The newest complete checkpoint under `output_dir/checkpoints` and its step, if any."""
-    best: tuple[Path, int] | None = None
+def checkpoint_steps(output_dir: Path) -> dict[int, Path]:
+    """The complete checkpoints under `output_dir/checkpoints`, by step."""
+    found = {}
     for path in (output_dir / "checkpoints").glob("checkpoint-*"):
         step_text = path.name.rpartition("-")[2]
         if step_text.isdigit() and (path / "trainer_state.json").exists():
-            if best is None or int(step_text) > best[1]:
-                best = (path, int(step_text))
-    return best
+            found[int(step_text)] = path
+    return found
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint under `output_dir/checkpoints` and its step, if any."""
+    steps = checkpoint_steps(output_dir)
+    if not steps:
+        return None
+    newest = max(steps)
+    return steps[newest], newest

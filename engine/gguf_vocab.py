@@ -71,6 +71,14 @@ def _tokens_by_id(tokenizer: Any, n_vocab: int) -> list[str | None]:
     return tokens
 
 
+def adds_special(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether the tokenizer puts BOS in front of, and EOS after, the text it encodes."""
+    probe = tokenizer("a")["input_ids"]
+    bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+    eos = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+    return bos, eos
+
+
 def read_vocab(tokenizer: Any, n_vocab: int, chat_template: str | None, stop_ids: list[int]) -> Vocab:
     """The GGUF vocabulary of a (fast) Hugging Face tokenizer, padded to the model's `n_vocab` rows.
 
@@ -126,9 +134,7 @@ def read_vocab(tokenizer: Any, n_vocab: int, chat_template: str | None, stop_ids
     extra_stops = [i for i in stop_ids if i != ids.get("eos")]
     if extra_stops:
         ids["eot"] = int(extra_stops[0])
-    probe = tokenizer("a")["input_ids"]
-    add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
-    add_eos = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+    add_bos, add_eos = adds_special(tokenizer)
     special.special_token_ids = ids
     special.add_special_token = {"bos": add_bos, "eos": add_eos}
     special.chat_template = chat_template

@@ -119,7 +119,7 @@ def read_vocab(tokenizer: Any, n_vocab: int, chat_template: str | None, stop_ids
         style, pre, token_scores = "gpt2", _pre_tokenizer_name(tokenizer_json), None
     elif model["type"] in ("BPE", "Unigram"):
         style, pre, token_scores = "llama", "default", scores
-        special.merges = []  # SentencePiece merges by score
+        special.merges, special.load_merges = [], False  # SentencePiece merges by score
         if model["type"] == "Unigram":
             token_scores = [float(score) for _piece, score in model["vocab"]] + scores[len(model["vocab"]):]
     else:

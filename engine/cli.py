@@ -188,14 +188,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from engine import export
 
     run = rundir.find(args.run)
-    default_name = f"{run.run_id}-merged" if args.merged else f"{run.run_id}-adapter"
-    out = Path(args.out).expanduser() if args.out else Path.cwd() / default_name
-    if args.merged:
-        export.export_merged(run, out, args.dtype, on_progress=lambda msg: print(msg, flush=True))
-        print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    out = Path(args.out).expanduser().resolve() if args.out else None
+    say = lambda msg: print(msg, flush=True)  # noqa: E731 - the progress callback
+    if args.merged and args.gguf:
+        return _fail("choose one of --merged and --gguf")
+    if args.gguf:
+        result = export.export_gguf(run, args.gguf, out, on_progress=say, verify_limit=args.verify_limit)
+    elif args.merged:
+        result = export.export_merged(run, out, args.dtype, on_progress=say, verify_limit=args.verify_limit)
     else:
-        export.export_adapter(run, out)
-        print(f"adapter copied to {out}")
+        print(f"adapter copied to {export.export_adapter(run, out)}")
+        return 0
+    for line in result.lines:
+        print(line)
     return 0
 
 
@@ -270,11 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("export", help="copy a run's adapter, or write a merged model (--merged)")
+    p = sub.add_parser("export", help="copy a run's adapter, or write a merged model (--merged) or a GGUF file "
+                                      "with an Ollama Modelfile (--gguf TYPE)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--merged", action="store_true", help="merge the adapter into a standalone 16-bit model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="merged weights' dtype")
-    p.add_argument("--out", metavar="DIR", help="where to write (default: ./RUN-adapter or ./RUN-merged)")
+    p.add_argument("--gguf", metavar="TYPE", choices=["f16", "bf16", "q8_0", "q4_k_m"],
+                   help="write one GGUF file of this type (f16, bf16, q8_0; q4_k_m needs llama-cpp-python) "
+                        "and an Ollama Modelfile")
+    p.add_argument("--verify-limit", type=int, metavar="N",
+                   help="check the export on at most N held-out prompts (default: all of them)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: RUN/exports/KIND in the run directory)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list built-in and user presets")

@@ -80,8 +80,9 @@ def stop(run: RunDir, grace_s: float = 120.0, term_grace_s: float = 30.0,
     say("stop requested: the engine finishes its step and saves a checkpoint")
     if _wait(lambda: not run.engine_alive(), grace_s):
         return "graceful"
-    # engine.pid first: it names the live engine even when status.json is lost or stale
-    status = run.recorded_engine() or run.status()
+    status = run.status()
+    if not isinstance(status.get("pgid"), int):  # status.json lost or damaged: engine.pid still names the engine
+        status = run.recorded_engine() or status
     pgid = status.get("pgid")
     host = status.get("host")
     if isinstance(host, str) and host != socket.gethostname():

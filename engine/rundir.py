@@ -183,8 +183,8 @@ def process_identity(pid: int) -> str | None:
     """Something that tells this process from a later one with the same pid (its start time), or
     None when no such process exists."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[19]  # field 22, starttime, counted after the command name
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # after the command name
+        return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has ended; field 22 is starttime
     except FileNotFoundError:
         return None
     except OSError:

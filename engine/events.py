@@ -135,7 +135,7 @@ def repair_tail(path: Path) -> int:
         except ValueError:
             whole = False
         if whole:
-            _write_all(fd, b"\n")
+            os.pwrite(fd, b"\n", size)
             return 0
         if cut == 0 and start > 0:  # a torn line longer than the window: find its start the slow way
             cut = _last_newline_before(fd, start) - start

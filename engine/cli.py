@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.print_launch and (args.hosts != 1 or args.gpus_per_host is not None or args.main_ip):
         return _fail("--hosts, --gpus-per-host and --main-ip go with --print-launch")
-    overrides = [*(args.set or []), *([f"name={json.dumps(args.name)}"] if args.name else [])]
+    overrides = [*(args.set or []), *([f"name={json.dumps(args.name)}"] if args.name is not None else [])]
     spec, source = presets.resolve(args.preset, overrides)  # --name is checked like every spec key
     if spec.model.trust_remote_code and not args.trust_remote_code:
         return _fail(f"{args.preset} sets model.trust_remote_code: loading the model would run Python code from its "

@@ -503,6 +503,7 @@ def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource
     gpu = torch.cuda.get_device_name(0) if device != "cpu" else None
     card = {"run_id": ctx.run.run_id, "spec": spec_mod.to_dict(ctx.spec), "base_model": source.name_or_path,
             "base_model_label": source.label, "versions": _library_versions(), "device": device, "gpu": gpu,
+            "trust_remote_code": ctx.spec.model.trust_remote_code,  # the model's own code ran (the user's choice)
             "dataset": {"fingerprint": data.fingerprint, **{k: v for k, v in data.stats.items() if k != "problems"}},
             "metrics": metrics, "trainer_metrics": dict(result.metrics) if result else {}}
     atomic_write_json(output / "run_card.json", json.loads(json.dumps(card, default=str)))

@@ -133,6 +133,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
         return 1
     if plan is not None:
         code = _supervise(ctx, plan)
+        run.reserve_path.unlink(missing_ok=True)
         os.close(lock_fd)
         return code
     _emit_started(ctx)

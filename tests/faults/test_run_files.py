@@ -258,3 +258,25 @@ def test_a_cache_that_does_not_match_its_fingerprint_or_checksum_is_ignored(tmp_
     arrays["train_ids"][0] = 999  # altered tokens
     np.savez(cache, **arrays)
     assert load_cache(cache, "abcd") is None
+
+
+@pytest.mark.parametrize(("error", "free", "expected"), [
+    (OSError(errno.ENOSPC, "No space left on device"), 10**9, "full"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), 10**9, "full"),
+    (OSError(errno.EIO, "Input/output error"), 10**9, "io"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), 1000, "full"),  # torch's checkpoint writer drops the errno
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 10**9, None),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), 10**9, "full"),
+    (ValueError("a bug"), 1000, None),
+])
+def test_disk_trouble_is_told_from_the_error_and_the_free_space(error: BaseException, free: int, expected: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    from engine import fileio
+
+    monkeypatch.setattr(fileio, "free_bytes", lambda _path: free)
+    wrapped = RuntimeError("the trainer failed")
+    wrapped.__cause__ = error
+    assert fileio.disk_trouble(error, tmp_path) == expected
+    assert fileio.disk_trouble(wrapped, tmp_path) == expected  # found through the chain of causes

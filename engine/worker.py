@@ -118,7 +118,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
     try:
         spec = _load_spec(run)
     except (SpecError, TunewizError) as exc:  # a damaged spec.toml: recorded, with what to do
-        _fail_before_start(run, resume, exc)
+        _fail_before_start(run, exc)
         return 1
     ctx = EngineContext(run, spec, EventWriter(run.events_path), resume=resume)
     _handle_signals(ctx)
@@ -196,12 +196,12 @@ def _handle_signals(ctx: EngineContext) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def _fail_before_start(run: RunDir, resume: bool, exc: SpecError | TunewizError) -> None:
+def _fail_before_start(run: RunDir, exc: SpecError | TunewizError) -> None:
     """Record a run that cannot start (its spec cannot be read or is not allowed)."""
     if isinstance(exc, SpecError):
         exc = TunewizError(f"the run's spec cannot be used: {exc.render()}",
-                           hint=f"spec.toml is written when a run is created and should not be edited; restore it, "
-                                f"or start a new run from a good spec with `tunewiz train SPEC`")
+                           hint="spec.toml is written when a run is created and should not be edited; restore it, "
+                                "or start a new run from a good spec with `tunewiz train SPEC`")
     ctx = EngineContext(run, RunSpec(name="run"), EventWriter(run.events_path), resume=False)
     ctx.emit("started", pid=os.getpid(), host=socket.gethostname(), run_id=run.run_id, version=__version__,
              python=sys.version.split()[0], argv=sys.argv)
@@ -337,7 +337,7 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
 
 def _record_failure(ctx: EngineContext, exc: BaseException, step: int | None = None) -> None:
     fields = _error_fields(exc)
-    output = ctx.run.output_dir(ctx.spec) if ctx.spec.output_dir else ctx.run.path / "output"
+    output = ctx.run.output_dir(ctx.spec)
     trouble = disk_trouble(exc, output)
     if trouble:
         fields.update(_disk_fields(ctx, trouble, exc, output))

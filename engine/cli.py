@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_data, cli_hw, launcher, locations, presets, rundir
+from engine import __version__, cli_data, cli_hw, cli_model, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_locate)
 
     cli_data.add_commands(sub)  # datasets, data check
+    cli_model.add_commands(sub)  # chat, eval
     cli_hw.add_commands(sub)  # doctor, recommend, models, probe
     return parser
 

@@ -338,20 +338,30 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def scan_checkpoints(output_dir: Path) -> CheckpointScan:
-    """The newest complete checkpoint under `output_dir/checkpoints`, and the newer broken ones."""
-    found = []
+def _checkpoint_dirs(output_dir: Path) -> dict[int, Path]:
+    """Every `checkpoint-N` folder under `output_dir/checkpoints`, complete or not, by step."""
+    found = {}
     for path in (output_dir / "checkpoints").glob("checkpoint-*"):
         step_text = path.name.rpartition("-")[2]
         if step_text.isdigit() and path.is_dir():
-            found.append((int(step_text), path))
+            found[int(step_text)] = path
+    return found
+
+
+def scan_checkpoints(output_dir: Path) -> CheckpointScan:
+    """The newest complete checkpoint under `output_dir/checkpoints`, and the newer broken ones."""
     skipped: list[tuple[Path, str]] = []
-    for step, path in sorted(found, reverse=True):
+    for step, path in sorted(_checkpoint_dirs(output_dir).items(), reverse=True):
         problem = checkpoint_problem(path)
         if problem is None:
             return CheckpointScan((path, step), skipped)
         skipped.append((path, problem))
     return CheckpointScan(None, skipped)
+
+
+def checkpoint_steps(output_dir: Path) -> dict[int, Path]:
+    """The complete checkpoints under `output_dir/checkpoints`, by step."""
+    return {step: path for step, path in _checkpoint_dirs(output_dir).items() if checkpoint_problem(path) is None}
 
 
 def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:

@@ -153,6 +153,37 @@ def default_export(run: Any, merged: bool, out: Path) -> str:
     return lines[-1] if lines else f"exported to {out}"
 
 
+def default_chat(run: Any, checkpoint: int | None) -> Any:
+    """A chat client for the run (not started): the model loads in its own process."""
+    from engine.chat_client import ChatClient
+
+    return ChatClient(run.path, checkpoint, env=_engine_env())
+
+
+EVAL_TIMEOUT_S = 3600.0
+
+
+def default_evaluate(run: Any, on_progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run `python -m engine eval RUN --json`, passing its progress lines on; return its results."""
+    process = subprocess.Popen([sys.executable, "-m", "engine", "eval", str(run.path), "--json"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_engine_env(), start_new_session=True)
+    assert process.stderr is not None and process.stdout is not None
+    errors = []
+    for line in process.stderr:  # progress while it runs; the error lines if it fails
+        errors.append(line)
+        if line.strip() and not line.startswith(("tunewiz: ", "hint: ")):
+            on_progress(line.strip())
+    stdout = process.stdout.read()
+    code = process.wait(EVAL_TIMEOUT_S)
+    if code == 0:
+        try:
+            return json.loads(stdout)
+        except ValueError:
+            pass
+    raise _error_from_stderr("".join(errors), code)
+
+
 @dataclass
 class Services:
     """Everything the app needs from outside; every field has a working default."""
@@ -177,6 +208,10 @@ class Services:
     """(run) -> pid of the new engine"""
     export: Callable[[Any, bool, Path], str] = default_export
     """(run, merged, out) -> one line saying where the export went"""
+    evaluate: Callable[[Any, Callable[[str], None]], dict[str, Any]] = default_evaluate
+    """(run, on_progress) -> the before/after results (engine/evaluate.py's results.json)"""
+    chat: Callable[[Any, int | None], Any] = default_chat
+    """(run, checkpoint or None) -> an engine.chat_client.ChatClient, not yet started"""
     clock: Callable[[], float] = time.time
     """Now, in Unix seconds: live runs' elapsed time and ETA (tests fix it so snapshots do not move)."""
 

@@ -270,11 +270,19 @@ def load_cache(path: Path, fingerprint: str) -> PreparedData | None:
         return None
 
 
-def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) -> PreparedData:
-    examples, fmt, problems, problem_messages, rows = read_examples(source, spec.dataset.system_prompt)
+def split_examples(spec: RunSpec, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """The run's train and eval rows: `max_rows` sampled with the seed, then the seeded eval split.
+
+    Evaluation and export verification call this too, so that "held out" means the same rows the
+    trainer never saw."""
     if spec.dataset.max_rows and len(examples) > spec.dataset.max_rows:
         examples = random.Random(spec.training.seed).sample(examples, spec.dataset.max_rows)
-    train_rows, eval_rows = _split(examples, spec.dataset.eval_fraction, spec.training.seed)
+    return _split(examples, spec.dataset.eval_fraction, spec.training.seed)
+
+
+def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) -> PreparedData:
+    examples, fmt, problems, problem_messages, rows = read_examples(source, spec.dataset.system_prompt)
+    train_rows, eval_rows = split_examples(spec, examples)
     limit = spec.training.max_seq_length
     dropped = Counter(problems)
     truncated = 0
@@ -325,7 +333,7 @@ def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) ->
         heldout_examples, *_ = read_examples(heldout_source, spec.dataset.system_prompt)
     samples = _sample_prompts(heldout_examples or eval_rows or train_rows, spec.training.sample_prompts)
     stats = {
-        "source": source.label, "format": fmt, "rows_read": rows, "examples": len(examples),
+        "source": source.label, "format": fmt, "rows_read": rows, "examples": len(train_rows) + len(eval_rows),
         "train_examples": len(train), "eval_examples": len(evaluation),
         "dropped": dict(dropped), "dropped_total": sum(dropped.values()), "problems": problem_messages,
         "truncated": truncated, "max_seq_length": limit, "token_lengths": percentiles(lengths),

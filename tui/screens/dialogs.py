@@ -12,6 +12,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
+from engine.chat_client import SamplingSettings
+from engine.errors import TunewizError
+
 
 class MessageDialog(ModalScreen[None]):
     """A titled message with an optional hint; Enter or Esc closes it."""
@@ -83,6 +86,42 @@ class NameDialog(ModalScreen["str | None"]):
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SamplingDialog(ModalScreen["SamplingSettings | None"]):
+    """Edit how the chat picks tokens; Enter in any field applies, Esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    FIELDS = (("temperature", "Temperature (0 = greedy: the same answer every time)"),
+              ("top_p", "Top-p (with a temperature above 0)"), ("max_new_tokens", "Max new tokens"))
+
+    def __init__(self, settings: SamplingSettings) -> None:
+        super().__init__(classes="dialog-screen")
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Sampling settings", style="bold"), classes="dialog-title")
+            for name, label in self.FIELDS:
+                yield Static(label)
+                yield Input(f"{getattr(self.settings, name):g}", id=f"s-{name}", compact=True)
+            yield Static("", id="s-error", classes="dialog-hint")
+            yield Static("Enter applies · Esc cancels", classes="dim")
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        try:
+            values = {name: self.query_one(f"#s-{name}", Input).value.strip() for name, _ in self.FIELDS}
+            settings = SamplingSettings(temperature=float(values["temperature"]), top_p=float(values["top_p"]),
+                                        max_new_tokens=int(values["max_new_tokens"]), seed=self.settings.seed)
+            settings.check()
+        except (ValueError, TunewizError) as exc:
+            self.query_one("#s-error", Static).update(Text(str(exc), style="red"))
+            return
+        self.dismiss(settings)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

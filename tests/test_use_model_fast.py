@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import chat_server, evaluate
+from engine import chat_server, evaluate, rundir
 from engine.chat_client import SamplingSettings
 from engine.cli import main
 from engine.errors import TunewizError
@@ -70,9 +70,11 @@ def test_a_run_without_an_adapter_is_a_clear_error() -> None:
 def test_checkpoints_and_the_final_adapter_are_found() -> None:
     run = make_run()
     output = run.output_dir()
-    for step in (3, 6):
+    for step in (3, 6, 9):
         (output / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
         (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if step != 9:  # checkpoint-9 was cut short (never sealed): it does not count
+            rundir.seal_checkpoint(output / "checkpoints" / f"checkpoint-{step}")
     assert adapter_path(run) == (output / "checkpoints" / "checkpoint-6", 6)  # a stopped run: the newest
     assert adapter_path(run, 3) == (output / "checkpoints" / "checkpoint-3", 3)
     with pytest.raises(TunewizError, match="no checkpoint at step 4 .checkpoints: 3, 6."):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import locations, spec as spec_mod
+from engine.errors import TunewizError
 from engine.events import EventReader
 from engine.fileio import atomic_write_json, read_json
 
@@ -108,6 +109,17 @@ class RunDir:
 
     def load_spec(self) -> spec_mod.RunSpec:
         return spec_mod.load(self.spec_path)
+
+    def trusted_spec(self) -> spec_mod.RunSpec:
+        """The spec, for loading the model: refused when it runs the model's own code (`trust_remote_code`)
+        without the consent recorded when the run was created. Training, chat and export all load through it."""
+        spec = self.load_spec()
+        if spec.model.trust_remote_code and not self.marker().get("trust_remote_code"):
+            raise TunewizError(f"{self.spec_path} sets model.trust_remote_code, which runs Python code from the "
+                               "model's folder; a spec alone cannot switch that on",
+                               hint="if you trust that code, start the run from the spec with `tunewiz train "
+                                    f"{self.spec_path} --trust-remote-code`")
+        return spec
 
     def status(self) -> dict[str, Any]:
         """status.json with every key of the wrong type dropped (a damaged cache must not break readers)."""

@@ -80,17 +80,6 @@ def _keep_reserve(run: RunDir) -> None:
         run.reserve_path.unlink(missing_ok=True)  # already full: the failure is recorded as best it can be
 
 
-def _load_spec(run: RunDir) -> RunSpec:
-    """The run's spec, checked against what the user allowed when the run was created."""
-    spec = run.load_spec()
-    if spec.model.trust_remote_code and not run.marker().get("trust_remote_code"):
-        raise TunewizError(f"{run.spec_path} sets model.trust_remote_code, which runs Python code from the model's "
-                           "folder; a spec alone cannot switch that on",
-                           hint="if you trust that code, start the run from the spec with `tunewiz train "
-                                f"{run.spec_path} --trust-remote-code`")
-    return spec
-
-
 def _route_warnings(ctx: EngineContext) -> None:
     """Python warnings become `log` events (each once); library deprecation notices are dropped."""
     seen: set[str] = set()
@@ -116,7 +105,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
             sys.exit(f"tunewiz: {exc}")
     _keep_reserve(run)
     try:
-        spec = _load_spec(run)
+        spec = run.trusted_spec()
     except (SpecError, TunewizError) as exc:  # a damaged spec.toml: recorded, with what to do
         _fail_before_start(run, exc)
         return 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import chat_server, evaluate, rundir
+from engine import chat_server, evaluate, rundir, spec as spec_mod
 from engine.chat_client import SamplingSettings
 from engine.cli import main
 from engine.errors import TunewizError
@@ -209,3 +209,14 @@ def test_the_eval_summary_is_read_back_for_the_dashboard() -> None:
     folder.mkdir(parents=True)
     (folder / evaluate.RESULTS_NAME).write_text(json.dumps({"task": "label", "examples": 3}))
     assert evaluate.latest_summary(run) == {"task": "label", "examples": 3}
+
+
+def test_chat_refuses_a_spec_that_runs_model_code_without_consent(capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run()
+    spec = run.load_spec()
+    spec.model.trust_remote_code = True  # someone edited the spec by hand: no consent was given
+    spec_mod.save(spec, run.spec_path)
+    for command in (["chat", run.run_id], ["eval", run.run_id]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "sets model.trust_remote_code" in err and "--trust-remote-code" in err

@@ -12,9 +12,10 @@ LoRA with `addmm` and has a hand-derived backward that keeps only what it needs:
 - no dropout masks: each LoRA dropout draws its mask in the forward (on the input of A only, as peft
   does), and the backward draws the same masks again from the random state saved at the forward.
 
-The frozen weights get no gradient. bitsandbytes 4-bit weights (QLoRA, CUDA only) are dequantised
-once per use into buffers reused across layers. Anything else (adapters disabled or merged, several
-adapters, DoRA and other variants, LoRA bias, another MLP, 8-bit layers, a 4-bit layer on a CPU)
+The frozen weights get no gradient. bitsandbytes 4-bit weights (QLoRA) are dequantised once per use
+through `bitsandbytes.functional.dequantize_4bit`, on CUDA into buffers reused across layers (no
+buffer on a CPU, where bitsandbytes cannot fill one). Anything else (adapters disabled or merged,
+several adapters, DoRA and other variants, LoRA bias, another MLP, 8-bit layers)
 takes the forward the module had before (peft's, or the engine's lean forward). In fp32 the loss and
 every gradient equal peft's (tests/test_fused_lora.py).
 """
@@ -67,8 +68,6 @@ def _operands(layer: Any, x: torch.Tensor) -> tuple[_Projection, torch.Tensor, t
             or layer.lora_B[name].bias is not None or getattr(layer, "fan_in_fan_out", False)):
         return None
     base = layer.get_base_layer()
-    if _is_4bit(base) and not x.is_cuda:
-        return None  # bitsandbytes dequantises into a buffer only on CUDA
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, torch.nn.Dropout):
         p = dropout.p if dropout.training else 0.0
@@ -92,10 +91,11 @@ def _compute_dtype(x: torch.Tensor, projections: list[_Projection], adapters: li
 
 
 def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen weight in `dtype`; a 4-bit one dequantised into the shared buffer of its shape.
+    """The frozen weight in `dtype`; a 4-bit one dequantised (on CUDA into the shared buffer of its shape).
 
     The buffer is overwritten by the next layer's dequantisation: callers use it at once and never
-    keep it (the GPU runs the matmul that reads it before the copy that overwrites it).
+    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). bitsandbytes
+    dequantises into a given buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
     """
     weight = base.weight
     if not _is_4bit(base):
@@ -103,6 +103,8 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes.functional as bnb_functional
 
     state = weight.quant_state
+    if not weight.is_cuda:
+        return bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
     key = (tuple(state.shape), state.dtype, weight.device)
     buffer = _DEQUANT_BUFFERS.get(key)
     if buffer is None:

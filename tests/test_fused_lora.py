@@ -279,3 +279,50 @@ def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any) -> None:
     loss, grads = run(True)
     assert abs(peft_loss.item() - loss.item()) < 1e-2
     assert torch.nn.functional.cosine_similarity(grads, peft_grads, dim=0) > 0.995
+
+
+def _quantize_linears(model: Any) -> None:
+    """Every decoder-layer linear layer as a bitsandbytes NF4 layer (fp32 compute; bitsandbytes runs it on a CPU)."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                                  compute_dtype=torch.float32, quant_type="nf4")
+                    quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                    if child.bias is not None:
+                        quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                    setattr(parent, name, quantized.to("cpu"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_4bit_layers_give_peft_loss_and_gradients(dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QLoRA: the fused blocks dequantise NF4 weights through bitsandbytes and match peft's Linear4bit."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    def model(fused: bool) -> Any:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(_config("qwen2"))
+        _quantize_linears(base)
+        base.is_loaded_in_4bit = True  # what transformers sets when it loads a 4-bit model; peft reads it
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+        torch.manual_seed(2)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(std=0.1)
+        if fused:
+            assert fused_lora.apply_fused_lora(peft_model) == (2, 2)
+        return peft_model.train()
+
+    peft_loss, peft_grads = _step(model(fused=False))
+    assert sum(isinstance(m, Linear4bit) for m in model(fused=False).modules()) == 14
+    fused = model(fused=True)
+    monkeypatch.setattr(Linear4bit, "forward", _refuse)
+    loss, grads = _step(fused)
+    assert torch.allclose(loss, peft_loss, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, peft_grads[name], atol=1e-5), name

@@ -120,10 +120,14 @@ def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtyp
 
 
 def _noise(shape: tuple[int, ...], like: torch.Tensor, p: float) -> torch.Tensor | None:
-    """A dropout mask already divided by the keep rate, drawn as torch's CPU dropout draws it."""
+    """A dropout mask of zeros and ones, drawn as torch's CPU dropout draws it (same random stream).
+
+    The 1 / (1 - p) scale is applied to the rank-r products instead: exact in any dtype, where a bf16
+    mask holding 1 / (1 - p) would round it (1.0547 for p = 0.05).
+    """
     if p == 0.0:
         return None
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -147,6 +151,8 @@ def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor
                   noise: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(base(inputs) + scaling * B A dropout(inputs), A dropout(inputs)) for 2-D `inputs` in `dtype`."""
     inputs_a = (inputs if noise is None else inputs * noise) @ a.to(dtype).t()
+    if noise is not None:
+        inputs_a.mul_(1 / (1 - projection.dropout))
     out = _base_forward(inputs, projection.base, dtype)
     return out.addmm_(inputs_a, b.to(dtype).t(), alpha=projection.scaling), inputs_a
 
@@ -156,8 +162,9 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
                    need_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output, in `dtype`."""
     a, b, s = a.to(dtype), b.to(dtype), projection.scaling
-    grad_a_out = (grad @ b).mul_(s)  # the gradient reaching A's output
     grad_b = (grad.t() @ inputs_a).mul_(s)
+    # the gradient reaching A's output, times the dropout's 1 / (1 - p)
+    grad_a_out = (grad @ b).mul_(s if noise is None else s / (1 - projection.dropout))
     grad_a = grad_a_out.t() @ (inputs if noise is None else inputs * noise)
     if not need_input:
         return None, grad_a, grad_b
@@ -261,8 +268,10 @@ class LoraSwiGLU(torch.autograd.Function):
             del hidden
             grad_up = silu.mul_(grad_hidden)  # d/d up = silu(gate)
             # d/d gate = up * silu'(gate), silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-            grad_gate = grad_hidden.mul_(up_out).mul_(sigmoid).mul_(gate_out * (1 - sigmoid) + 1)
+            derivative = torch.sub(1, sigmoid).mul_(gate_out).add_(1).mul_(sigmoid)
             del sigmoid
+            grad_gate = grad_hidden.mul_(up_out).mul_(derivative)
+            del derivative
             need = ctx.needs_input_grad[0]
             grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, *adapters[0:2], noise_gate,
                                                               dtype, need)

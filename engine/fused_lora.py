@@ -230,6 +230,42 @@ def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[
         return [_noise(shape, like, p) for shape, p in draws]
 
 
+@functools.cache
+def _triton_swiglu() -> Any:
+    """engine.swiglu_triton where Triton is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from engine import swiglu_triton
+
+    return swiglu_triton
+
+
+def _kernels_for(tensor: torch.Tensor) -> Any:
+    """The Triton SwiGLU kernels for a CUDA tensor where Triton is installed; None: torch's operations."""
+    return _triton_swiglu() if tensor.is_cuda else None
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    kernels = _kernels_for(gate)
+    return kernels.forward(gate, up) if kernels else F.silu(gate).mul_(up)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
+                    spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gate, grad of up) of silu(gate) * up, written into `grad` and `spare` (both consumed)."""
+    kernels = _kernels_for(gate)
+    if kernels:
+        return kernels.backward(gate, up, grad, spare)
+    sigmoid = torch.sigmoid(gate)
+    grad_up = torch.mul(gate, sigmoid, out=spare).mul_(grad)  # d/d up = silu(gate)
+    # d/d gate = up * silu'(gate), silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    derivative = torch.sub(1, sigmoid).mul_(gate).add_(1).mul_(sigmoid)
+    del sigmoid
+    return grad.mul_(up).mul_(derivative), grad_up
+
+
 class LoraSwiGLU(torch.autograd.Function):
     """A Llama-like MLP, down(silu(gate(x)) * up(x)), each projection with LoRA, as one autograd node.
 
@@ -246,7 +282,7 @@ class LoraSwiGLU(torch.autograd.Function):
             # the masks are drawn in peft's order: gate's, up's, then down's
             gate_out, gate_a = _lora_forward(flat, gate, *adapters[0:2], _noise(flat.shape, flat, gate.dropout), dtype)
             up_out, up_a = _lora_forward(flat, up, *adapters[2:4], _noise(flat.shape, flat, up.dropout), dtype)
-            hidden = F.silu(gate_out).mul_(up_out)
+            hidden = swiglu_forward(gate_out, up_out)
             out, down_a = _lora_forward(hidden, down, *adapters[4:6], _noise(hidden.shape, hidden, down.dropout), dtype)
         ctx.save_for_backward(x, gate_out, up_out, gate_a, up_a, down_a, *adapters)
         ctx.projections, ctx.dtype = projections, dtype
@@ -260,18 +296,10 @@ class LoraSwiGLU(torch.autograd.Function):
         noise_gate, noise_up, noise_down = _redraw(
             ctx.rng, x.device, [(flat.shape, gate.dropout), (flat.shape, up.dropout), (up_out.shape, down.dropout)], flat)
         with torch.autocast(x.device.type, enabled=False):
-            sigmoid = torch.sigmoid(gate_out)
-            silu = gate_out * sigmoid
-            hidden = silu * up_out  # recomputed: autograd would have kept it, and silu, for the backward
+            hidden = swiglu_forward(gate_out, up_out)  # recomputed: autograd would have kept it, and SiLU's output
             grad_hidden, grad_a_down, grad_b_down = _lora_backward(hidden, down_a, _flat(grad, dtype), down,
                                                                    *adapters[4:6], noise_down, dtype, True)
-            del hidden
-            grad_up = silu.mul_(grad_hidden)  # d/d up = silu(gate)
-            # d/d gate = up * silu'(gate), silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-            derivative = torch.sub(1, sigmoid).mul_(gate_out).add_(1).mul_(sigmoid)
-            del sigmoid
-            grad_gate = grad_hidden.mul_(up_out).mul_(derivative)
-            del derivative
+            grad_gate, grad_up = swiglu_backward(gate_out, up_out, grad_hidden, spare=hidden)
             need = ctx.needs_input_grad[0]
             grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, *adapters[0:2], noise_gate,
                                                               dtype, need)

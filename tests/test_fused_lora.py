@@ -3,6 +3,7 @@ included; peft's path wherever they do not apply; how they compose with the lean
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -243,6 +244,41 @@ def test_bf16_autocast_stays_close_to_peft() -> None:
     flat = torch.cat([g.float().flatten() for g in grads.values()])
     peft_flat = torch.cat([g.float().flatten() for g in peft_grads.values()])
     assert torch.nn.functional.cosine_similarity(flat, peft_flat, dim=0) > 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CUDA, or on a CPU with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_kernels_match_torch(dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    from engine import swiglu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
+    gate, up, grad = (torch.randn(3, 1000, generator=generator, device=device).to(dtype) for _ in range(3))
+    reference = [t.detach().cpu().float().clone() for t in (gate, up, grad)]  # torch's operations, in fp32
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    expected = fused_lora.swiglu_forward(*reference[:2])
+    assert torch.allclose(swiglu_triton.forward(gate, up).cpu().float(), expected, **tolerance)
+    expected_gate, expected_up = fused_lora.swiglu_backward(*reference, spare=torch.empty(3, 1000))
+    grad_gate, grad_up = swiglu_triton.backward(gate, up, grad.clone(), torch.empty_like(gate))
+    assert torch.allclose(grad_gate.cpu().float(), expected_gate, **tolerance)
+    assert torch.allclose(grad_up.cpu().float(), expected_up, **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CUDA, or on a CPU with TRITON_INTERPRET=1")
+def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from engine import swiglu_triton
+
+    peft_loss, peft_grads = _step(_model(fused=False, dropout=0.1))
+    used: list[bool] = []
+    monkeypatch.setattr(fused_lora, "_kernels_for", lambda tensor: used.append(True) or swiglu_triton)
+    loss, grads = _step(_model(fused=True, dropout=0.1))
+    assert len(used) == 2 * 3  # 2 layers: forward, and the backward's recompute and gradient
+    assert torch.allclose(loss, peft_loss, atol=1e-5)
+    assert all(torch.allclose(grads[k], peft_grads[k], atol=1e-5) for k in grads)
 
 
 @pytest.mark.gpu

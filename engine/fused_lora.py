@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine import swiglu_triton
+
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
 LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SWIGLU_ACTIVATIONS = frozenset({"silu", "swish"})
@@ -230,21 +232,9 @@ def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[
         return [_noise(shape, like, p) for shape, p in draws]
 
 
-@functools.cache
-def _triton_swiglu() -> Any:
-    """engine.swiglu_triton where Triton is installed, else None."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from engine import swiglu_triton
-
-    return swiglu_triton
-
-
 def _kernels_for(tensor: torch.Tensor) -> Any:
     """The Triton SwiGLU kernels for a CUDA tensor where Triton is installed; None: torch's operations."""
-    return _triton_swiglu() if tensor.is_cuda else None
+    return swiglu_triton if tensor.is_cuda and swiglu_triton.AVAILABLE else None
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ def _spec(*overrides: str) -> RunSpec:
 def _config(family: str, **extra: Any) -> Any:
     from transformers import LlamaConfig, Qwen2Config
 
-    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=VOCAB, **extra)
+    sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": VOCAB, **extra}
     return LlamaConfig(**sizes) if family == "llama" else Qwen2Config(**sizes)  # Qwen2: biased Q/K/V
 
 
@@ -284,9 +284,11 @@ def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pyt
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
-def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any) -> None:
+def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 weights (or NF4 ones, dequantised by the fused blocks), fp32 adapters, autocast, on CUDA."""
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear
+    from peft.tuners.lora.bnb import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
@@ -306,9 +308,12 @@ def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any) -> None:
             assert fused_lora.apply_fused_lora(model) == (2, 2)
         model.train()
         tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        with monkeypatch.context() as patch:
+            if fused:  # every projection goes through a fused block
+                patch.setattr(Linear4bit if quantized else Linear, "forward", _refuse)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
         return loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
     peft_loss, peft_grads = run(False)

@@ -161,8 +161,10 @@ def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor
 
 def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Tensor, projection: _Projection,
                    a: torch.Tensor, b: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype,
-                   need_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output, in `dtype`."""
+                   need_input: bool, into: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output, in `dtype`; the inputs'
+    gradient is added to `into` where given (another projection's of the same inputs)."""
     a, b, s = a.to(dtype), b.to(dtype), projection.scaling
     grad_b = (grad.t() @ inputs_a).mul_(s)
     # the gradient reaching A's output, times the dropout's 1 / (1 - p)
@@ -170,7 +172,8 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
     grad_a = grad_a_out.t() @ (inputs if noise is None else inputs * noise)
     if not need_input:
         return None, grad_a, grad_b
-    grad_inputs = grad @ _frozen_weight(projection.base, dtype)
+    weight = _frozen_weight(projection.base, dtype)
+    grad_inputs = grad @ weight if into is None else into.addmm_(grad, weight)
     if noise is None:
         grad_inputs.addmm_(grad_a_out, a)
     else:
@@ -215,9 +218,8 @@ class LoraProjections(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for index, projection in enumerate(projections):
                 a, b = adapters[2 * index:2 * index + 2]
-                grad_in, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
-                                                         a, b, noises[index], dtype, ctx.needs_input_grad[0])
-                grad_x = grad_in if grad_x is None or grad_in is None else grad_x.add_(grad_in)
+                grad_x, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
+                                                        a, b, noises[index], dtype, ctx.needs_input_grad[0], grad_x)
                 adapter_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
         return (grad_x, None, None, *adapter_grads)
@@ -293,10 +295,10 @@ class LoraSwiGLU(torch.autograd.Function):
             need = ctx.needs_input_grad[0]
             grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, *adapters[0:2], noise_gate,
                                                               dtype, need)
-            grad_x_up, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, *adapters[2:4], noise_up, dtype,
-                                                             need)
+            grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, *adapters[2:4], noise_up, dtype,
+                                                          need, grad_x)
         grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
-        grad_x = grad_x.add_(grad_x_up).view(x.shape).to(x.dtype) if need else None
+        grad_x = grad_x.view(x.shape).to(x.dtype) if need else None
         return (grad_x, None, None, *(g.to(w.dtype) for g, w in zip(grads, adapters)))
 
 

@@ -111,8 +111,8 @@ def _lean_lora_forward(self: Any, x: "torch.Tensor", *args: Any, **kwargs: Any) 
 
 
 def apply_lean_lora(model: Any, spec: RunSpec) -> int:
-    """The engine's LoRA forwards: the lean forward on every LoRA linear layer (`speed.lean_lora`), then
-    the fused blocks (`speed.fused_lora`, `apply_fused_lora`); returns how many layers got the lean one.
+    """The lean forward on every LoRA linear layer (`speed.lean_lora`); returns how many layers got it.
+    The fused blocks (`apply_fused_lora`) go on top, and fall back to it.
 
     The layer's class forward stays the fallback, so peft's own features (disabling or merging
     the adapter, several adapters) keep working on the patched model. The fused blocks fall back
@@ -126,14 +126,13 @@ def apply_lean_lora(model: Any, spec: RunSpec) -> int:
             if isinstance(module, LoraLayer) and _is_linear_lora(module):
                 module.forward = types.MethodType(_lean_lora_forward, module)
                 patched += 1
-    apply_fused_lora(model, spec)
     return patched
 
 
 def apply_fused_lora(model: Any, spec: RunSpec) -> tuple[int, int]:
     """Fused LoRA MLP and attention blocks (`speed.fused_lora`); returns (MLPs, attention blocks) patched.
 
-    Called by `apply_lean_lora`, after the per-layer forwards it falls back to are in place.
+    Called after `apply_lean_lora`, so the per-layer forwards it falls back to are in place.
     """
     if not spec.speed.fused_lora:
         return 0, 0

@@ -6,9 +6,9 @@ It writes a random-init model of the catalog shape (bench.random_model), trains 
 LoRA and with QLoRA on the demo data (`tunewiz train`), then for each run: one chat answer and one
 compare answer (`tunewiz chat --prompt`, first-token latency and tokens/s from its stats line), a
 short `tunewiz eval`, and, for the LoRA run, GGUF exports (`tunewiz export --gguf`) with their time,
-size and round-trip line. It also measures the CUDA context: the memory a process holds on the GPU
-after its first CUDA call and after its first matrix product (cuBLAS' workspace), which the memory
-estimator adds to every GPU estimate. One JSON row per measurement goes to --out; a table is printed.
+size and round-trip line. It also measures the CUDA context: what NVML sees the device
+use once a process has made its first CUDA call, and after its first matrix product (cuBLAS' handle
+and workspace), which the memory estimator adds to every GPU estimate. One JSON row per measurement goes to --out; a table is printed.
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT_PROBE = """
-import json, torch
-free0, total = torch.cuda.mem_get_info()
+import json, pynvml, torch
+pynvml.nvmlInit()
+handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+before = used()                      # no CUDA context in this process yet
 torch.zeros(1, device="cuda")
-free1, _ = torch.cuda.mem_get_info()
+torch.cuda.synchronize()
+context = used()                     # the driver's context, torch's kernels, one allocator block
 a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 (a @ a).sum().item()
 del a
 torch.cuda.empty_cache()
-free2, _ = torch.cuda.mem_get_info()
-print(json.dumps({"context_bytes": free0 - free1, "context_and_cublas_bytes": free0 - free2, "total": total,
-                  "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+cublas = used()                      # plus cuBLAS' handle and workspace
+print(json.dumps({"context_bytes": context - before, "context_and_cublas_bytes": cublas - before,
+                  "torch_reserved_after": torch.cuda.memory_reserved(), "gpu": torch.cuda.get_device_name(0),
+                  "torch": torch.__version__, "cuda": torch.version.cuda}))
 """
 
 

@@ -18,7 +18,8 @@ from engine.estimator import CUDA_CONTEXT_BYTES, GIB
 from engine.render import memory
 
 SUGGESTED_DATA = "ultrachat"
-"""The data `recommend` suggests training on when none is named: a general chat assistant, 2048 tokens long."""
+"""The data `recommend` suggests training a GPU's choice on when none is named: a general chat assistant, 2048
+tokens long."""
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "textual",
              "nvidia-ml-py")
@@ -124,7 +125,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     vram = int(args.vram * GIB) if args.vram else None
     if args.gpus is not None and args.gpus < 1:
         raise TunewizError(f"--gpus {args.gpus}: a run needs at least one GPU", hint="Use --gpus 1 or more.")
-    data = args.data or SUGGESTED_DATA
+    on_cpu = vram is None and not report.has_gpu
+    data = args.data or ("demo" if on_cpu else SUGGESTED_DATA)  # the CPU trains the demo model on its data
     if data not in catalog.datasets():
         raise TunewizError(f"--data {data!r} is not a catalog dataset",
                            hint=f"use one of: {', '.join(catalog.datasets())} (`tunewiz data list`)")
@@ -147,7 +149,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
               f"{f'{c.micro_batch_size}x{c.gradient_accumulation}':>5} {'on' if c.gradient_checkpointing else 'off':<5}"
               + (f" {c.gpus:>4} {c.strategy}" if several else ""))
     per = " per GPU" if several else ""
-    print(f"\nNEEDS is GPU memory{per} in GiB, with {memory(CUDA_CONTEXT_BYTES)} for the CUDA context.")
+    print("\nNEEDS is RAM in GiB (a CPU run makes no CUDA context)." if on_cpu else
+          f"\nNEEDS is GPU memory{per} in GiB, with {memory(CUDA_CONTEXT_BYTES)} for the CUDA context.")
     if choices:
         print(rec.batch_words(choices[0]) + (" On several GPUs each runs its share of the steps." if several else ""))
         command = " ".join(["tunewiz train demo", *(f"--set {shlex.quote(o)}" for o in choices[0].train_overrides(data))])

@@ -27,6 +27,7 @@ from engine.hardware import GpuInfo, HardwareReport
 from engine.spec import RunSpec, TrainingSpec
 
 DEMO_MODEL = "smollm2-135m-demo"
+DEMO_PRESET = "demo"
 MARGIN = 0.85  # "fits" leaves 15% of free memory spare; "tight" is above that but below 100%
 EFFECTIVE_BATCH = 16
 # DDP tokens/s on 2 GPUs over twice that of 1 GPU: 8B LoRA 84%, QLoRA 80% (2 H200s, bench/results/multi_gpu.jsonl).
@@ -76,11 +77,13 @@ class Choice:
     gpus: int = 1  # GPUs the run uses; the estimate is per GPU
     strategy: str = "ddp"  # how several GPUs share the work: "ddp" (a whole model on each) or "fsdp" (sharded)
     gpu_ids: tuple[int, ...] = ()  # which visible GPUs (CUDA order); () on a CPU or for a hypothetical card
+    on_gpu: bool = True  # False: the run trains on the CPU, in RAM, with no CUDA context
 
     @property
     def needed_bytes(self) -> int:
-        """The estimate plus the CUDA context: what must be free on the GPU (on each, for several)."""
-        return self.estimate.total + CUDA_CONTEXT_BYTES
+        """What must be free: on a GPU the estimate plus the CUDA context (on each GPU, for several); on the CPU
+        the estimate alone."""
+        return self.estimate.total + (CUDA_CONTEXT_BYTES if self.on_gpu else 0)
 
     @property
     def training_gpus(self) -> int | list[int]:
@@ -116,7 +119,11 @@ class Choice:
         if self.gpus > 1:
             sets["training.gpus"] = json.dumps(self.training_gpus).replace(" ", "")
             sets["training.strategy"] = self.strategy
-        return [f"{key}={value}" for key, value in sets.items()]
+        from engine import presets, spec as spec_mod
+
+        demo = presets.resolve(DEMO_PRESET)[0]
+        overrides = [f"{key}={value}" for key, value in sets.items()]
+        return [o for o in overrides if spec_mod.apply_overrides(demo, [o], source=DEMO_PRESET) != demo]
 
 
 _DEFAULT_STRATEGY = next(f.default for f in dataclasses.fields(TrainingSpec) if f.name == "strategy")
@@ -298,17 +305,16 @@ def _alternative(choice: Choice, first: Choice, params: dict[str, int]) -> Choic
 
 
 def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
-    entry = catalog.models()[DEMO_MODEL]
-    arch = ModelArch.from_entry(entry)
-    settings = Settings(method="lora", micro_batch_size=4, seq_len=min(seq_len, 256), gradient_checkpointing=False)
+    from engine import presets
+
+    demo = presets.resolve(DEMO_PRESET)[0]
     card = recommend(report, seq_len, vram_bytes=REFERENCE_CARD_BYTES).choices[0]
     label = catalog.models()[card.model].description.split(":")[0]
-    choice = Choice(model=DEMO_MODEL, method="lora", micro_batch_size=4, gradient_accumulation=1,
-                    max_seq_length=settings.seq_len, gradient_checkpointing=False,
-                    estimate=estimate(arch, settings), available_bytes=report.ram_available_bytes, fit="fits",
-                    reason="No NVIDIA GPU here, so tunewiz trains the small bundled demo model on the CPU "
-                           f"(a few minutes). With a {gb(REFERENCE_CARD_BYTES)} GPU the first choice would be "
-                           f"{label} with {method_name(card.method)}.")
+    choice = dataclasses.replace(
+        spec_choice(demo, report),
+        reason="No NVIDIA GPU here, so tunewiz trains the small bundled demo model on the CPU (a few minutes). "
+               f"With a {gb(REFERENCE_CARD_BYTES)} GPU the first choice would be {label} with "
+               f"{method_name(card.method)}.")
     summary = ("No GPU found: the demo model trains on the CPU. " + (report.nvml_error or "")).strip()
     return Recommendation([choice], summary, None)
 
@@ -406,9 +412,37 @@ def _arch_from(path: Path) -> ModelArch:
         raise ModelError(f"{path}: {exc}") from None
 
 
-def estimate_spec(spec: RunSpec) -> MemoryEstimate:
-    """The memory estimate of exactly this spec's model and settings (for a review screen)."""
-    return estimate(arch_for(spec.model.name), Settings.from_spec(spec))
+def estimate_spec(spec: RunSpec, on_gpu: bool = True, longest: int | None = None) -> MemoryEstimate:
+    """The memory estimate of exactly this spec's model and settings, as the engine runs them here: on the CPU
+    without the fused kernels (they are GPU kernels). `longest`: the data's longest example in tokens, measured
+    by the data check; without packing no batch is longer, so it caps the sequence length."""
+    settings = Settings.from_spec(spec)
+    if not on_gpu:
+        settings = dataclasses.replace(settings, fused_kernels="off", gpus=1, fsdp=False)
+    if longest and not spec.training.packing:
+        settings = dataclasses.replace(settings, seq_len=max(1, min(settings.seq_len, longest)))
+    return estimate(arch_for(spec.model.name), settings)
+
+
+def spec_choice(spec: RunSpec, report: HardwareReport, longest: int | None = None) -> Choice:
+    """The one memory number for a spec about to launch: its estimate (estimate_spec) against what this machine
+    has free (each of the GPUs it trains on, with the CUDA context; or RAM on a CPU, without). Checked against
+    the demo preset on a 2-core CPU: estimate 2.0 GiB, measured peak RSS 2.0-2.2 GiB (tests/data/runs)."""
+    on_gpu = report.has_gpu
+    result = estimate_spec(spec, on_gpu, longest)
+    count = Settings.from_spec(spec).gpus
+    group = _gpus(report, None, count) if on_gpu else _Gpus((), report.ram_available_bytes, None)
+    needed = result.total + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    fit = _fit(needed, group.free)
+    where = ("free on each GPU" if count > 1 else "free") if on_gpu else "of RAM free"
+    reason = (f"{spec.model.name} with {method_name(spec.method)} as set needs about {gb(needed)} of "
+              f"{gb(group.free)} {where}" if group.free else f"{spec.model.name} needs about {gb(needed)}")
+    t = spec.training
+    return Choice(model=spec.model.name, method=spec.method, micro_batch_size=t.micro_batch_size,
+                  gradient_accumulation=t.gradient_accumulation, max_seq_length=t.max_seq_length,
+                  gradient_checkpointing=t.gradient_checkpointing, estimate=result, available_bytes=group.free,
+                  fit=fit, reason=reason, checkpoint_layers=t.checkpoint_layers, gpus=count,
+                  strategy=t.strategy, gpu_ids=group.ids, on_gpu=on_gpu)
 
 
 def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,

@@ -209,18 +209,10 @@ class TunewizApp(App[int]):
         self.state_signal.publish(None)
 
     @work(thread=True, exclusive=True, group="review-estimate", exit_on_error=False)
-    def estimate_review(self, spec: RunSpec) -> None:
-        report = self.state.report
+    def estimate_review(self, spec: RunSpec, longest: int | None = None) -> None:
+        """The estimate of exactly `spec` (every setting), at the data's measured longest example when known."""
         try:
-            plan = wizard.gpu_plan(spec, report, self.state.gpus_offered)
-        except TunewizError:
-            plan = None  # the review step says why
-        try:
-            if plan is None:
-                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length)
-            else:  # the estimate for the GPUs the spec trains on
-                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length,
-                                                  gpus=plan[0])
+            choice = self.services.spec_choice(spec, self.state.report, longest)
         except (TunewizError, ServiceError):
             choice = None
         self.post_message(ReviewEstimated(choice))

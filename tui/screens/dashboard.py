@@ -24,7 +24,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
-from engine.render import duration
+from engine.render import GIB, duration, memory as gb
 from tui.messages import RunActionDone, RunSnapshot
 from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
 from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
@@ -79,12 +79,6 @@ def clock_text(when: float | None) -> str:
 
 def _n(value: float | None, fmt: str, none: str = "-") -> str:
     return format(value, fmt) if value is not None else none
-
-
-def gb(n: float | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def title_text(view: RunView | None, run_id: str) -> Text:
@@ -207,8 +201,8 @@ def resources_text(view: RunView | None, width: int) -> RenderableType:
         peak = gpu.peak_mem / total if total else None
         rows = [
             ("memory", gauge(mem / total if mem is not None and total else None, bar_w, peak),
-             f"{_n(mem and mem / 1e9, '.1f', '?')}/{_n(total and total / 1e9, '.0f', '?')} GB, peak "
-             f"{gpu.peak_mem / 1e9:.1f}", gpu.history.get("mem", ()), 0.0, total),
+             f"{_n(mem and mem / GIB, '.1f', '?')}/{_n(total and total / GIB, '.0f', '?')} GiB, peak "
+             f"{gpu.peak_mem / GIB:.1f}", gpu.history.get("mem", ()), 0.0, total),
             ("use", gauge((gpu.latest.get("util") or 0) / 100 if gpu.latest.get("util") is not None else None, bar_w),
              f"{_n(gpu.latest.get('util'), '.0f', '?')} %", gpu.history.get("util", ()), 0.0, 100.0),
             ("power", Text(" " * bar_w), f"{_n(gpu.latest.get('power'), '.0f', '?')} W", gpu.history.get("power", ()),

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_data, cli_hw, launcher, locations, presets, rundir
+from engine import __version__, cli_data, cli_hw, hints, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.events import EventReader
 from engine.render import duration, format_event
@@ -207,7 +207,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     width = max((len(p.name) for p in found), default=4)
     for p in found:
-        print(f"{p.name:<{width}}  {p.origin:<8}  {p.description}")
+        note = "  (replaces the built-in of this name: `tunewiz train` runs this one)" if p.shadows else ""
+        print(f"{p.name:<{width}}  {p.origin:<8}  {p.description}{note}")
+    return 0
+
+
+def cmd_presets_save(args: argparse.Namespace) -> int:
+    path = presets.save_user_preset(rundir.find(args.run).load_spec(), args.name)
+    print(f"saved {path}\nrun it with: {hints.command(f'train {args.name}')}")
+    return 0
+
+
+def cmd_presets_mv(args: argparse.Namespace) -> int:
+    print(f"renamed to {presets.rename_user_preset(args.name, args.new)}")
+    return 0
+
+
+def cmd_presets_rm(args: argparse.Namespace) -> int:
+    print(f"deleted {presets.delete_user_preset(args.name)}")
     return 0
 
 
@@ -277,9 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where to write (default: ./RUN-adapter or ./RUN-merged)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("presets", help="list built-in and user presets")
+    p = sub.add_parser("presets", help="list built-in and user presets; save a run as one, rename or delete one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_presets)
+    verbs = p.add_subparsers(dest="verb", metavar="{save,mv,rm}")
+    v = verbs.add_parser("save", help="save a run's spec as a user preset: tunewiz presets save RUN NAME")
+    v.add_argument("run", metavar="RUN")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(func=cmd_presets_save)
+    v = verbs.add_parser("mv", help="rename a user preset")
+    v.add_argument("name", metavar="NAME")
+    v.add_argument("new", metavar="NEW")
+    v.set_defaults(func=cmd_presets_mv)
+    v = verbs.add_parser("rm", help="delete a user preset")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(func=cmd_presets_rm)
 
     p = sub.add_parser("locate", help="show where tunewiz keeps its files")
     p.add_argument("what", nargs="?", choices=["config", "state", "data", "cache", "runs", "presets"])

@@ -102,3 +102,85 @@ def test_the_model_step_states_the_mirror_and_its_licence() -> None:
     assert "Downloads unsloth/Llama-3.1-8B-Instruct" in text
     assert "Licence: Llama 3.1 Community License; the Llama licence still applies." in text
     assert "GiB" in text and " GB " not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (issue 15, item 6)
+
+
+def test_user_presets_never_shadow_builtins_and_can_be_renamed_and_deleted(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine import cli, locations, presets
+    from engine.spec import SpecError
+
+    spec = presets.resolve("demo")[0]
+    with pytest.raises(SpecError, match="'demo' is a built-in preset.*e.g. 'demo-2'"):
+        presets.save_user_preset(spec, "demo")
+    assert presets.free_name("demo") == "demo-2"
+    presets.save_user_preset(spec, "mine")
+    assert presets.resolve("mine")[0].name == "mine"  # its runs carry the preset's name
+    assert cli.main(["presets", "mv", "mine", "ours"]) == 0
+    assert presets.resolve("ours")[0].name == "ours" and presets.find_preset("mine") is None
+    assert cli.main(["presets", "rm", "ours"]) == 0 and presets.find_preset("ours") is None
+    assert cli.main(["presets", "rm", "demo"]) == 2
+    assert "no user preset of this name (built-in presets cannot be changed)" in capsys.readouterr().err
+    # an old user preset with a built-in's name, and a broken file: listed, said so
+    (locations.user_presets_dir() / "demo.toml").write_text(presets.builtin_dir().joinpath("demo.toml").read_text())
+    (locations.user_presets_dir() / "broken.toml").write_text("name = [unclosed\n")
+    capsys.readouterr()
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "replaces the built-in of this name: `tunewiz train` runs this one" in out
+    assert "broken" in out and "(cannot be used:" in out
+
+
+def test_presets_save_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine import cli, presets, rundir
+
+    spec = presets.resolve("demo")[0]
+    run = rundir.create(spec)
+    assert cli.main(["presets", "save", run.run_id, "headlines"]) == 0
+    out = capsys.readouterr().out
+    assert "run it with: " in out and "train headlines" in out
+    assert presets.resolve("headlines")[0].name == "headlines"
+
+
+@pytest.mark.asyncio
+async def test_saved_presets_screen_survives_duplicates_and_broken_files(tmp_path: Path) -> None:
+    from engine import locations, presets
+    from tui.screens.dialogs import ConfirmDialog, MessageDialog, NameDialog
+    from tui.screens.presets import PresetsScreen
+    from tui.screens.welcome import WelcomeScreen
+
+    folder = locations.user_presets_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "demo.toml").write_text(presets.builtin_dir().joinpath("demo.toml").read_text())  # the old crash
+    (folder / "broken.toml").write_text("name = [unclosed\n")
+    presets.save_user_preset(presets.resolve("demo")[0], "mine")
+    app, _fakes = make_app(no_gpu_report(), tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await on_screen(pilot, WelcomeScreen)
+        await pilot.press("p")
+        await on_screen(pilot, PresetsScreen)
+        screen = app.screen
+        assert [p.key for p in screen._listed] == ["built-in:demo", "user:broken", "user:demo", "user:mine"]
+        assert screen.check_action("delete", ()) is False  # a built-in
+        await pilot.press("down")  # broken: opening it says why
+        await pilot.press("enter")
+        await on_screen(pilot, MessageDialog)
+        await pilot.press("escape")
+        await on_screen(pilot, PresetsScreen)
+        await pilot.press("down", "down", "m")  # mine: rename it
+        await on_screen(pilot, NameDialog)
+        await pilot.press(*["backspace"] * 10, *"ours", "enter")
+        await on_screen(pilot, PresetsScreen)
+        await wait_until(pilot, lambda: presets.find_preset("ours") is not None, "the rename")
+        assert screen._highlighted().name == "ours"
+        await pilot.press("d")
+        await on_screen(pilot, ConfirmDialog)
+        await pilot.press("enter")
+        await on_screen(pilot, PresetsScreen)
+        await wait_until(pilot, lambda: presets.find_preset("ours") is None, "the delete")
+        await pilot.press("up")  # user:demo
+        await pilot.press("enter")
+        await on_screen(pilot, ReviewScreen)
+        assert app.state.spec.name == "demo" and app.state.relaunch_of == "demo"

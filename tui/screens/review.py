@@ -13,7 +13,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Static
 
-from engine import presets, spec as spec_mod
+from engine import hints, presets, spec as spec_mod
 from engine.errors import TunewizError
 from engine.recommend import method_name
 from engine.render import memory as gb
@@ -220,7 +220,7 @@ class ReviewScreen(WizardScreen):
         self.app.push_screen(NameDialog(
             "Save as a preset",
             "A preset relaunches this exact run later: from the Welcome screen, or with `tunewiz train NAME`. "
-            "Name it (letters, digits, '.', '_' or '-'):", value=spec.name), self._save_named)
+            "Name it (letters, digits, '.', '_' or '-'):", value=presets.free_name(spec.name)), self._save_named)
 
     def _save_named(self, name: str | None, overwrite: bool = False) -> None:
         from tui.screens.dialogs import ConfirmDialog
@@ -241,7 +241,8 @@ class ReviewScreen(WizardScreen):
         except OSError as exc:
             self.tw.show_error("Could not save the preset", exc)
             return
-        self.notify(f"Saved {path}. Relaunch it with: tunewiz train {name}", title="Preset saved", timeout=8)
+        self.notify(f"Saved as {path.name} in {path.parent}\n\nRelaunch it with:\n{hints.command(f'train {name}')}",
+                    title="Preset saved", timeout=8)
 
     def on_screen_resume(self) -> None:
         self.query_one("#launch", Button).disabled = False

@@ -17,6 +17,7 @@ from engine.errors import TunewizError
 from engine.events import EventReader
 from engine.render import duration, format_event
 from engine.spec import SpecError
+from engine.worktime import LossScan
 
 FOLLOW_INTERVAL_S = 0.5
 
@@ -132,13 +133,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in rundir.list_runs():
         status = run.status()
         state = run.state()
-        started = status.get("started") or status.get("created")
-        end = status.get("finished") or (time.time() if state in rundir.LIVE_STATES else status.get("updated"))
+        scan = LossScan(run.events_path)  # the training time (resumes added up) and the last loss, from the events
+        scan.update()
+        loss = status.get("loss") if status.get("loss") is not None else scan.last
         rows.append({"run_id": run.run_id, "state": state, "name": status.get("name"),
                      "model": status.get("model"), "method": status.get("method"),
                      "step": status.get("step"), "total_steps": status.get("total_steps"),
-                     "loss": status.get("loss"), "started": started,
-                     "duration_s": (end - started) if started and end else None})
+                     "loss": loss, "started": status.get("started") or status.get("created"),
+                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -30,10 +30,11 @@ from rich.console import Console
 
 from engine import rundir
 from engine.events import EventReader
+from engine.worktime import LossScan
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.tui_fakes import FakeServices, no_gpu_report
 from tui.app import TunewizApp
-from tui.runmodel import BulkEventReader, LossScan, RunModel, Series
+from tui.runmodel import BulkEventReader, RunModel, Series
 from tui.screens.dashboard import DashboardScreen, ExportDialog
 from tui.screens.dialogs import ConfirmDialog, MessageDialog
 from tui.screens.runs import RunsScreen
@@ -855,7 +856,7 @@ def test_gpu_readings_become_gauges_with_peaks_and_history() -> None:
     assert len(view.gpus) == 2 and len(view.gpus[0].history["mem"]) == 120  # the last 10 minutes
     text = resources_text(view, 100).plain
     assert "GPU 0  NVIDIA H100 80GB HBM3" in text and "GPU 1" in text
-    assert "55.8/85 GB, peak 55.8" in text and "20.0/85 GB, peak 20.0" in text
+    assert "52.0/79 GiB, peak 52.0" in text and "18.6/79 GiB, peak 18.6" in text
     assert "90 %" in text and "600 W" in text and "66 °C" in text
-    assert "torch reserved at its peak: 39.0 GB" in text
+    assert "torch reserved at its peak: 36 GiB" in text
     assert "Engine process" in text and "of 16 cores" in text

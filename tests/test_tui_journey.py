@@ -184,3 +184,99 @@ async def test_saved_presets_screen_survives_duplicates_and_broken_files(tmp_pat
         await pilot.press("enter")
         await on_screen(pilot, ReviewScreen)
         assert app.state.spec.name == "demo" and app.state.relaunch_of == "demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# The same keys everywhere (item 13)
+
+
+async def _to_dashboard_from_past_runs(pilot: Any, fakes: Any) -> None:
+    from tests.test_tui_wizard import launch_from_review
+    from tui.screens.runs import RunsScreen
+    from tui.screens.dashboard import DashboardScreen
+
+    await to_model_step(pilot)
+    await to_settings(pilot)
+    await pilot.press("ctrl+n")
+    await launch_from_review(pilot, fakes)
+    await pilot.press("escape")  # back to the welcome screen
+    await pilot.press("r")
+    await on_screen(pilot, RunsScreen)
+    await wait_until(pilot, lambda: len(pilot.app.screen.rows) == 1, "the list")
+    await pilot.press("enter")
+    await on_screen(pilot, DashboardScreen)
+
+
+@pytest.mark.asyncio
+async def test_detach_from_a_dashboard_opened_from_past_runs_returns_there(tmp_path: Path) -> None:
+    from tui.screens.runs import RunsScreen
+
+    app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await _to_dashboard_from_past_runs(pilot, fakes)
+        await pilot.press("d")
+        await on_screen(pilot, RunsScreen)
+        assert app.is_running
+
+
+@pytest.mark.asyncio
+async def test_q_quits_from_the_dashboard(tmp_path: Path) -> None:
+    from tests.test_tui_wizard import launch_from_review
+
+    app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await to_model_step(pilot)
+        await to_settings(pilot)
+        await pilot.press("ctrl+n")
+        await launch_from_review(pilot, fakes)
+        await pilot.press("q")
+        await wait_until(pilot, lambda: app._exit, "the app to quit")
+
+
+@pytest.mark.asyncio
+async def test_q_types_in_a_text_field_and_ctrl_c_does_not_quit(tmp_path: Path) -> None:
+    from textual.widgets import Input
+
+    app, _fakes = make_app(gpu24_report(), tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await to_model_step(pilot)
+        await pilot.press("o", "q")
+        assert app.screen.query_one("#other", Input).value == "q" and not app._exit
+        await pilot.press("ctrl+c")
+        await pilot.pause(0.1)
+        assert not app._exit
+
+
+@pytest.mark.asyncio
+async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path) -> None:
+    from tui.keys import keys_help
+    from tui.screens.dialogs import MessageDialog
+
+    app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await to_model_step(pilot)
+        await to_settings(pilot)
+        await pilot.press("ctrl+n")
+        await on_screen(pilot, ReviewScreen)
+        await wait_until(pilot, lambda: app.state.review_estimate is not None, "the estimate")
+        review = keys_help(app.screen).splitlines()
+        assert review[0].startswith("esc ")
+        assert any(line.startswith("l ") and line.endswith("Launch") for line in review)
+        assert any(line.endswith("Save as preset") for line in review)
+        assert any(line.startswith("^q q ") and "Quit" in line for line in review)
+        assert not any("Rename" in line or "Stop" in line or "Use the advice" in line for line in review)
+        import re
+
+        starts = {re.match(r"^(.*?\S)\s{2,}\S", line).end() for line in review}
+        assert len(starts) == 1, review  # the descriptions start in one column
+        await pilot.press("question_mark")
+        await on_screen(pilot, MessageDialog)
+        await pilot.press("escape")
+        await on_screen(pilot, ReviewScreen)
+        await pilot.press("l")
+        from tui.screens.dashboard import DashboardScreen
+
+        await on_screen(pilot, DashboardScreen)
+        dashboard = keys_help(app.screen)
+        assert "Detach: training goes on" in dashboard and "Keys" in dashboard
+        assert "Launch" not in dashboard

@@ -52,7 +52,12 @@ class TunewizApp(App[int]):
     CSS_PATH = "tunewiz.tcss"
     TITLE = "tunewiz"
     ENABLE_COMMAND_PALETTE = False
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", tooltip="runs started here keep training", priority=True),
+        Binding("q", "quit", "Quit", tooltip="runs started here keep training", show=False),  # a text field
+        # takes the letter: not a priority binding
+        Binding("question_mark", "help", "Keys", show=False),
+    ]
 
     def __init__(self, services: Services | None = None, *, watch_terminal: bool = False,
                  attach: Any = None) -> None:
@@ -127,6 +132,13 @@ class TunewizApp(App[int]):
         self.state.review_estimate = None
         self.state.relaunch_of = None
         self.state_signal.publish(None)
+
+    def action_help(self) -> None:
+        """The keys of the screen in front (the dashboard adds how to read its charts)."""
+        from tui.keys import keys_help
+        from tui.screens.dialogs import MessageDialog
+
+        self.push_screen(MessageDialog("Keys", keys_help(self.screen)))
 
     # ---------------------------------------------------------------- errors
 

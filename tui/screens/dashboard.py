@@ -56,13 +56,6 @@ STOP_OUTCOMES = {
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
-s  Stop the run: it finishes its step, saves a checkpoint and ends as "cancelled" (asks first).
-r  Resume a stopped, failed or dead run from its newest checkpoint.
-e  Export a completed run: the adapter (small) or a merged model that plain transformers loads.
-d  Detach: leave the app. Training goes on; come back with `tunewiz attach {run_id}`.
-1 2 3 4  Training charts, resources, sample answers, log.    g  Loss on a log scale (or back).
-esc  Back    ctrl+q  Quit (training goes on either way)
-
 Reading the charts
 - Loss: how wrong the model still is on the training examples; lower is better. "smoothed" is a moving
   average that is easier to read than the noisy per-step value.
@@ -341,10 +334,11 @@ class DashboardScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "leave", "Back"),
-        Binding("s", "stop", "Stop"),
-        Binding("r", "resume", "Resume"),
-        Binding("e", "export", "Export"),
-        Binding("d", "detach", "Detach"),
+        Binding("s", "stop", "Stop", tooltip="it finishes its step, saves a checkpoint and ends as cancelled "
+                                              "(asks first)"),
+        Binding("r", "resume", "Resume", tooltip="a new engine goes on from the newest checkpoint"),
+        Binding("e", "export", "Export", tooltip="the adapter, or a merged model that plain transformers loads"),
+        Binding("d", "detach", "Detach", tooltip="training goes on; back to Past runs, or out of the app"),
         Binding("question_mark", "help", "Help"),
         Binding("g", "log_scale", "Log scale", show=False),
         Binding("1", "tab('training')", "Training", show=False),
@@ -585,12 +579,20 @@ class DashboardScreen(Screen[None]):
             self.app.switch_screen(WelcomeScreen())
 
     def action_detach(self) -> None:
-        self.app.exit(0)
+        """Leave the run to train on: back to Past runs when opened from there, else out of the app."""
+        from tui.screens.runs import RunsScreen
+
+        if len(self.app.screen_stack) > 2 and isinstance(self.app.screen_stack[-2], RunsScreen):
+            self.app.pop_screen()
+            self.notify(f"Detached: {self.run.run_id} goes on training.")
+        else:
+            self.app.exit(0)
 
     def action_help(self) -> None:
+        from tui.keys import keys_help
         from tui.screens.dialogs import MessageDialog
 
-        self.app.push_screen(MessageDialog("Keys and charts", HELP.format(run_id=self.run.run_id)))
+        self.app.push_screen(MessageDialog("Keys and charts", f"{keys_help(self)}\n\n{HELP}"))
 
     def action_stop(self) -> None:
         from tui.screens.dialogs import ConfirmDialog

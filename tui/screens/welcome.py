@@ -26,12 +26,11 @@ def _option(key: str, title: str, detail: str) -> Text:
 
 class WelcomeScreen(WizardScreen):
     STEP = "Welcome"
-    EXPLANATION = "Welcome! Choose with the arrow keys and Enter, or press a letter."
+    EXPLANATION = "Welcome! Choose with the arrow keys and Enter, or press a letter; ? lists the keys, q quits."
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "new", "New fine-tune"),
         Binding("p", "presets", "Saved presets"),
         Binding("r", "runs", "Past runs"),
-        Binding("q", "app.quit", "Quit", show=False),
         Binding("escape", "back", "Back", show=False),
         Binding("ctrl+n", "next", "Next", show=False, priority=True),
     ]

@@ -491,9 +491,9 @@ async def test_help_detach_and_back(tmp_path: Path, placed_runs: Any) -> None:
         await wait_until(pilot, lambda: app.screen.rows, "the list")
         await pilot.press("enter")
         await shown(pilot, "running")
-        await pilot.press("d")
-        await pilot.pause(0.2)
-    assert app.return_code == 0 and run.engine_alive()  # detaching leaves the run alone
+        await pilot.press("d")  # opened from Past runs: detaching returns there
+        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen), "the runs again")
+        assert app.return_code is None and run.engine_alive()  # detaching leaves the run alone
     assert app.watched == [run]
 
 

@@ -24,6 +24,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
+from engine import hints
 from engine.render import GIB, duration, memory as gb
 from tui.messages import RunActionDone, RunSnapshot
 from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
@@ -592,7 +593,8 @@ class DashboardScreen(Screen[None]):
         from tui.keys import keys_help
         from tui.screens.dialogs import MessageDialog
 
-        self.app.push_screen(MessageDialog("Keys and charts", f"{keys_help(self)}\n\n{HELP}"))
+        back = f"Come back to this run after detaching: {hints.command(f'attach {self.run.run_id}')}"
+        self.app.push_screen(MessageDialog("Keys and charts", f"{keys_help(self)}\n\n{back}\n\n{HELP}"))
 
     def action_stop(self) -> None:
         from tui.screens.dialogs import ConfirmDialog

@@ -84,6 +84,16 @@ def doctor_report() -> dict[str, Any]:
     return {"verdict": verdict, "hardware": report.to_dict(), "versions": versions, "problems": problems}
 
 
+GPU_ONLY = {"liger-kernel": "only used on NVIDIA GPUs", "bitsandbytes": "for QLoRA, on NVIDIA GPUs only",
+            "nvidia-ml-py": "reads NVIDIA GPUs"}
+"""Libraries a machine without an NVIDIA GPU does not need, and why."""
+
+
+def _missing(name: str, gpu: bool) -> str:
+    """How `doctor` lists a library that is not installed."""
+    return "MISSING" if gpu or name not in GPU_ONLY else f"not installed ({GPU_ONLY[name]}: not needed here)"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     data = doctor_report()
     if args.json:
@@ -101,7 +111,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ram = (hw.get("ram_total_bytes") or 0) / GIB
     disk = (hw.get("disk_free_bytes") or 0) / GIB
     print(f"  CPU cores {hw.get('cpu_count')}, RAM {ram:.1f} GiB, free disk {disk:.0f} GiB")
-    print("\nlibraries: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in data["versions"].items()))
+    gpu = bool(hw.get("gpus"))
+    print("\nlibraries: " + ", ".join(f"{k} {v or _missing(k, gpu)}" for k, v in data["versions"].items()))
     if data["problems"]:
         print("\nto look at:")
         for item in data["problems"]:

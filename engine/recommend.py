@@ -337,7 +337,7 @@ def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | Non
     ranked = [_alternative(c, choices[0], params) for c in choices]
     gpu = group.card
     if gpu is None:
-        where = f"a {gb(available)} GPU"
+        where = f"a GPU with {gb(available)} free"
     elif group.count > 1:
         where = f"{group.count} × {gpu.name} with {gb(available)} free each"
     else:

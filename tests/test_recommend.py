@@ -291,3 +291,19 @@ def test_a_gated_model_without_a_token_stops_before_any_download(monkeypatch: py
     assert models.resolve(spec("llama-3.1-8b")).name_or_path == "unsloth/Llama-3.1-8B-Instruct"
     token[0] = "hf_token"
     assert models.resolve(spec("llama-3.1-8b-meta")).name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_doctor_on_a_cpu_box_says_gpu_only_libraries_are_not_needed(capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import cli_hw
+
+    versions = {name: "1.0" for name in cli_hw.LIBRARIES}
+    versions["liger-kernel"] = None
+    monkeypatch.setattr(cli_hw, "_versions", lambda: versions)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "liger-kernel not installed (only used on NVIDIA GPUs: not needed here)" in out and "MISSING" not in out
+
+
+def test_the_summary_reads_well_for_any_size() -> None:
+    assert recommend(NO_GPU, vram_bytes=8 * 2**30).summary.startswith("On a GPU with 8.0 GiB free: ")

@@ -123,7 +123,7 @@ def test_single_gpu_and_vram_paths_are_unchanged() -> None:
     hypothetical = recommend(machine(*cards(4, 80)), vram_bytes=24 * 2**30)
     assert hypothetical.choices == recommend(NO_GPU, vram_bytes=24 * 2**30).choices
     assert all((c.gpus, c.gpu_ids) == (1, ()) for c in hypothetical.choices)
-    assert hypothetical.summary.startswith("On a 24 GiB GPU") and "GPUs found" not in hypothetical.summary
+    assert hypothetical.summary.startswith("On a GPU with 24 GiB free: ") and "GPUs found" not in hypothetical.summary
     assert recommend(NO_GPU).choices[0].gpus == 1
 
 

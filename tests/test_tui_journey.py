@@ -31,7 +31,7 @@ async def test_review_estimates_the_spec_about_to_launch_without_cuda_context_on
         expected = rec.estimate_spec(spec, on_gpu=False, longest=81).total
         assert app.state.review_estimate.needed_bytes == expected
         assert f"{rec.gb(expected)} of 5.0 GiB RAM free" in summary
-        assert "CUDA context" not in summary and "estimated for" not in summary
+        assert "CUDA context" not in summary and "estimated for" not in summary and summary.count("Memory:") == 1
         assert "(for the data's longest example, 81 tokens)" in summary
         assert "LoRA" in model_step and "LORA" not in model_step
 
@@ -280,3 +280,16 @@ async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path
         dashboard = keys_help(app.screen)
         assert "Detach: training goes on" in dashboard and "Help" in dashboard
         assert "Launch" not in dashboard
+
+
+@pytest.mark.asyncio
+async def test_below_the_smallest_size_the_app_says_so(tmp_path: Path) -> None:
+    from tui.app import TooSmallScreen
+    from tui.screens.welcome import WelcomeScreen
+
+    app, _fakes = make_app(no_gpu_report(), tmp_path)
+    async with app.run_test(size=(50, 15)) as pilot:
+        await on_screen(pilot, TooSmallScreen)
+        assert "The terminal is 50×15; tunewiz needs at least 60×20." in text_of(app.screen.query_one("#too-small"))
+        await pilot.resize_terminal(60, 20)
+        await on_screen(pilot, WelcomeScreen)

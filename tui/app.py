@@ -16,10 +16,12 @@ import signal
 import sys
 from typing import Any, ClassVar
 
-from textual import on, work
-from textual.app import App
+from textual import events, on, work
+from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.screen import Screen
 from textual.signal import Signal
+from textual.widgets import Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.errors import TunewizError
@@ -46,12 +48,37 @@ WORKER_TITLES = {
 }
 
 
+MIN_SIZE = (60, 20)
+"""The smallest terminal (columns, lines) every screen is drawn for."""
+
+
+class TooSmallScreen(Screen[None]):
+    """Shown instead of the app while the terminal is smaller than MIN_SIZE; it goes when the terminal grows."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="too-small")
+
+    def render_message(self) -> str:
+        width, height = self.app.size
+        return (f"The terminal is {width}×{height}; tunewiz needs at least {MIN_SIZE[0]}×{MIN_SIZE[1]}. "
+                "Make the window bigger (q quits).")
+
+    def on_mount(self) -> None:
+        self.query_one("#too-small", Static).update(self.render_message())
+
+    def on_resize(self) -> None:
+        self.query_one("#too-small", Static).update(self.render_message())
+
+
 class TunewizApp(App[int]):
     """The wizard. `services` holds everything outside the app (fakes in tests)."""
 
     CSS_PATH = "tunewiz.tcss"
     TITLE = "tunewiz"
     ENABLE_COMMAND_PALETTE = False
+    # classes on every screen for tunewiz.tcss: narrower and shorter than 80x24 get tighter layouts
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (80, "-wide")]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (24, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", tooltip="runs started here keep training", priority=True),
         Binding("q", "quit", "Quit", tooltip="runs started here keep training", show=False),  # a text field
@@ -132,6 +159,15 @@ class TunewizApp(App[int]):
         self.state.review_estimate = None
         self.state.relaunch_of = None
         self.state_signal.publish(None)
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Below the smallest size the screens are drawn for, say so instead of drawing them broken."""
+        small = event.size.width < MIN_SIZE[0] or event.size.height < MIN_SIZE[1]
+        showing = isinstance(self.screen, TooSmallScreen)
+        if small and not showing:
+            self.push_screen(TooSmallScreen())
+        elif showing and not small:
+            self.pop_screen()
 
     def action_help(self) -> None:
         """The keys of the screen in front (the dashboard adds how to read its charts)."""

@@ -83,7 +83,7 @@ def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
 class ModelScreen(WizardScreen):
     STEP = "Model"
     MAIN = "#choices"
-    EXPLANATION = "Pick a model and method (best first). Bars: memory needed vs. memory free."
+    EXPLANATION = "Pick a model and method, best first. Bars: memory needed of free."
     BINDINGS: ClassVar[list[BindingType]] = [
         *WizardScreen.BINDINGS,
         Binding("o", "other", "Other model"),
@@ -96,12 +96,12 @@ class ModelScreen(WizardScreen):
         """The choices the list shows, in its order."""
 
     def compose_body(self) -> ComposeResult:
-        yield Static(METHODS, classes="note")
+        yield Static(METHODS, classes="note", id="methods")
         yield Static(id="gpu-note", classes="note")
         yield OptionList(id="choices")
         with Horizontal(classes="row"):
             yield Static("Other model:", classes="label")
-            yield Input(placeholder="a hub id (org/name) or a local folder; Enter estimates it", id="other",
+            yield Input(placeholder="org/name or a folder; Enter estimates it", id="other",
                         compact=True)
 
     def on_mount(self) -> None:

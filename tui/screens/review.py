@@ -150,15 +150,15 @@ class ReviewScreen(WizardScreen):
             if longest is not None and longest < spec.training.max_seq_length and not spec.training.packing:
                 lines.append(Padding(Text(f"(for the data's longest example, {longest} tokens)", style="dim"),
                                      (0, 0, 0, 8)))
+        else:
+            lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
+                                                              else "no estimate", "dim")))
         if self._better is not None:
             better = self._better
             lines.append(Text.assemble(
                 ("Advice: ", "bold"), f"with this data the first choice is {better.model} with "
                 f"{method_name(better.method)} ({gb(estimate_total(better, self.state.report))}). ", ("r", "bold"),
                 ": switch to it."))
-        else:
-            lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
-                                                              else "no estimate", "dim")))
         lines += gpu_lines(self.state, spec)
         lines.append(Text.assemble(("Data: ", "bold"), check_line(self.state, spec)))
         where = (f"adapter in {spec.output_dir}; logs in {runs}/<run id>/" if spec.output_dir else

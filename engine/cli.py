@@ -53,7 +53,7 @@ def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
                 print(format_event(event), flush=True)
         if state in ("dead", *rundir.FINAL_STATES):
             if state == "dead":
-                print(f"the engine is gone without finishing (killed?). Resume it: tunewiz resume {run.run_id}",
+                print(f"the engine is gone without finishing (killed?). Resume it: {hints.command(f'resume {run.run_id}')}",
                       flush=True)
             return state
         if not until_finished:
@@ -80,7 +80,7 @@ def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -
     try:
         state = follow(run, offset=offset)
     except KeyboardInterrupt:
-        print(f"\ndetached; the run goes on. Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
+        print(f"\ndetached; the run goes on. Follow it: {hints.command(f'tail {run.run_id} -f')}", file=sys.stderr)
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pid = launcher.launch(run)
     print(f"run {run.run_id} started (engine pid {pid}); files in {run.path}")
     if args.detach:
-        print(f"follow it: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
+        print(f"follow it: {hints.command(f'tail {run.run_id} -f')}    stop it: {hints.command(f'stop {run.run_id}')}")
         return 0
     return _follow_with_stop_on_ctrl_c(run)
 
@@ -119,7 +119,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if state in rundir.LIVE_STATES:
         return _fail(f"run {run.run_id} is still {state}; nothing to resume")
     if state == "completed":
-        return _fail(f"run {run.run_id} completed; relaunch it instead: tunewiz train {run.spec_path}")
+        return _fail(f"run {run.run_id} completed; relaunch it instead: {hints.command(f'train {run.spec_path}')}")
     offset = run.events_path.stat().st_size if run.events_path.exists() else 0  # follow only the new engine
     launcher.launch(run, resume=True)
     print(f"resuming run {run.run_id}")
@@ -145,7 +145,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print("no runs yet; start one with: tunewiz train demo")
+        print(f"no runs yet; start one with: {hints.command('train demo')}")
         return 0
     print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}")
     for row in rows:

@@ -12,7 +12,7 @@ import json
 import shlex
 from typing import Any
 
-from engine import catalog, hardware
+from engine import catalog, hardware, hints
 from engine.errors import TunewizError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB
 from engine.render import memory
@@ -76,7 +76,7 @@ def doctor_report() -> dict[str, Any]:
         if versions.get(name) is None:
             problems.append({"problem": f"{name} is not installed", "fix": "run `make run` (or pip install -e .)"})
     if not report.has_gpu:
-        verdict = "No GPU: tunewiz can train the bundled demo model on the CPU (tunewiz train demo)."
+        verdict = f"No GPU: tunewiz can train the bundled demo model on the CPU ({hints.command('train demo')})."
     else:
         best = max(report.gpus, key=lambda g: g.memory_free_bytes or 0)
         verdict = (f"Ready: {best.name} with {(best.memory_free_bytes or 0) / GIB:.1f} GiB free. "
@@ -164,7 +164,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
           f"\nNEEDS is GPU memory{per} in GiB, with {memory(CUDA_CONTEXT_BYTES)} for the CUDA context.")
     if choices:
         print(rec.batch_words(choices[0]) + (" On several GPUs each runs its share of the steps." if several else ""))
-        command = " ".join(["tunewiz train demo", *(f"--set {shlex.quote(o)}" for o in choices[0].train_overrides(data))])
+        command = " ".join([hints.command("train demo"),
+                            *(f"--set {shlex.quote(o)}" for o in choices[0].train_overrides(data))])
         print(f"\nTrain the first one on {data}:\n  {command}")
         if several:
             print("(--gpus 1 advises for one GPU)")

@@ -234,8 +234,10 @@ def test_recommend_prints_a_command_that_trains_what_the_table_assumed(capsys: p
     assert "too_big" not in out and " lora " not in out and "LORA" not in out
     assert "llama-3.1-8b         LoRA" in out and "GiB" in out and " GB" not in out
     command = out.split("Train the first one on ultrachat:\n")[1].strip().splitlines()[0]
+    from engine import hints
+
+    assert command.startswith(hints.command("train demo") + " --set ")
     words = shlex.split(command)
-    assert words[:3] == ["tunewiz", "train", "demo"]
     sets = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
     spec, _ = presets.resolve("demo", sets)
     first = recommend(NO_GPU, seq_len=2048, vram_bytes=24 * 2**30).choices[0]

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(180)
 FIXTURES = ROOT / "tests" / "data" / "runs"
 FIXED = Path("/tmp/tunewiz-dashboard-tests")
 """Paths show on screen, so snapshot runs live in a fixed place rather than pytest's tmp_path."""
-SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+SIZES = {"60x20": (60, 20), "80x24": (80, 24), "120x40": (120, 40)}
 RUN_IDS = {path.name.split("-")[3]: path.name for path in FIXTURES.iterdir() if path.is_dir()}
 """State -> run id of the fixture, e.g. "completed" -> "20261127-220318-demo-completed-f9c4"."""
 

@@ -278,7 +278,7 @@ async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path
 
         await on_screen(pilot, DashboardScreen)
         dashboard = keys_help(app.screen)
-        assert "Detach: training goes on" in dashboard and "Help" in dashboard
+        assert "Detach: leave it training" in dashboard and "Help" in dashboard
         assert "Launch" not in dashboard
 
 

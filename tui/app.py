@@ -24,6 +24,7 @@ from textual.signal import Signal
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from engine import hints
 from engine.errors import TunewizError
 from engine.spec import RunSpec, SpecError
 from tui import wizard
@@ -80,8 +81,8 @@ class TunewizApp(App[int]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (80, "-wide")]
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (24, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+q", "quit", "Quit", tooltip="runs started here keep training", priority=True),
-        Binding("q", "quit", "Quit", tooltip="runs started here keep training", show=False),  # a text field
+        Binding("ctrl+q", "quit", "Quit", tooltip="runs keep training", priority=True),
+        Binding("q", "quit", "Quit", tooltip="runs keep training", show=False),  # a text field
         # takes the letter: not a priority binding
         Binding("question_mark", "help", "Keys", show=False),
     ]
@@ -324,6 +325,13 @@ class TunewizApp(App[int]):
         self.push_screen(DashboardScreen(message.run))
 
 
+def keeps_going(run_id: str) -> str:
+    """What the terminal shows about a run that outlives the app: commands that work as printed."""
+    return (f"run {run_id} keeps going.\n  watch it again:  {hints.command(f'attach {run_id}')}\n"
+            f"  plain text:      {hints.command(f'tail {run_id} -f')}\n"
+            f"  stop it:         {hints.command(f'stop {run_id}')}")
+
+
 def run_app(services: Services | None = None, attach: Any = None) -> int:
     """Run the wizard (or, with `attach`, a run's dashboard) in this terminal; return the exit status."""
     app = TunewizApp(services, watch_terminal=True, attach=attach)
@@ -336,8 +344,7 @@ def run_app(services: Services | None = None, attach: Any = None) -> int:
     for run in dict.fromkeys([*app.launched, *app.watched]):
         try:
             if run.state() in ("starting", "running", "stopping"):
-                print(f"run {run.run_id} keeps going.\n  watch it again:  tunewiz attach {run.run_id}\n"
-                      f"  plain text:      tunewiz tail {run.run_id} -f\n  stop it:         tunewiz stop {run.run_id}")
+                print(keeps_going(run.run_id))
         except OSError:
             break
     return app.return_code or 0

@@ -335,11 +335,11 @@ class DashboardScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "leave", "Back"),
-        Binding("s", "stop", "Stop", tooltip="it finishes its step, saves a checkpoint and ends as cancelled "
-                                              "(asks first)"),
-        Binding("r", "resume", "Resume", tooltip="a new engine goes on from the newest checkpoint"),
-        Binding("e", "export", "Export", tooltip="the adapter, or a merged model that plain transformers loads"),
-        Binding("d", "detach", "Detach", tooltip="training goes on; back to Past runs, or out of the app"),
+        # tooltips: what Help adds to each key; short enough for one line of the dialog at 60 columns
+        Binding("s", "stop", "Stop", tooltip="checkpoint, then end (asks first)"),
+        Binding("r", "resume", "Resume", tooltip="go on from the newest checkpoint"),
+        Binding("e", "export", "Export", tooltip="the adapter, or a merged model"),
+        Binding("d", "detach", "Detach", tooltip="leave it training"),
         Binding("question_mark", "help", "Help"),
         Binding("g", "log_scale", "Log scale", show=False),
         Binding("1", "tab('training')", "Training", show=False),
@@ -606,7 +606,8 @@ class DashboardScreen(Screen[None]):
 
         self.app.push_screen(ConfirmDialog(
             "Stop the run?", "It finishes the current step, saves a checkpoint and ends as cancelled. You can "
-            f"resume it later (r here, or tunewiz resume {self.run.run_id}).", yes="Stop it", no="Keep training"),
+            f"resume it later (r here, or {hints.command(f'resume {self.run.run_id}')}).", yes="Stop it",
+            no="Keep training"),
             answered)
 
     @work(thread=True, exclusive=True, group="stop", exit_on_error=False)

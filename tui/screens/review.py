@@ -219,7 +219,8 @@ class ReviewScreen(WizardScreen):
         spec = self.state.spec
         self.app.push_screen(NameDialog(
             "Save as a preset",
-            "A preset relaunches this exact run later: from the Welcome screen, or with `tunewiz train NAME`. "
+            f"A preset relaunches this exact run later: from the Welcome screen, or with "
+            f"`{hints.command('train NAME')}`. "
             "Name it (letters, digits, '.', '_' or '-'):", value=presets.free_name(spec.name)), self._save_named)
 
     def _save_named(self, name: str | None, overwrite: bool = False) -> None:

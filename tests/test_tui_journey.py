@@ -293,3 +293,58 @@ async def test_below_the_smallest_size_the_app_says_so(tmp_path: Path) -> None:
         assert "The terminal is 50×15; tunewiz needs at least 60×20." in text_of(app.screen.query_one("#too-small"))
         await pilot.resize_terminal(60, 20)
         await on_screen(pilot, WelcomeScreen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data (item 15)
+
+
+def _support_csv(folder: Path) -> Path:
+    path = folder / "support.csv"
+    rows = [("Where is my order?", "It ships tomorrow; you will get a tracking link by email."),
+            ("Can I get a refund?", "Yes, within 30 days: open Orders and press Refund."),
+            ("How do I change my password?", "Open Settings, then Security, then Change password.")] * 4
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["customer_message", "agent_reply"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.asyncio
+async def test_a_csv_with_its_own_column_names_is_mapped_in_the_app(tmp_path: Path) -> None:
+    from textual.widgets import Input, Select
+
+    from tui.screens.dataset import DatasetScreen
+
+    csv_path = _support_csv(tmp_path)
+    app, _fakes = make_app(no_gpu_report(), tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await to_model_step(pilot)
+        await pilot.press("enter")
+        await on_screen(pilot, DatasetScreen)
+        await pilot.press("end", "enter")  # Your own data...
+        about = text_of(app.screen.query_one("#data-about"))
+        assert "alpaca: instruction, output (optional: input, system)" in about
+        await pilot.press(*str(csv_path), "enter")
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.query_one("#col-output", Input).value == "agent_reply", "the guess")
+        assert screen.query_one("#col-instruction", Input).value == "customer_message"
+        assert screen.query_one("#format", Select).value == "alpaca"
+        spec = screen.candidate_spec()
+    assert spec.dataset.columns == {"instruction": "customer_message", "output": "agent_reply"}
+    assert (spec.dataset.source, spec.dataset.format) == (str(csv_path), "alpaca")
+
+
+def test_that_mapping_trains(tmp_path: Path, demo_tokenizer: Any) -> None:
+    from engine import presets, spec as spec_mod
+    from engine.data.prepare import prepare
+
+    csv_path = _support_csv(tmp_path)
+    spec = presets.resolve("demo", [f"dataset.source={csv_path}", "dataset.preset=", "dataset.format=alpaca",
+                                    'dataset.columns={instruction = "customer_message", output = "agent_reply"}'])[0]
+    assert spec_mod.loads(spec_mod.dumps(spec)) == spec
+    stats = prepare(spec, demo_tokenizer).stats
+    assert stats["train_examples"] + stats.get("eval_examples", 0) == 12 and stats["dropped_total"] == 0

@@ -88,6 +88,7 @@ class DatasetEntry:
     system_prompt: str | None = None  # added to every conversation that has none
     label_names: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> raw label -> text
     notes: str = ""  # caveats a user should know (licence conditions, provenance)
+    longest_tokens: int | None = None  # the longest example, measured with the demo model's tokenizer
 
     @property
     def url(self) -> str | None:

@@ -310,8 +310,9 @@ def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
     demo = presets.resolve(DEMO_PRESET)[0]
     card = recommend(report, seq_len, vram_bytes=REFERENCE_CARD_BYTES).choices[0]
     label = catalog.models()[card.model].description.split(":")[0]
+    data = catalog.datasets()[demo.dataset.preset or ""]
     choice = dataclasses.replace(
-        spec_choice(demo, report),
+        spec_choice(demo, report, data.longest_tokens),  # as the Review step will, once the data check ran
         reason="No NVIDIA GPU here, so tunewiz trains the small bundled demo model on the CPU (a few minutes). "
                f"With a {gb(REFERENCE_CARD_BYTES)} GPU the first choice would be {label} with "
                f"{method_name(card.method)}.")
@@ -418,7 +419,7 @@ def estimate_spec(spec: RunSpec, on_gpu: bool = True, longest: int | None = None
     by the data check; without packing no batch is longer, so it caps the sequence length."""
     settings = Settings.from_spec(spec)
     if not on_gpu:
-        settings = dataclasses.replace(settings, fused_kernels="off", gpus=1, fsdp=False)
+        settings = dataclasses.replace(settings, fused_kernels="off", gpus=1, fsdp=False, cpu=True)
     if longest and not spec.training.packing:
         settings = dataclasses.replace(settings, seq_len=max(1, min(settings.seq_len, longest)))
     return estimate(arch_for(spec.model.name), settings)

@@ -53,8 +53,9 @@ def check_renderable(result: CheckResult | None, limit: int | None, custom: bool
         return Group(Text("Type the file's path (or a hub id) and press Enter to check it." if custom else
                           "The data check starts when you stay on a dataset for a moment.", style="dim"))
     if result.report is None and result.error is None:
-        return Group(Text(f"Checking the data with {result.request.model}'s tokenizer... (the first check "
-                          "loads the tokenizer and can take a minute; you may go on meanwhile)", style="yellow"))
+        return Group(Text(f"Checking the data with {result.request.model}'s tokenizer... The first check "
+                          "loads the tokenizer (and converts the bundled demo model once): a minute or two on a "
+                          "small machine. You may go on meanwhile.", style="yellow"))
     if result.error is not None:
         parts: list[Any] = [Text.assemble(("The check failed: ", "bold red"), result.error)]
         if result.hint:

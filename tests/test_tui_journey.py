@@ -198,8 +198,7 @@ async def _to_dashboard_from_past_runs(pilot: Any, fakes: Any) -> None:
     from tui.screens.dashboard import DashboardScreen
 
     await to_model_step(pilot)
-    await to_settings(pilot)
-    await pilot.press("ctrl+n")
+    await to_review(pilot)
     await launch_from_review(pilot, fakes)
     await pilot.press("escape")  # back to the welcome screen
     await pilot.press("r")
@@ -228,8 +227,7 @@ async def test_q_quits_from_the_dashboard(tmp_path: Path) -> None:
     app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
     async with app.run_test(size=(100, 30)) as pilot:
         await to_model_step(pilot)
-        await to_settings(pilot)
-        await pilot.press("ctrl+n")
+        await to_review(pilot)
         await launch_from_review(pilot, fakes)
         await pilot.press("q")
         await wait_until(pilot, lambda: app._exit, "the app to quit")
@@ -257,10 +255,7 @@ async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path
     app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
     async with app.run_test(size=(100, 30)) as pilot:
         await to_model_step(pilot)
-        await to_settings(pilot)
-        await pilot.press("ctrl+n")
-        await on_screen(pilot, ReviewScreen)
-        await wait_until(pilot, lambda: app.state.review_estimate is not None, "the estimate")
+        await to_review(pilot)
         review = keys_help(app.screen).splitlines()
         assert review[0].startswith("esc ")
         assert any(line.startswith("l ") and line.endswith("Launch") for line in review)

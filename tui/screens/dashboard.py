@@ -338,7 +338,7 @@ class DashboardScreen(Screen[None]):
         # tooltips: what Help adds to each key; short enough for one line of the dialog at 60 columns
         Binding("s", "stop", "Stop", tooltip="checkpoint, then end (asks first)"),
         Binding("r", "resume", "Resume", tooltip="go on from the newest checkpoint"),
-        Binding("e", "export", "Export", tooltip="the adapter, or a merged model"),
+        Binding("e", "export", "Export", tooltip="adapter or merged model"),
         Binding("d", "detach", "Detach", tooltip="leave it training"),
         Binding("question_mark", "help", "Help"),
         Binding("g", "log_scale", "Log scale", show=False),

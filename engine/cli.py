@@ -53,7 +53,8 @@ def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
                 print(format_event(event), flush=True)
         if state in ("dead", *rundir.FINAL_STATES):
             if state == "dead":
-                print(f"the engine is gone without finishing (killed?). Resume it: {hints.command(f'resume {run.run_id}')}",
+                print("the engine is gone without finishing (killed?). Resume it: "
+                      f"{hints.command(f'resume {run.run_id}')}",
                       flush=True)
             return state
         if not until_finished:

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from engine import catalog, hardware, spec as spec_mod
+from engine import hardware, spec as spec_mod
 from engine.cli import main
 from engine.estimator import Settings, estimate
 from engine.recommend import EFFECTIVE_BATCH, MARGIN, arch_for, choice_for, estimate_spec, recommend

@@ -1,6 +1,6 @@
 """The wizard driven with key presses (Textual's Pilot) on simulated hardware, asserting the spec that is launched.
 
-The services are fakes (tests/tui_fakes.py): no GPU / 24 GB / 80 GB hardware, a recommender following the
+The services are fakes (tests/tui_fakes.py): no GPU / 24 GiB / 80 GiB hardware, a recommender following the
 engine.recommend contract, a canned data check, and a launcher that records the spec instead of training.
 """
 

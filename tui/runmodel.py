@@ -557,7 +557,8 @@ class RunModel:
         return RunView(
             run_id=self.run_id, state=state, name=self.name, model=self.model, method=self.method,
             version=self.version, events=self.events, skipped=self.skipped, first_time=self.first_time,
-            lives=tuple((start, last) for start, last in self.lives), live_since=self.lives[-1][0] if live and self.lives else None,
+            lives=tuple((start, last) for start, last in self.lives),
+            live_since=self.lives[-1][0] if live and self.lives else None,
             last_time=self.last_time, step=s.get("step"), total_steps=s.get("total_steps"), epoch=_num(s.get("epoch")),
             loss=_num(s.get("loss")), best_loss=self.best_loss, eval_loss=self.eval_loss, best_eval=self.best_eval,
             learning_rate=_num(s.get("learning_rate")), tokens_per_s=_num(s.get("tokens_per_s")),

@@ -109,7 +109,7 @@ class FakeRecommendation:
 
 def demo_choice(available: int | None) -> FakeChoice:
     return FakeChoice("smollm2-135m-demo", "lora", 4, 1, 2048, False, FakeEstimate(270 * 10**6), available, "fits",
-                      "The bundled demo model: small enough to train on a CPU in about 5 minutes.")
+                      "The bundled demo model: small enough to train on a CPU in minutes.")
 
 
 def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,

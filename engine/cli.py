@@ -13,12 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_data, cli_hw, cli_model, launcher, locations, presets, rundir
+from engine import __version__, cli_data, cli_hw, cli_model, hints, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader
 from engine.render import duration, format_event
 from engine.spec import SpecError
+from engine.worktime import LossScan
 
 FOLLOW_INTERVAL_S = 0.5
 
@@ -69,9 +70,9 @@ def _dead_engine_message(run: rundir.RunDir) -> str:
     last = _log_last_line(run)
     if not started and last:
         return (f"the engine exited before it started: {last}\n"
-                f"its full output is in {run.log_path}; fix that, then: tunewiz resume {run.run_id}")
+                f"its full output is in {run.log_path}; fix that, then: {hints.command(f'resume {run.run_id}')}")
     said = f"; engine.log ends with: {last}" if last else ""
-    return f"the engine is gone without finishing (killed?){said}. Resume it: tunewiz resume {run.run_id}"
+    return f"the engine is gone without finishing (killed?){said}. Resume it: {hints.command(f'resume {run.run_id}')}"
 
 
 def _log_last_line(run: rundir.RunDir, tail_bytes: int = 8192) -> str:
@@ -105,7 +106,7 @@ def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -
     except KeyboardInterrupt:
         run.stop_path.unlink(missing_ok=True)  # the engine reads it at the end of a step: withdrawn in time
         print(f"\ndetached; the stop request is withdrawn and the run goes on (unless it had already begun "
-              f"stopping). Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
+              f"stopping). Follow it: {hints.command(f'tail {run.run_id} -f')}", file=sys.stderr)
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -140,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     print(f"run {run.run_id} started (engine pid {pid}); files in {run.path}")
     if args.detach:
-        print(f"follow it: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
+        print(f"follow it: {hints.command(f'tail {run.run_id} -f')}    stop it: {hints.command(f'stop {run.run_id}')}")
         return 0
     return _follow_with_stop_on_ctrl_c(run)
 
@@ -151,7 +152,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if state in rundir.LIVE_STATES:
         return _fail(f"run {run.run_id} is still {state}; nothing to resume")
     if state == "completed":
-        return _fail(f"run {run.run_id} completed; relaunch it instead: tunewiz train {run.spec_path}")
+        return _fail(f"run {run.run_id} completed; relaunch it instead: {hints.command(f'train {run.spec_path}')}")
     offset = run.events_path.stat().st_size if run.events_path.exists() else 0  # follow only the new engine
     launcher.launch(run, resume=True)
     print(f"resuming run {run.run_id}")
@@ -165,18 +166,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in rundir.list_runs():
         status = run.status()
         state = run.state()
-        started = status.get("started") or status.get("created")
-        end = status.get("finished") or (time.time() if state in rundir.LIVE_STATES else status.get("updated"))
+        scan = LossScan(run.events_path)  # the training time (resumes added up) and the last loss, from the events
+        scan.update()
+        loss = status.get("loss") if status.get("loss") is not None else scan.last
         rows.append({"run_id": run.run_id, "state": state, "name": status.get("name"),
                      "model": status.get("model"), "method": status.get("method"),
                      "step": status.get("step"), "total_steps": status.get("total_steps"),
-                     "loss": status.get("loss"), "started": started,
-                     "duration_s": (end - started) if started and end else None})
+                     "loss": loss, "started": status.get("started") or status.get("created"),
+                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print("no runs yet; start one with: tunewiz train demo")
+        print(f"no runs yet; start one with: {hints.command('train demo')}")
         return 0
     print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}")
     for row in rows:
@@ -245,7 +247,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     width = max((len(p.name) for p in found), default=4)
     for p in found:
-        print(f"{p.name:<{width}}  {p.origin:<8}  {p.description}")
+        note = "  (replaces the built-in of this name: `tunewiz train` runs this one)" if p.shadows else ""
+        print(f"{p.name:<{width}}  {p.origin:<8}  {p.description}{note}")
+    return 0
+
+
+def cmd_presets_save(args: argparse.Namespace) -> int:
+    path = presets.save_user_preset(rundir.find(args.run).load_spec(), args.name)
+    print(f"saved {path}\nrun it with: {hints.command(f'train {args.name}')}")
+    return 0
+
+
+def cmd_presets_mv(args: argparse.Namespace) -> int:
+    print(f"renamed to {presets.rename_user_preset(args.name, args.new)}")
+    return 0
+
+
+def cmd_presets_rm(args: argparse.Namespace) -> int:
+    print(f"deleted {presets.delete_user_preset(args.name)}")
     return 0
 
 
@@ -324,9 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where to write (default: RUN/exports/KIND in the run directory)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("presets", help="list built-in and user presets")
+    p = sub.add_parser("presets", help="list built-in and user presets; save a run as one, rename or delete one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_presets)
+    verbs = p.add_subparsers(dest="verb", metavar="{save,mv,rm}")
+    v = verbs.add_parser("save", help="save a run's spec as a user preset: tunewiz presets save RUN NAME")
+    v.add_argument("run", metavar="RUN")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(func=cmd_presets_save)
+    v = verbs.add_parser("mv", help="rename a user preset")
+    v.add_argument("name", metavar="NAME")
+    v.add_argument("new", metavar="NEW")
+    v.set_defaults(func=cmd_presets_mv)
+    v = verbs.add_parser("rm", help="delete a user preset")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(func=cmd_presets_rm)
 
     p = sub.add_parser("locate", help="show where tunewiz keeps its files")
     p.add_argument("what", nargs="?", choices=["config", "state", "data", "cache", "runs", "presets"])

@@ -12,9 +12,14 @@ import json
 import shlex
 from typing import Any
 
-from engine import catalog, hardware
+from engine import catalog, hardware, hints
 from engine.errors import TunewizError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB
+from engine.render import memory
+
+SUGGESTED_DATA = "ultrachat"
+"""The data `recommend` suggests training a GPU's choice on when none is named: a general chat assistant, 2048
+tokens long."""
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets", "textual",
              "nvidia-ml-py")
@@ -27,8 +32,12 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("recommend", help="which model and method fit this GPU (or another: --vram)")
-    p.add_argument("--seq-len", type=int, default=2048, help="longest training sequence in tokens (default 2048)")
-    p.add_argument("--vram", type=float, metavar="GB", help="advise for a GPU with this much free memory")
+    p.add_argument("--data", metavar="DATASET", help="the catalog dataset you will train on: estimates use its "
+                                                      f"sequence length and the suggested command trains on it "
+                                                      f"(default {SUGGESTED_DATA})")
+    p.add_argument("--seq-len", type=int, help="longest training sequence in tokens (default: the dataset's)")
+    p.add_argument("--vram", type=float, metavar="GIB", help="advise for a GPU with this much free memory, in GiB "
+                                                             "(a '24 GB' card has 24 GiB)")
     p.add_argument("--gpus", type=int, metavar="N", help="use at most N of this machine's GPUs (default: all "
                                                          "those of the best model; 1 for one GPU)")
     p.add_argument("--model", help="only this model (catalog name, hub id or local folder)")
@@ -67,12 +76,22 @@ def doctor_report() -> dict[str, Any]:
         if versions.get(name) is None:
             problems.append({"problem": f"{name} is not installed", "fix": "run `make run` (or pip install -e .)"})
     if not report.has_gpu:
-        verdict = "No GPU: tunewiz can train the bundled demo model on the CPU (tunewiz train demo)."
+        verdict = f"No GPU: tunewiz can train the bundled demo model on the CPU ({hints.command('train demo')})."
     else:
         best = max(report.gpus, key=lambda g: g.memory_free_bytes or 0)
         verdict = (f"Ready: {best.name} with {(best.memory_free_bytes or 0) / GIB:.1f} GiB free. "
                    "See `tunewiz recommend` for what fits.")
     return {"verdict": verdict, "hardware": report.to_dict(), "versions": versions, "problems": problems}
+
+
+GPU_ONLY = {"liger-kernel": "only used on NVIDIA GPUs", "bitsandbytes": "for QLoRA, on NVIDIA GPUs only",
+            "nvidia-ml-py": "reads NVIDIA GPUs"}
+"""Libraries a machine without an NVIDIA GPU does not need, and why."""
+
+
+def _missing(name: str, gpu: bool) -> str:
+    """How `doctor` lists a library that is not installed."""
+    return "MISSING" if gpu or name not in GPU_ONLY else f"not installed ({GPU_ONLY[name]}: not needed here)"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -92,7 +111,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ram = (hw.get("ram_total_bytes") or 0) / GIB
     disk = (hw.get("disk_free_bytes") or 0) / GIB
     print(f"  CPU cores {hw.get('cpu_count')}, RAM {ram:.1f} GiB, free disk {disk:.0f} GiB")
-    print("\nlibraries: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in data["versions"].items()))
+    gpu = bool(hw.get("gpus"))
+    print("\nlibraries: " + ", ".join(f"{k} {v or _missing(k, gpu)}" for k, v in data["versions"].items()))
     if data["problems"]:
         print("\nto look at:")
         for item in data["problems"]:
@@ -113,36 +133,42 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from engine import recommend as rec
 
     report = hardware.probe(check_libraries=False)
-    vram = int(args.vram * 1e9) if args.vram else None
+    vram = int(args.vram * GIB) if args.vram else None
     if args.gpus is not None and args.gpus < 1:
         raise TunewizError(f"--gpus {args.gpus}: a run needs at least one GPU", hint="Use --gpus 1 or more.")
+    on_cpu = vram is None and not report.has_gpu
+    data = args.data or ("demo" if on_cpu else SUGGESTED_DATA)  # the CPU trains the demo model on its data
+    if data not in catalog.datasets():
+        raise TunewizError(f"--data {data!r} is not a catalog dataset",
+                           hint=f"use one of: {', '.join(catalog.datasets())} (`tunewiz data list`)")
+    seq_len = args.seq_len or catalog.datasets()[data].max_seq_length
     if args.model:
-        choices = [rec.choice_for(args.model, report, args.seq_len, vram, gpus=args.gpus)]
+        choices = [rec.choice_for(args.model, report, seq_len, vram, gpus=args.gpus)]
         summary = choices[0].reason
     else:
-        result = rec.recommend(report, args.seq_len, vram, gpus=args.gpus)
+        result = rec.recommend(report, seq_len, vram, gpus=args.gpus)
         choices, summary = result.choices[: args.top], result.summary
     if args.json:
         print(json.dumps({"summary": summary, "choices": [_choice_dict(c) for c in choices]}, indent=1))
         return 0
     several = any(c.gpus > 1 for c in choices)
     print(summary + "\n")
-    print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<8} {'BATCH':>7} {'CKPT':<5}"
+    print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<12} {'BATCH':>5} {'CKPT':<5}"
           + (" GPUS STRATEGY" if several else ""))
     for c in choices:
-        print(f"{c.model:<20} {c.method:<6} {c.needed_bytes / 1e9:>6.1f}GB {c.fit:<8} "
-              f"{c.micro_batch_size:>3}x{c.gradient_accumulation:<3} {'on' if c.gradient_checkpointing else 'off':<5}"
+        print(f"{c.model:<20} {rec.method_name(c.method):<6} {memory(c.needed_bytes):>8} {rec.FIT_WORDS[c.fit]:<12} "
+              f"{f'{c.micro_batch_size}x{c.gradient_accumulation}':>5} {'on' if c.gradient_checkpointing else 'off':<5}"
               + (f" {c.gpus:>4} {c.strategy}" if several else ""))
-    if several:
-        gpus = shlex.quote(f"training.gpus={json.dumps(choices[0].training_gpus)}")
-        print(f"\nNEEDS is per GPU and includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context; BATCH is "
-              "micro-batch x accumulation on one GPU (on several, each runs its share of the accumulation). "
-              "Use one: tunewiz train demo --set model.name=MODEL --set method=METHOD "
-              f"--set {gpus} --set training.strategy=STRATEGY (--gpus 1 advises for "
-              "one GPU)")
-    else:
-        print(f"\nNEEDS includes ~{CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context. Use one: "
-              "tunewiz train demo --set model.name=MODEL --set method=METHOD")
+    per = " per GPU" if several else ""
+    print("\nNEEDS is RAM in GiB (a CPU run makes no CUDA context)." if on_cpu else
+          f"\nNEEDS is GPU memory{per} in GiB, with {memory(CUDA_CONTEXT_BYTES)} for the CUDA context.")
+    if choices:
+        print(rec.batch_words(choices[0]) + (" On several GPUs each runs its share of the steps." if several else ""))
+        command = " ".join([hints.command("train demo"),
+                            *(f"--set {shlex.quote(o)}" for o in choices[0].train_overrides(data))])
+        print(f"\nTrain the first one on {data}:\n  {command}")
+        if several:
+            print("(--gpus 1 advises for one GPU)")
     return 0
 
 
@@ -152,8 +178,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(e) for e in entries.values()], indent=1))
         return 0
     for e in entries.values():
-        gated = " (gated)" if e.gated else ""
+        gated = " (gated: accept its licence on the hub and log in first)" if e.gated else ""
         print(f"{e.name:<20} {e.params / 1e9:>6.2f}B  {e.license:<14} {e.description}{gated}")
+        if e.source_note():
+            print(f"{'':<37}{e.source_note()}")
     return 0
 
 

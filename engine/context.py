@@ -35,6 +35,8 @@ class EngineContext:
     stop_event: threading.Event = field(default_factory=threading.Event)
     last_step: int = 0  # the newest `step` event's step, for the final events
     _last_status: float = 0.0
+    _unwritten_step: dict[str, Any] = field(default_factory=dict)
+    """The last step's summary when throttling kept it out of status.json: the next write carries it."""
 
     def should_stop(self) -> bool:
         """True once a stop file or SIGTERM asked the run to end."""
@@ -51,15 +53,17 @@ class EngineContext:
         event = self.events.emit(kind, **data)
         now = time.monotonic()
         last_step = kind == "step" and data["step"] >= data["total_steps"]
+        if kind == "step":
+            self._unwritten_step = dict(step=data["step"], total_steps=data["total_steps"], loss=data["loss"],
+                                        epoch=data["epoch"], eta_s=data.get("eta_s"))
         if kind in ("step", "gpu") and now - self._last_status < STATUS_INTERVAL_S and not last_step:
             return event
         self._last_status = now
-        summary: dict[str, Any] = {"last_seq": event["seq"], "last_event": kind}
+        # a run stopped right after a throttled step still shows that step, its total and its loss
+        summary: dict[str, Any] = {**self._unwritten_step, "last_seq": event["seq"], "last_event": kind}
+        self._unwritten_step = {}
         if kind == "phase":
             summary["phase"] = data["phase"]
-        elif kind == "step":
-            summary.update(step=data["step"], total_steps=data["total_steps"], loss=data["loss"],
-                           epoch=data["epoch"], eta_s=data.get("eta_s"))
         elif kind == "eval":
             summary["eval_loss"] = data["eval_loss"]
         self.run.update_status(**summary)

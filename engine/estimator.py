@@ -10,7 +10,8 @@ The terms follow the physics of training (docs: shared notes on LoRA/QLoRA memor
                SwiGLU keep less than the stock layers);
   logits       the vocabulary-wide logits and their fp32 loss copies, or with the fused linear
                cross-entropy (`speed.fused_kernels`) only one chunk of them at a time;
-  overhead     the allocator's reserve beyond what tensors hold.
+  overhead     the allocator's reserve beyond what tensors hold (on the CPU also the process itself).
+On the CPU (`Settings.cpu`) weights and activations are fp32, and the estimate is of the process's RAM.
 Under FSDP the weights and adapters are sharded across the GPUs, and each GPU also holds the
 gathered weights of the layers being computed and prefetched.
 The free coefficients (how much of the theoretical activation and logit bytes autograd really
@@ -34,7 +35,12 @@ if TYPE_CHECKING:
 GIB = 1024**3
 # What NVML sees beyond torch's reserved memory (driver context, cuBLAS workspaces): 1.35-1.95 GiB,
 # 1.9 GiB on average over the calibration rows (H200, CUDA 13). Added to the estimate to check a fit.
+# Rounded up to the largest measured value; smaller GPUs (fewer SMs) likely need less, but no card other
+# than the H200 has been measured, so the allowance stays at 2 GiB (docs/tui.md, "The memory number").
 CUDA_CONTEXT_BYTES = 2 * GIB
+# A CPU run's process before any tensor: Python with torch, transformers and peft imported (ru_maxrss after
+# `import torch, transformers, peft, engine.trainer`: 392 MiB on the 2-core CPU box, torch 2.13).
+CPU_RUNTIME_BYTES = 392 * 2**20
 
 # Fitted on tests/data/memory_calibration.jsonl: 24 runs of the engine before its speed levers (H200:
 # 1B/3B/8B Llama shapes, LoRA and QLoRA, checkpointing on and off, 512 and 2048 tokens) and 13 with them
@@ -134,6 +140,7 @@ class Settings:
     gpus: int = 1
     fsdp: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
+    cpu: bool = False  # trains on the CPU: fp32 weights and activations, RAM instead of GPU memory
 
     @property
     def tokens(self) -> int:
@@ -187,7 +194,7 @@ def weight_bytes(arch: ModelArch, settings: Settings) -> int:
         constants = (1 / 64 + 4 / (64 * 256)) if settings.double_quant else 4 / 64
         total = int(arch.linear_params * (0.5 + constants) + 2 * other)
     else:
-        total = 2 * arch.params
+        total = (4 if settings.cpu else 2) * arch.params  # the CPU trains in fp32
     if not settings.fsdp:
         return total
     gathered = 2 * 2 * arch.linear_params // arch.layers  # the layer computed and the one prefetched, 16-bit
@@ -235,7 +242,7 @@ def checkpointed_layers(arch: ModelArch, settings: Settings) -> int:
 def activation_bytes(arch: ModelArch, settings: Settings) -> int:
     """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
     everything (partial checkpointing mixes the two, each with its own fitted coefficient)."""
-    per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens
+    per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens * (2 if settings.cpu else 1)
     recomputed = checkpointed_layers(arch, settings)
     kept = arch.layers - recomputed
     total = 0.0
@@ -263,4 +270,6 @@ def estimate(arch: ModelArch, settings: Settings) -> MemoryEstimate:
     logits = logits_bytes(arch, settings)
     held = weights + adapters + activations + logits
     overhead = int(held * COEFFICIENTS["overhead_fraction"] + COEFFICIENTS["overhead_bytes"])
+    if settings.cpu:
+        overhead += CPU_RUNTIME_BYTES
     return MemoryEstimate(weights, adapters, activations, logits, overhead)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import export_check, models
+from engine import export_check, hints, models
 from engine.errors import TunewizError
 from engine.rundir import RunDir
 
@@ -43,7 +43,7 @@ def adapter_dir(run: RunDir) -> Path:
     if not (path / "adapter_config.json").exists():
         raise TunewizError(f"run {run.run_id} has no trained adapter (state: {run.state()})",
                            hint="only completed runs have one; resume a stopped run first: "
-                                f"tunewiz resume {run.run_id}")
+                                f"{hints.command(f'resume {run.run_id}')}")
     return path
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import models
+from engine import hints, models
 from engine.chat_client import SamplingSettings
 from engine.data.chat import ChatEncoder, resolve_template
 from engine.errors import TunewizError
@@ -67,7 +67,7 @@ def adapter_path(run: RunDir, checkpoint: int | None = None) -> tuple[Path, int 
         return steps[newest], newest
     raise TunewizError(f"run {run.run_id} has no trained adapter yet (state: {run.state()})",
                        hint="wait for its first checkpoint, or resume it if it stopped before one: "
-                            f"tunewiz resume {run.run_id}")
+                            f"{hints.command(f'resume {run.run_id}')}")
 
 
 class RunModel:

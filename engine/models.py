@@ -64,6 +64,7 @@ def resolve(spec: RunSpec) -> ModelSource:
         if entry.bundled_gguf:
             return ModelSource(str(_bundled_gguf(entry)), gguf_file=entry.bundled_gguf["file"], is_local=True,
                                label=f"{name} (bundled)")
+        check_access(entry)
         return ModelSource(entry.hub_id, revision=spec.model.revision, gguf_file=spec.model.gguf_file, label=name)
     path = Path(name).expanduser()
     if path.exists():
@@ -84,7 +85,23 @@ def resolve(spec: RunSpec) -> ModelSource:
                                   "or name a .gguf file")
         return ModelSource(str(path.resolve()), is_local=True, label=str(path))
     check_hub_id(name, "model.name")
+    entry = catalog.by_hub_id(name)
+    if entry is not None:
+        check_access(entry)
     return ModelSource(name, revision=spec.model.revision, gguf_file=spec.model.gguf_file, label=name)
+
+
+def check_access(entry: catalog.ModelEntry) -> None:
+    """Before any download: a gated model without a hub token stops here, saying how to get access."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # nothing is downloaded; a cached copy loads without a token
+    from huggingface_hub import get_token
+
+    problem = entry.access_problem(get_token())
+    if problem:
+        raise ModelError(problem, hint=f"accept the licence at {entry.url}, then `hf auth login`")
 
 
 def check_hub_id(name: str, what: str) -> None:
@@ -92,7 +109,9 @@ def check_hub_id(name: str, what: str) -> None:
     hub id either (a path that does not exist, say): what it is not, and the catalog names it may mean."""
     looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
     if looks_like_path or not HUB_ID.match(name):
-        close = [n for n in catalog.models() if n.startswith(name[:4])][:3]
+        import difflib
+
+        close = difflib.get_close_matches(name, list(catalog.models()), n=3)
         raise ModelError(f"{what} {name!r} is not a catalog model, an existing path or a hub id (org/name)",
                          hint="see `tunewiz models` for catalog names" + (f" (maybe {', '.join(close)}?)" if close
                                                                            else ""))

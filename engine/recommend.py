@@ -1,8 +1,11 @@
 """From the hardware probe and the catalog, the ranked choices of model, method and settings that fit.
 
-Policy: LoRA on 16-bit weights when it fits with margin (better quality, faster); QLoRA when only
-4-bit weights fit; gradient checkpointing off and a bigger micro-batch when memory allows (faster);
-on a CPU-only machine, the bundled demo model. Torch-free: the wizard imports it directly.
+Policy (the guide's advice): rank by what the user will get. The most capable model that fits with margin
+comes first (the catalog's quality tier, then size: Llama-3.1-8B-Instruct is the start on 12-24 GiB cards),
+and for each model LoRA on 16-bit weights when it fits with margin (better quality, faster), else QLoRA on a
+4-bit copy. Smaller models follow as faster alternatives. Gradient checkpointing off and a bigger micro-batch
+when memory allows (faster); on a CPU-only machine, the bundled demo model. Memory is in GiB everywhere
+(engine.render.memory). Torch-free: the wizard imports it directly.
 
 Several GPUs: a run uses every GPU of the same model as the one with the most free memory (and nearly as
 much free memory). A model that fits one of them trains on all of them with data parallel (DDP); one that
@@ -19,10 +22,12 @@ from pathlib import Path
 from engine import catalog, models
 from engine.errors import ModelError
 from engine.estimator import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, ModelArch, Settings, estimate
+from engine.render import memory as gb
 from engine.hardware import GpuInfo, HardwareReport
 from engine.spec import RunSpec, TrainingSpec
 
 DEMO_MODEL = "smollm2-135m-demo"
+DEMO_PRESET = "demo"
 MARGIN = 0.85  # "fits" leaves 15% of free memory spare; "tight" is above that but below 100%
 EFFECTIVE_BATCH = 16
 # DDP tokens/s on 2 GPUs over twice that of 1 GPU: 8B LoRA 84%, QLoRA 80% (2 H200s, bench/results/multi_gpu.jsonl).
@@ -35,8 +40,23 @@ CONFIGS = ((False, 8), (False, 4), (False, 2), ("partial", 2), (True, 8), (True,
            (True, 1))
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+"""Methods as the guide names them; specs and JSON keep the lower-case values."""
+FIT_WORDS = {"fits": "fits", "tight": "tight", "too_big": "does not fit"}
+"""A choice's fit in words (the `fit` field keeps its short value for JSON)."""
+REFERENCE_CARD_BYTES = 24 * GIB
+"""The card the CPU-only advice describes ("with a 24 GiB GPU you could...")."""
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def batch_words(choice: "Choice") -> str:
+    """What 'batch 2x8' means, in words."""
+    mb, acc = choice.micro_batch_size, choice.gradient_accumulation
+    return (f"Batch {mb}x{acc}: {mb} sequence{'s' if mb > 1 else ''} of up to {choice.max_seq_length} tokens per "
+            f"step, gradients added up over {acc} step{'s' if acc > 1 else ''} ({mb * acc} per update).")
 
 
 @dataclass(frozen=True)
@@ -57,11 +77,13 @@ class Choice:
     gpus: int = 1  # GPUs the run uses; the estimate is per GPU
     strategy: str = "ddp"  # how several GPUs share the work: "ddp" (a whole model on each) or "fsdp" (sharded)
     gpu_ids: tuple[int, ...] = ()  # which visible GPUs (CUDA order); () on a CPU or for a hypothetical card
+    on_gpu: bool = True  # False: the run trains on the CPU, in RAM, with no CUDA context
 
     @property
     def needed_bytes(self) -> int:
-        """The estimate plus the CUDA context: what must be free on the GPU (on each, for several)."""
-        return self.estimate.total + CUDA_CONTEXT_BYTES
+        """What must be free: on a GPU the estimate plus the CUDA context (on each GPU, for several); on the CPU
+        the estimate alone."""
+        return self.estimate.total + (CUDA_CONTEXT_BYTES if self.on_gpu else 0)
 
     @property
     def training_gpus(self) -> int | list[int]:
@@ -81,6 +103,27 @@ class Choice:
                                          gradient_checkpointing=self.gradient_checkpointing,
                                          checkpoint_layers=self.checkpoint_layers,
                                          gpus=self.training_gpus, strategy=strategy))
+
+
+    def train_overrides(self, dataset: str) -> list[str]:
+        """`--set KEY=VALUE` overrides that turn the demo preset into this choice trained on catalog `dataset`
+        (with the settings the recommendation assumed): the command `recommend` suggests."""
+        entry = catalog.datasets()[dataset]
+        sets = {"model.name": self.model, "method": self.method, "dataset.preset": dataset,
+                "training.epochs": entry.epochs, "training.max_seq_length": self.max_seq_length,
+                "training.micro_batch_size": self.micro_batch_size,
+                "training.gradient_accumulation": self.gradient_accumulation,
+                "training.gradient_checkpointing": str(self.gradient_checkpointing).lower()}
+        if self.checkpoint_layers is not None:
+            sets["training.checkpoint_layers"] = self.checkpoint_layers
+        if self.gpus > 1:
+            sets["training.gpus"] = json.dumps(self.training_gpus).replace(" ", "")
+            sets["training.strategy"] = self.strategy
+        from engine import presets, spec as spec_mod
+
+        demo = presets.resolve(DEMO_PRESET)[0]
+        overrides = [f"{key}={value}" for key, value in sets.items()]
+        return [o for o in overrides if spec_mod.apply_overrides(demo, [o], source=DEMO_PRESET) != demo]
 
 
 _DEFAULT_STRATEGY = next(f.default for f in dataclasses.fields(TrainingSpec) if f.name == "strategy")
@@ -182,7 +225,7 @@ def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label:
         settings, result = _best_config(arch, "qlora", seq_len, available, count, fsdp)
         fit = _fit(result.total + CUDA_CONTEXT_BYTES, available)
     needed = result.total + CUDA_CONTEXT_BYTES
-    method = "QLoRA" if settings.method == "qlora" else "LoRA"
+    method = method_name(settings.method)
     how = "" if count == 1 else f" sharded over {count} GPUs (FSDP)" if fsdp else f" on {count} GPUs (DDP)"
     each = " on each GPU" if count > 1 else ""
     owner = "each GPU's" if count > 1 else "your"
@@ -208,6 +251,8 @@ def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label:
     entry = catalog.models().get(name)
     if entry is not None and entry.gated:
         reason += ". Gated: accept its licence on the Hugging Face hub and log in first"
+    elif entry is not None and entry.mirror_of:
+        reason += f". Ungated copy of {entry.mirror_of}; the Llama licence still applies"
     return Choice(model=name, method=settings.method, micro_batch_size=settings.micro_batch_size,
                   gradient_accumulation=max(1, EFFECTIVE_BATCH // settings.micro_batch_size),
                   max_seq_length=seq_len, gradient_checkpointing=settings.gradient_checkpointing,
@@ -234,23 +279,43 @@ def _gpus(report: HardwareReport, vram_bytes: int | None, limit: int | None = No
     return _Gpus(tuple(i for i, _ in same), min(g.memory_free_bytes or 0 for _, g in same), best)
 
 
-def _rank(choice: Choice, params: int) -> tuple[int, bool, int]:
-    """Best first: LoRA that fits, QLoRA that fits, tight, too big; ungated before gated (gated
-    models need a hub login first); bigger before smaller (too-big ones: nearest to fitting first)."""
-    bucket = {"fits": 0 if choice.method == "lora" else 1, "tight": 2, "too_big": 3}[choice.fit]
-    entry = catalog.models().get(choice.model)
-    return bucket, bool(entry and entry.gated), -params if choice.fit != "too_big" else params
+def _rank(choice: Choice, entry: catalog.ModelEntry) -> tuple[int, ...]:
+    """Best first: what fits with margin (one GPU's model with DDP before a sharded one, then the catalog's
+    quality tier, ungated before gated since gated models need a hub login first, bigger before smaller),
+    then tight ones (bigger first), then too big ones (nearest to fitting first)."""
+    if choice.fit == "fits":
+        return 0, choice.gpus > 1 and choice.strategy == "fsdp", entry.tier, entry.gated, -entry.params
+    if choice.fit == "tight":
+        return 1, entry.gated, -entry.params
+    return 2, entry.gated, entry.params
+
+
+def _alternative(choice: Choice, first: Choice, params: dict[str, int]) -> Choice:
+    """A fitting choice below the first, with how it compares in its reason."""
+    if choice.fit != "fits" or first.fit != "fits" or choice is first:
+        return choice
+    label = catalog.models()[first.model].description.split(":")[0]
+    if params[choice.model] < params[first.model]:
+        words = f"Faster alternative: smaller than {label}. "
+    elif params[choice.model] > params[first.model]:
+        words = f"Bigger than {label}, slower per step. "
+    else:
+        return choice
+    return dataclasses.replace(choice, reason=words + choice.reason)
 
 
 def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
-    entry = catalog.models()[DEMO_MODEL]
-    arch = ModelArch.from_entry(entry)
-    settings = Settings(method="lora", micro_batch_size=4, seq_len=min(seq_len, 256), gradient_checkpointing=False)
-    choice = Choice(model=DEMO_MODEL, method="lora", micro_batch_size=4, gradient_accumulation=1,
-                    max_seq_length=settings.seq_len, gradient_checkpointing=False,
-                    estimate=estimate(arch, settings), available_bytes=report.ram_available_bytes, fit="fits",
-                    reason="No NVIDIA GPU here, so tunewiz trains the small bundled demo model on the CPU "
-                           "(a few minutes). With a 24 GB GPU you could fine-tune a 7-8B model with QLoRA.")
+    from engine import presets
+
+    demo = presets.resolve(DEMO_PRESET)[0]
+    card = recommend(report, seq_len, vram_bytes=REFERENCE_CARD_BYTES).choices[0]
+    label = catalog.models()[card.model].description.split(":")[0]
+    data = catalog.datasets()[demo.dataset.preset or ""]
+    choice = dataclasses.replace(
+        spec_choice(demo, report, data.longest_tokens),  # as the Review step will, once the data check ran
+        reason="No NVIDIA GPU here, so tunewiz trains the small bundled demo model on the CPU (a few minutes). "
+               f"With a {gb(REFERENCE_CARD_BYTES)} GPU the first choice would be {label} with "
+               f"{method_name(card.method)}.")
     summary = ("No GPU found: the demo model trains on the CPU. " + (report.nvml_error or "")).strip()
     return Recommendation([choice], summary, None)
 
@@ -265,30 +330,45 @@ def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | Non
     available = group.free
     if available is None:
         return _cpu_recommendation(report, seq_len)
-    choices = []
-    for name, entry in catalog.models().items():
-        if entry.bundled_gguf:
-            continue  # the CPU demo; its hub twin is in the catalog for GPUs
-        choices.append((_choice(name, ModelArch.from_entry(entry), seq_len, group, entry.description.split(":")[0]),
-                        entry.params))
-    choices.sort(key=lambda pair: _rank(*pair))
-    ranked = [c for c, _ in choices]
+    entries = catalog.ranked_models()
+    choices = [_choice(name, ModelArch.from_entry(entry), seq_len, group, entry.description.split(":")[0])
+               for name, entry in entries.items()]
+    choices.sort(key=lambda c: _rank(c, entries[c.model]))
+    params = {name: entry.params for name, entry in entries.items()}
+    ranked = [_alternative(c, choices[0], params) for c in choices]
     gpu = group.card
     if gpu is None:
-        where = f"a {gb(available)} GPU"
+        where = f"a GPU with {gb(available)} free"
     elif group.count > 1:
         where = f"{group.count} × {gpu.name} with {gb(available)} free each"
     else:
         where = f"{gpu.name} with {gb(available)} free"
     fitting = [c for c in ranked if c.fit == "fits"]
-    summary = f"On {where}: " + (ranked[0].reason if fitting else "no catalog model fits with margin; "
-                                  "try a shorter max sequence length or free GPU memory.")
+    summary = f"On {where}: " + (ranked[0].reason if fitting else _shorter(report, seq_len, vram_bytes, gpus))
     if gpu is not None and len(report.gpus) > 1:
         summary += f" ({len(report.gpus)} GPUs found; {_uses(report, group, gpus)}.)"
     held = sum(g.other_processes_bytes for g in report.gpus)
     if held and vram_bytes is None:
         summary += f" Other programs hold {gb(held)} of GPU memory."
     return Recommendation(ranked, summary, available)
+
+
+SHORTEST_SEQ_LEN = 256
+"""The shortest data the advice looks for when nothing fits (the bundled demo data's length)."""
+
+
+def _shorter(report: HardwareReport, seq_len: int, vram_bytes: int | None, gpus: int | None) -> str:
+    """When nothing fits at `seq_len`: the longest shorter length at which a model fits, and which one."""
+    shorter = seq_len // 2
+    while shorter >= SHORTEST_SEQ_LEN:
+        first = recommend(report, shorter, vram_bytes, gpus).choices[0]
+        if first.fit == "fits":
+            label = catalog.models()[first.model].description.split(":")[0]
+            return (f"nothing fits with margin at {seq_len} tokens; with data of at most {shorter} tokens "
+                    f"{label} with {method_name(first.method)} fits (pick shorter data, or `tunewiz recommend "
+                    f"--seq-len {shorter}`).")
+        shorter //= 2
+    return f"no catalog model fits with margin, even at {SHORTEST_SEQ_LEN} tokens; free GPU memory or use a bigger GPU."
 
 
 def _uses(report: HardwareReport, group: _Gpus, limit: int | None) -> str:
@@ -333,9 +413,37 @@ def _arch_from(path: Path) -> ModelArch:
         raise ModelError(f"{path}: {exc}") from None
 
 
-def estimate_spec(spec: RunSpec) -> MemoryEstimate:
-    """The memory estimate of exactly this spec's model and settings (for a review screen)."""
-    return estimate(arch_for(spec.model.name), Settings.from_spec(spec))
+def estimate_spec(spec: RunSpec, on_gpu: bool = True, longest: int | None = None) -> MemoryEstimate:
+    """The memory estimate of exactly this spec's model and settings, as the engine runs them here: on the CPU
+    without the fused kernels (they are GPU kernels). `longest`: the data's longest example in tokens, measured
+    by the data check; without packing no batch is longer, so it caps the sequence length."""
+    settings = Settings.from_spec(spec)
+    if not on_gpu:
+        settings = dataclasses.replace(settings, fused_kernels="off", gpus=1, fsdp=False, cpu=True)
+    if longest and not spec.training.packing:
+        settings = dataclasses.replace(settings, seq_len=max(1, min(settings.seq_len, longest)))
+    return estimate(arch_for(spec.model.name), settings)
+
+
+def spec_choice(spec: RunSpec, report: HardwareReport, longest: int | None = None) -> Choice:
+    """The one memory number for a spec about to launch: its estimate (estimate_spec) against what this machine
+    has free (each of the GPUs it trains on, with the CUDA context; or RAM on a CPU, without). Checked against
+    the demo preset on a 2-core CPU: estimate 2.0 GiB, measured peak RSS 2.0-2.2 GiB (tests/data/runs)."""
+    on_gpu = report.has_gpu
+    result = estimate_spec(spec, on_gpu, longest)
+    count = Settings.from_spec(spec).gpus
+    group = _gpus(report, None, count) if on_gpu else _Gpus((), report.ram_available_bytes, None)
+    needed = result.total + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    fit = _fit(needed, group.free)
+    where = ("free on each GPU" if count > 1 else "free") if on_gpu else "of RAM free"
+    reason = (f"{spec.model.name} with {method_name(spec.method)} as set needs about {gb(needed)} of "
+              f"{gb(group.free)} {where}" if group.free else f"{spec.model.name} needs about {gb(needed)}")
+    t = spec.training
+    return Choice(model=spec.model.name, method=spec.method, micro_batch_size=t.micro_batch_size,
+                  gradient_accumulation=t.gradient_accumulation, max_seq_length=t.max_seq_length,
+                  gradient_checkpointing=t.gradient_checkpointing, estimate=result, available_bytes=group.free,
+                  fit=fit, reason=reason, checkpoint_layers=t.checkpoint_layers, gpus=count,
+                  strategy=t.strategy, gpu_ids=group.ids, on_gpu=on_gpu)
 
 
 def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,

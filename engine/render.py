@@ -1,4 +1,4 @@
-"""Plain-text rendering of events and durations, for `tunewiz tail` and `tunewiz train`."""
+"""Plain-text rendering of events, durations and memory sizes, for the CLI and the app."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ def duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+GIB = 1024**3
+MEMORY_UNIT = "GiB"
+"""The one unit memory is written in, everywhere (GPU makers' "24 GB" cards hold 24 GiB, as nvidia-smi shows)."""
+
+
+def memory(n: int | float | None) -> str:
+    """A memory size in binary units: '24 GiB' from 10 GiB up, '9.1 GiB', '270 MiB'; '?' when unknown."""
+    if n is None:
+        return "?"
+    if n < GIB:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / GIB:.0f} GiB" if n >= 10 * GIB else f"{n / GIB:.1f} GiB"
 
 
 def _num(value: object, fmt: str) -> str:

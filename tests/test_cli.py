@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine import cli, launcher, locations, presets, rundir, spec as spec_mod
+from engine import cli, hints, launcher, locations, presets, rundir, spec as spec_mod
 from engine.events import validate
 from tests.conftest import PYTHON, ROOT
 from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, types, wait_finished, \
@@ -142,7 +143,8 @@ def test_tail_prints_the_events_of_a_finished_run(finished_run: rundir.RunDir,
 def test_tail_of_a_dead_run_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     run = make_run()
     assert cli.main(["tail", run.run_id]) == 0
-    assert f"gone without finishing (killed?). Resume it: tunewiz resume {run.run_id}" in capsys.readouterr().out
+    assert f"gone without finishing (killed?). Resume it: {hints.command(f'resume {run.run_id}')}" in \
+        capsys.readouterr().out
 
 
 def test_run_ids_ambiguous_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +197,7 @@ def test_resume_refuses_a_completed_run(finished_run: rundir.RunDir, capsys: pyt
     before = events(finished_run)
     assert cli.main(["resume", finished_run.run_id]) == 2
     err = capsys.readouterr().err
-    assert "completed; relaunch it instead: tunewiz train" in err and str(finished_run.spec_path) in err
+    assert f"completed; relaunch it instead: {hints.command('train')}" in err and str(finished_run.spec_path) in err
     assert events(finished_run) == before and not finished_run.engine_alive()
 
 
@@ -296,11 +298,11 @@ def test_train_detached_returns_at_once_and_the_run_goes_on() -> None:
     assert "-e2e-" in run.run_id
     assert run.engine_alive() and run.state() in ("starting", "running")
     pid = wait_for(lambda: run.status().get("pid"), what="the engine's pid", run=run)
-    assert started.stdout.splitlines()[-2:] == [
-        f"run {run.run_id} started (engine pid {pid}); "
-        f"files in {run.path}",
-        f"follow it: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}",
-    ]
+    started_line, follow_line = started.stdout.splitlines()[-2:]
+    assert started_line == f"run {run.run_id} started (engine pid {pid}); files in {run.path}"
+    # the command works as printed from where the user is: `tunewiz`, the venv's script or `python -m engine`
+    assert re.fullmatch(rf"follow it: (\S*tunewiz|\S+ -m engine) tail {run.run_id} -f    stop it: \1 stop "
+                        rf"{run.run_id}", follow_line), follow_line
     spec = run.load_spec()
     assert spec.name == "e2e" and spec.training.max_steps == 7 and spec.dataset.preset == "demo"
     assert wait_finished(run)["status"] == "completed"

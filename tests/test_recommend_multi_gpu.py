@@ -7,13 +7,12 @@ import dataclasses
 
 import pytest
 
-from engine import catalog, hardware, spec as spec_mod
+from engine import hardware, spec as spec_mod
 from engine.cli import main
 from engine.estimator import Settings, estimate
 from engine.recommend import EFFECTIVE_BATCH, MARGIN, arch_for, choice_for, estimate_spec, recommend
 from tests.test_recommend import NO_GPU, gpu, machine
 
-GB = 10**9
 
 
 def cards(count: int, total_gb: float, name: str = "NVIDIA Test GPU") -> list:
@@ -62,11 +61,10 @@ def test_bigger_models_that_fit_sharded_are_ranked_like_any_other() -> None:
     assert by_model["llama-3.3-70b"].strategy == "fsdp" and by_model["llama-3.3-70b"].fit == "fits"
     one = {c.model: c for c in recommend(machine(gpu(24))).choices}
     assert one["llama-3.3-70b"].fit == "too_big"
-    # QLoRA that fits comes after LoRA that fits, bigger first, as on one GPU
-    qlora = [c.model for c in result.choices if c.fit == "fits" and c.method == "qlora"]
-    params = [catalog.models()[m].params for m in qlora if not catalog.models()[m].gated]
-    assert params == sorted(params, reverse=True)
-    assert result.choices[0].method == "lora" and result.choices[0].strategy == "ddp"
+    # what fits one GPU (DDP) comes before what only fits sharded (FSDP); the first is as on one GPU
+    strategies = [c.strategy for c in result.choices if c.fit == "fits"]
+    assert strategies == sorted(strategies)
+    assert (result.choices[0].model, result.choices[0].strategy) == ("llama-3.1-8b", "ddp")
 
 
 def test_too_big_even_sharded_says_so() -> None:
@@ -77,7 +75,7 @@ def test_too_big_even_sharded_says_so() -> None:
 
 def test_the_summary_says_what_a_run_uses() -> None:
     two = recommend(machine(*cards(2, 80)))
-    assert two.summary.startswith("On 2 × NVIDIA Test GPU with 85 GB free each: ")
+    assert two.summary.startswith("On 2 × NVIDIA Test GPU with 80 GiB free each: ")
     assert "(2 GPUs found; a run uses both.)" in two.summary and "a run uses one" not in two.summary
     assert "(4 GPUs found; a run uses all 4.)" in recommend(machine(*cards(4, 24))).summary
 
@@ -122,10 +120,10 @@ def test_single_gpu_and_vram_paths_are_unchanged() -> None:
     single = recommend(machine(gpu(24)))
     assert all((c.gpus, c.gpu_ids, c.training_gpus) == (1, (0,), 1) for c in single.choices)
     assert "GPUs found" not in single.summary
-    hypothetical = recommend(machine(*cards(4, 80)), vram_bytes=24 * GB)
-    assert hypothetical.choices == recommend(NO_GPU, vram_bytes=24 * GB).choices
+    hypothetical = recommend(machine(*cards(4, 80)), vram_bytes=24 * 2**30)
+    assert hypothetical.choices == recommend(NO_GPU, vram_bytes=24 * 2**30).choices
     assert all((c.gpus, c.gpu_ids) == (1, ()) for c in hypothetical.choices)
-    assert hypothetical.summary.startswith("On a 24 GB GPU") and "GPUs found" not in hypothetical.summary
+    assert hypothetical.summary.startswith("On a GPU with 24 GiB free: ") and "GPUs found" not in hypothetical.summary
     assert recommend(NO_GPU).choices[0].gpus == 1
 
 

@@ -30,10 +30,11 @@ from rich.console import Console
 
 from engine import rundir
 from engine.events import EventReader
+from engine.worktime import LossScan
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.tui_fakes import FakeServices, no_gpu_report
 from tui.app import TunewizApp
-from tui.runmodel import BulkEventReader, LossScan, RunModel, Series
+from tui.runmodel import BulkEventReader, RunModel, Series
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.dialogs import ConfirmDialog, ExportDialog, MessageDialog
 from tui.screens.runs import RunsScreen
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.timeout(180)
 FIXTURES = ROOT / "tests" / "data" / "runs"
 FIXED = Path("/tmp/tunewiz-dashboard-tests")
 """Paths show on screen, so snapshot runs live in a fixed place rather than pytest's tmp_path."""
-SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+SIZES = {"60x20": (60, 20), "80x24": (80, 24), "120x40": (120, 40)}
 RUN_IDS = {path.name.split("-")[3]: path.name for path in FIXTURES.iterdir() if path.is_dir()}
 """State -> run id of the fixture, e.g. "completed" -> "20261127-220318-demo-completed-f9c4"."""
 
@@ -493,9 +494,9 @@ async def test_help_detach_and_back(tmp_path: Path, placed_runs: Any) -> None:
         await wait_until(pilot, lambda: app.screen.rows, "the list")
         await pilot.press("enter")
         await shown(pilot, "running")
-        await pilot.press("d")
-        await pilot.pause(0.2)
-    assert app.return_code == 0 and run.engine_alive()  # detaching leaves the run alone
+        await pilot.press("d")  # opened from Past runs: detaching returns there
+        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen), "the runs again")
+        assert app.return_code is None and run.engine_alive()  # detaching leaves the run alone
     assert app.watched == [run]
 
 
@@ -858,7 +859,7 @@ def test_gpu_readings_become_gauges_with_peaks_and_history() -> None:
     assert len(view.gpus) == 2 and len(view.gpus[0].history["mem"]) == 120  # the last 10 minutes
     text = resources_text(view, 100).plain
     assert "GPU 0  NVIDIA H100 80GB HBM3" in text and "GPU 1" in text
-    assert "55.8/85 GB, peak 55.8" in text and "20.0/85 GB, peak 20.0" in text
+    assert "52.0/79 GiB, peak 52.0" in text and "18.6/79 GiB, peak 18.6" in text
     assert "90 %" in text and "600 W" in text and "66 °C" in text
-    assert "torch reserved at its peak: 39.0 GB" in text
+    assert "torch reserved at its peak: 36 GiB" in text
     assert "Engine process" in text and "of 16 cores" in text

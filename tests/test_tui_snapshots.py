@@ -1,4 +1,4 @@
-"""Every screen of the wizard as an SVG snapshot, at 80x24 (the smallest terminal we support) and 120x40.
+"""Every screen of the wizard as an SVG snapshot, at 60x20 (the smallest terminal we support), 80x24 and 120x40.
 
 Update after an intended change with `pytest tests/test_tui_snapshots.py --snapshot-update` and look at the
 report (snapshot_report.html) before committing the new __snapshots__.
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 # Paths appear on screen, so they must not depend on pytest's tmp_path.
 FIXED = Path("/tmp/tunewiz-snapshots")
 RUN_ID = "20260101-120000-demo-ab12"
-SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+SIZES = {"60x20": (60, 20), "80x24": (80, 24), "120x40": (120, 40)}
 
 Steps = Callable[[Any], Awaitable[None]]
 

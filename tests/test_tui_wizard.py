@@ -1,11 +1,12 @@
 """The wizard driven with key presses (Textual's Pilot) on simulated hardware, asserting the spec that is launched.
 
-The services are fakes (tests/tui_fakes.py): no GPU / 24 GB / 80 GB hardware, a recommender following the
+The services are fakes (tests/tui_fakes.py): no GPU / 24 GiB / 80 GiB hardware, a recommender following the
 engine.recommend contract, a canned data check, and a launcher that records the spec instead of training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -412,6 +413,7 @@ async def test_save_a_preset_then_relaunch_it_from_the_welcome_screen(tmp_path: 
         await pilot.press("ctrl+u", *"my-recipe", "enter")
         await on_screen(pilot, ReviewScreen)
         saved = tunewiz_home / "config" / "presets" / "my-recipe.toml"
+        reviewed = dataclasses.replace(reviewed, name="my-recipe")  # a preset's runs carry its name
         assert spec_mod.load(saved) == reviewed
         await pilot.press("s", "ctrl+u", *"my-recipe", "enter")  # the same name again asks first
         await on_screen(pilot, ConfirmDialog)
@@ -424,7 +426,7 @@ async def test_save_a_preset_then_relaunch_it_from_the_welcome_screen(tmp_path: 
         await on_screen(pilot, PresetsScreen)
         options = app.screen.query_one("#presets")
         ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
-        assert ids == ["demo", "my-recipe"]
+        assert ids == ["built-in:demo", "user:my-recipe"]
         await pilot.press("down", "enter")
         await launch_from_review(pilot, fakes)
     assert fakes.launched == [reviewed]

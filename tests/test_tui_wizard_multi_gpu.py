@@ -82,12 +82,12 @@ async def test_two_gpus_the_first_choice_trains_on_both_and_review_shows_the_bat
         note = text_of(app.screen.query_one("#gpu-note"))
         assert "Training on all 2 GPUs" in note and "g: use 1 GPU" in note
         assert app.screen.check_action("gpus", ()) is True
-        assert "qwen2.5-32b  LORA" in choices_text(app) and "2 GPUs FSDP" in choices_text(app)
+        assert "qwen2.5-32b  LoRA" in choices_text(app) and "2 GPUs FSDP" in choices_text(app)
         summary = await to_review(pilot)
         assert ("GPUs: 2 × NVIDIA H100 80GB HBM3 (GPUs 0, 1) · FSDP: the weights are sharded across the GPUs"
                 in summary)
         assert "effective batch 16 = 2 per GPU × 4 accumulation × 2 GPUs (was 2 × 8 × 1)" in summary
-        assert "of 85 GB free per GPU" in summary
+        assert "of 79 GiB free per GPU" in summary
         await launch_from_review(pilot, fakes)
     spec = fakes.launched[0]
     assert (spec.model.name, spec.training.gpus, spec.training.strategy) == ("qwen2.5-32b", 2, "fsdp")

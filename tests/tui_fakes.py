@@ -1,4 +1,4 @@
-"""Fakes for the wizard's services: simulated hardware (no GPU, 24 GB, 80 GB), a recommender that follows the
+"""Fakes for the wizard's services: simulated hardware (no GPU, 24 GiB, 80 GiB), a recommender that follows the
 engine.recommend contract, a canned data checker and a launcher that records the spec it was given."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def no_gpu_report() -> HardwareReport:
 
 
 def gpu24_report(bitsandbytes: bool = True) -> HardwareReport:
-    """An RTX 4090 with 2 GB held by another program (a desktop session)."""
+    """An RTX 4090 with 2 GiB held by another program (a desktop session)."""
     gpu = GpuInfo(index=0, name="NVIDIA GeForce RTX 4090", cuda_index=0, memory_total_bytes=24 * GIB,
                   memory_used_bytes=2 * GIB, memory_free_bytes=22 * GIB, compute_capability=(8, 9),
                   bf16_supported=True, other_processes=[GpuProcess(1234, "Xorg", 2 * GIB)])
@@ -109,7 +109,7 @@ class FakeRecommendation:
 
 def demo_choice(available: int | None) -> FakeChoice:
     return FakeChoice("smollm2-135m-demo", "lora", 4, 1, 2048, False, FakeEstimate(270 * 10**6), available, "fits",
-                      "The bundled demo model: small enough to train on a CPU in about 5 minutes.")
+                      "The bundled demo model: small enough to train on a CPU in minutes.")
 
 
 def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
@@ -119,41 +119,41 @@ def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int 
     if count > 1 and free is not None and free >= 40 * GIB:
         choices = [
             FakeChoice("qwen2.5-32b", "lora", 2, 8, seq_len, True, FakeEstimate(36 * GB), free, "fits",
-                       "Qwen2.5-32B with LoRA sharded over 2 GPUs (FSDP) needs about 40 GB of each GPU's 85 GB "
+                       "Qwen2.5-32B with LoRA sharded over 2 GPUs (FSDP) needs about 40 GiB of each GPU's 85 GiB "
                        "free.", gpus=count, strategy="fsdp"),
             FakeChoice("llama-3.1-8b", "lora", 8, 2, seq_len, False, FakeEstimate(16 * GB), free, "fits",
-                       "Llama-3.1-8B with LoRA on 2 GPUs (DDP) needs about 30 GB of each GPU's 85 GB free; DDP "
+                       "Llama-3.1-8B with LoRA on 2 GPUs (DDP) needs about 30 GiB of each GPU's 85 GiB free; DDP "
                        "runs about 1.6-1.7x as fast as one GPU.", gpus=count),
             FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "fits",
-                       "Llama-3.1-70B with QLoRA on 2 GPUs (DDP) needs about 45 GB of each GPU's 85 GB.",
+                       "Llama-3.1-70B with QLoRA on 2 GPUs (DDP) needs about 45 GiB of each GPU's 85 GiB.",
                        gpus=count),
             dataclasses.replace(demo_choice(free), gpus=count),
         ]
-        return FakeRecommendation(choices, f"Your {count} 80 GB GPUs fit 32B models with LoRA sharded (FSDP) "
+        return FakeRecommendation(choices, f"Your {count} 80 GiB GPUs fit 32B models with LoRA sharded (FSDP) "
                                            "and 8B models on each (DDP).", free)
     if free is None:
         return FakeRecommendation([demo_choice(None)], "No GPU: only the tiny demo model is practical here.", None)
     if free < 40 * GIB:
         choices = [
             FakeChoice("llama-3.1-8b", "qlora", 2, 8, seq_len, True, FakeEstimate(5 * GB), free, "fits",
-                       "Llama-3.1-8B with QLoRA needs about 9 GB of your 22 GB free."),
+                       "Llama-3.1-8B with QLoRA needs about 9 GiB of your 22 GiB free."),
             FakeChoice("qwen2.5-3b", "lora", 4, 4, seq_len, True, FakeEstimate(6 * GB), free, "fits",
-                       "Qwen2.5-3B with LoRA needs about 10 GB."),
+                       "Qwen2.5-3B with LoRA needs about 10 GiB."),
             FakeChoice("llama-3.1-8b", "lora", 1, 16, seq_len, True, FakeEstimate(16 * GB), free, "tight",
-                       "Llama-3.1-8B with LoRA needs about 21 GB of your 22 GB: tight."),
+                       "Llama-3.1-8B with LoRA needs about 21 GiB of your 22 GiB: tight."),
             FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "too_big",
-                       "Llama-3.1-70B with QLoRA needs about 45 GB: too big for this GPU."),
+                       "Llama-3.1-70B with QLoRA needs about 45 GiB: too big for this GPU."),
             demo_choice(free),
         ]
-        return FakeRecommendation(choices, "Your 24 GB GPU fits 8B models with QLoRA or 3B models with LoRA.", free)
+        return FakeRecommendation(choices, "Your 24 GiB GPU fits 8B models with QLoRA or 3B models with LoRA.", free)
     choices = [
         FakeChoice("llama-3.1-8b", "lora", 8, 2, seq_len, False, FakeEstimate(16 * GB), free, "fits",
-                   "Llama-3.1-8B with LoRA needs about 30 GB of your 79 GB free."),
+                   "Llama-3.1-8B with LoRA needs about 30 GiB of your 79 GiB free."),
         FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "fits",
-                   "Llama-3.1-70B with QLoRA needs about 45 GB of your 79 GB."),
+                   "Llama-3.1-70B with QLoRA needs about 45 GiB of your 79 GiB."),
         demo_choice(free),
     ]
-    return FakeRecommendation(choices, "Your 80 GB GPU fits 8B models with LoRA and 70B with QLoRA.", free)
+    return FakeRecommendation(choices, "Your 80 GiB GPU fits 8B models with LoRA and 70B with QLoRA.", free)
 
 
 def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048, gpus: int | None = None) -> FakeChoice:
@@ -164,7 +164,7 @@ def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048, gpu
     if model == "Qwen/Qwen2.5-0.5B-Instruct":
         count = len(report.gpus) if gpus is None else min(gpus, len(report.gpus))
         return FakeChoice(model, "lora", 8, 2, seq_len, False, FakeEstimate(1 * GB), free, "fits",
-                          "Qwen2.5-0.5B-Instruct with LoRA needs about 3.5 GB.", gpus=max(count, 1))
+                          "Qwen2.5-0.5B-Instruct with LoRA needs about 3.5 GiB.", gpus=max(count, 1))
     raise ModelError(f"{model} is neither a catalog model, a local folder nor a hub id we can read",
                      hint="check the spelling, e.g. Qwen/Qwen2.5-0.5B-Instruct")
 

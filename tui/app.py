@@ -16,12 +16,15 @@ import signal
 import sys
 from typing import Any, ClassVar
 
-from textual import on, work
-from textual.app import App
+from textual import events, on, work
+from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.screen import Screen
 from textual.signal import Signal
+from textual.widgets import Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from engine import hints
 from engine.errors import TunewizError
 from engine.spec import RunSpec, SpecError
 from tui import wizard
@@ -46,13 +49,43 @@ WORKER_TITLES = {
 }
 
 
+MIN_SIZE = (60, 20)
+"""The smallest terminal (columns, lines) every screen is drawn for."""
+
+
+class TooSmallScreen(Screen[None]):
+    """Shown instead of the app while the terminal is smaller than MIN_SIZE; it goes when the terminal grows."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="too-small")
+
+    def render_message(self) -> str:
+        width, height = self.app.size
+        return (f"The terminal is {width}×{height}; tunewiz needs at least {MIN_SIZE[0]}×{MIN_SIZE[1]}. "
+                "Make the window bigger (q quits).")
+
+    def on_mount(self) -> None:
+        self.query_one("#too-small", Static).update(self.render_message())
+
+    def on_resize(self) -> None:
+        self.query_one("#too-small", Static).update(self.render_message())
+
+
 class TunewizApp(App[int]):
     """The wizard. `services` holds everything outside the app (fakes in tests)."""
 
     CSS_PATH = "tunewiz.tcss"
     TITLE = "tunewiz"
     ENABLE_COMMAND_PALETTE = False
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    # classes on every screen for tunewiz.tcss: narrower and shorter than 80x24 get tighter layouts
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (80, "-wide")]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (24, "-tall")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", tooltip="runs keep training", priority=True),
+        Binding("q", "quit", "Quit", tooltip="runs keep training", show=False),  # a text field
+        # takes the letter: not a priority binding
+        Binding("question_mark", "help", "Keys", show=False),
+    ]
 
     def __init__(self, services: Services | None = None, *, watch_terminal: bool = False,
                  attach: Any = None) -> None:
@@ -127,6 +160,22 @@ class TunewizApp(App[int]):
         self.state.review_estimate = None
         self.state.relaunch_of = None
         self.state_signal.publish(None)
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Below the smallest size the screens are drawn for, say so instead of drawing them broken."""
+        small = event.size.width < MIN_SIZE[0] or event.size.height < MIN_SIZE[1]
+        showing = isinstance(self.screen, TooSmallScreen)
+        if small and not showing:
+            self.push_screen(TooSmallScreen())
+        elif showing and not small:
+            self.pop_screen()
+
+    def action_help(self) -> None:
+        """The keys of the screen in front (the dashboard adds how to read its charts)."""
+        from tui.keys import keys_help
+        from tui.screens.dialogs import MessageDialog
+
+        self.push_screen(MessageDialog("Keys", keys_help(self.screen)))
 
     # ---------------------------------------------------------------- errors
 
@@ -209,18 +258,10 @@ class TunewizApp(App[int]):
         self.state_signal.publish(None)
 
     @work(thread=True, exclusive=True, group="review-estimate", exit_on_error=False)
-    def estimate_review(self, spec: RunSpec) -> None:
-        report = self.state.report
+    def estimate_review(self, spec: RunSpec, longest: int | None = None) -> None:
+        """The estimate of exactly `spec` (every setting), at the data's measured longest example when known."""
         try:
-            plan = wizard.gpu_plan(spec, report, self.state.gpus_offered)
-        except TunewizError:
-            plan = None  # the review step says why
-        try:
-            if plan is None:
-                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length)
-            else:  # the estimate for the GPUs the spec trains on
-                choice = self.services.choice_for(spec.model.name, report, spec.training.max_seq_length,
-                                                  gpus=plan[0])
+            choice = self.services.spec_choice(spec, self.state.report, longest)
         except (TunewizError, ServiceError):
             choice = None
         self.post_message(ReviewEstimated(choice))
@@ -284,6 +325,13 @@ class TunewizApp(App[int]):
         self.push_screen(DashboardScreen(message.run))
 
 
+def keeps_going(run_id: str) -> str:
+    """What the terminal shows about a run that outlives the app: commands that work as printed."""
+    return (f"run {run_id} keeps going.\n  watch it again:  {hints.command(f'attach {run_id}')}\n"
+            f"  plain text:      {hints.command(f'tail {run_id} -f')}\n"
+            f"  stop it:         {hints.command(f'stop {run_id}')}")
+
+
 def run_app(services: Services | None = None, attach: Any = None) -> int:
     """Run the wizard (or, with `attach`, a run's dashboard) in this terminal; return the exit status."""
     app = TunewizApp(services, watch_terminal=True, attach=attach)
@@ -296,8 +344,7 @@ def run_app(services: Services | None = None, attach: Any = None) -> int:
     for run in dict.fromkeys([*app.launched, *app.watched]):
         try:
             if run.state() in ("starting", "running", "stopping"):
-                print(f"run {run.run_id} keeps going.\n  watch it again:  tunewiz attach {run.run_id}\n"
-                      f"  plain text:      tunewiz tail {run.run_id} -f\n  stop it:         tunewiz stop {run.run_id}")
+                print(keeps_going(run.run_id))
         except OSError:
             break
     return app.return_code or 0

@@ -26,18 +26,35 @@ GUESSES = {
     "instruction": ("instruction", "question", "prompt", "query", "input", "q", "text_input", "user"),
     "output": ("output", "answer", "response", "completion", "target", "a", "reply", "assistant"),
 }
+"""Column names that mean a field, best first."""
+CUES = {
+    "instruction": ("question", "prompt", "query", "instruction", "message", "request", "customer", "user", "input"),
+    "output": ("answer", "response", "reply", "completion", "output", "agent", "assistant", "target", "solution"),
+}
+"""Words inside column names that hint at a field (`customer_message` -> instruction, `agent_reply` -> output)."""
 
 
 def guess_mapping(columns: tuple[str, ...]) -> dict[str, str] | None:
-    """For columns no format knows: an alpaca mapping when a question-like and an answer-like column exist."""
+    """For columns no format knows: an alpaca mapping when a question-like and an answer-like column exist (by
+    name, else by a word in the name)."""
     lower = {c.lower(): c for c in columns}
     found: dict[str, str] = {}
-    for field_name, names in GUESSES.items():
-        for name in names:
-            if name in lower and lower[name] not in found.values():
-                found[field_name] = lower[name]
-                break
+    for field_name in GUESSES:
+        exact = [lower[name] for name in GUESSES[field_name] if name in lower]
+        cued = [column for cue in CUES[field_name] for low, column in lower.items() if cue in low]
+        chosen = next((c for c in (*exact, *cued) if c not in found.values()), None)
+        if chosen is not None:
+            found[field_name] = chosen
     return found if len(found) == 2 else None
+
+
+def format_fields_text() -> str:
+    """What each format reads, for a user mapping their own columns."""
+    parts = []
+    for fmt, required in FORMATS.items():
+        optional = OPTIONAL_FIELDS.get(fmt, ())
+        parts.append(f"{fmt}: {', '.join(required)}" + (f" (optional: {', '.join(optional)})" if optional else ""))
+    return "Each format reads these fields: " + "; ".join(parts) + "."
 
 
 def fields_of(fmt: str) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import Event, EventReader, is_valid
+from engine.worktime import finite as _num, training_time
 
 SERIES_POINTS = 512
 """Points kept per chart series; a longer run is merged two points into one, again and again."""
@@ -143,12 +144,6 @@ def smoothed(ys: Iterable[float], stride: int = 1, weight: float = SMOOTHING) ->
     return tuple(out)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 @dataclass
 class GpuHistory:
     """One GPU's latest reading, its peaks and a short history per gauge."""
@@ -206,8 +201,8 @@ class RunView:
     events: int
     skipped: int
     first_time: float | None
-    elapsed_before: float
-    """Seconds of earlier engine lives plus the current life up to its last event."""
+    lives: tuple[tuple[float, float], ...]
+    """[start, last event time] of each engine life (engine.worktime.training_time adds them up)."""
     live_since: float | None
     """Start of the current engine life while it runs (elapsed goes on from its last event to now)."""
     last_time: float | None
@@ -260,9 +255,8 @@ class RunView:
         """Seconds the engine has worked on this run (gaps between stop and resume not counted)."""
         if self.first_time is None:
             return None
-        if self.state in ("running", "stopping") and self.live_since is not None and self.last_time is not None:
-            return self.elapsed_before + max(0.0, now - self.last_time)
-        return self.elapsed_before
+        running = self.state in ("running", "stopping") and self.live_since is not None
+        return training_time(self.lives, now if running else None)
 
     def eta(self, now: float) -> float | None:
         if not self.live or self.eta_s is None or self.last_step_time is None:
@@ -553,11 +547,11 @@ class RunModel:
         grad_xs, grad_ys = self.grad.points()
         tok_xs, tok_ys = self.tok.points()
         live = state in ACTIVE_STATES
-        elapsed_before = sum(last - start for start, last in self.lives)
         return RunView(
             run_id=self.run_id, state=state, name=self.name, model=self.model, method=self.method,
             version=self.version, events=self.events, skipped=self.skipped, first_time=self.first_time,
-            elapsed_before=elapsed_before, live_since=self.lives[-1][0] if live and self.lives else None,
+            lives=tuple((start, last) for start, last in self.lives),
+            live_since=self.lives[-1][0] if live and self.lives else None,
             last_time=self.last_time, step=s.get("step"), total_steps=s.get("total_steps"), epoch=_num(s.get("epoch")),
             loss=_num(s.get("loss")), best_loss=self.best_loss, eval_loss=self.eval_loss, best_eval=self.best_eval,
             learning_rate=_num(s.get("learning_rate")), tokens_per_s=_num(s.get("tokens_per_s")),
@@ -666,92 +660,3 @@ class Prefetch:
         """The reader and the model, once the history is read (waits for the thread)."""
         self._thread.join()
         return self.reader, self.model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loss summary for the Runs screen: followed incrementally per run, reading only step and eval lines.
-
-_LOSS = re.compile(rb'"loss": (-?[0-9][0-9.eE+-]*)')
-_STEP_TYPE = b'"type": "step"'
-_TIME = re.compile(rb'"time": ([0-9][0-9.eE+-]*)')
-
-
-def _time_of(line: bytes | None) -> float | None:
-    match = _TIME.search(line) if line else None
-    try:
-        return float(match.group(1)) if match else None
-    except ValueError:
-        return None
-
-
-@dataclass
-class LossScan:
-    """Last and best training loss, and the engine's working time, of one run, for the Runs screen.
-
-    Kept up to date by reading only the bytes added since the last update, and decoding only step lines'
-    losses and the times at the borders of engine lives (a `started` line, the last line).
-    """
-
-    path: Path
-    offset: int = 0
-    inode: int | None = None
-    last: float | None = None
-    best: float | None = None
-    pending: bytes = b""
-    worked_s: float = 0.0
-    """Seconds of the engine lives before the current one."""
-    life_start: float | None = None
-    last_time: float | None = None
-
-    def update(self, max_bytes: int = 64 << 20) -> None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return
-        if self.inode is not None and (stat.st_ino != self.inode or stat.st_size < self.offset):
-            self.offset, self.pending, self.last, self.best = 0, b"", None, None
-            self.worked_s, self.life_start, self.last_time = 0.0, None, None
-        self.inode = stat.st_ino
-        if stat.st_size == self.offset:
-            return
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read(max_bytes)
-        self.offset += len(chunk)
-        lines = (self.pending + chunk).split(b"\n")
-        self.pending = lines.pop()
-        previous = None
-        for line in lines:
-            if _STEP_TYPE not in line:
-                if b'"type": "started"' in line:
-                    self._new_life(line, previous)
-                if line.strip():
-                    previous = line
-                continue
-            previous = line
-            match = _LOSS.search(line)
-            try:
-                loss = float(match.group(1)) if match else _num(json.loads(line).get("loss"))
-            except (ValueError, AttributeError):
-                continue
-            if loss is None or not math.isfinite(loss):
-                continue
-            self.last = loss
-            self.best = loss if self.best is None else min(self.best, loss)
-        if previous is not None:
-            self.last_time = _time_of(previous) or self.last_time
-            if self.life_start is None:
-                self.life_start = _time_of(lines[0]) if lines else None
-
-    def _new_life(self, line: bytes, previous: bytes | None) -> None:
-        end = _time_of(previous) if previous is not None else self.last_time
-        if self.life_start is not None and end is not None:
-            self.worked_s += max(0.0, end - self.life_start)
-        self.life_start = _time_of(line)
-
-    def worked(self, now: float | None = None) -> float | None:
-        """Seconds the engine has worked on the run; `now` extends a live engine's life to the present."""
-        if self.life_start is None:
-            return None
-        end = now if now is not None else self.last_time
-        return self.worked_s + max(0.0, (end or self.life_start) - self.life_start)

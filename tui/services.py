@@ -58,6 +58,12 @@ def default_choice_for(model: str, report: Any, seq_len: int, gpus: int | None =
     return recommend.choice_for(model, report, seq_len=seq_len, gpus=gpus)
 
 
+def default_spec_choice(spec: RunSpec, report: Any, longest: int | None = None) -> Any:
+    from engine import recommend
+
+    return recommend.spec_choice(spec, report, longest)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data check (a subprocess: it needs the tokenizer, which the app must not import)
 
@@ -211,6 +217,8 @@ class Services:
     choice_for: Callable[..., Any] = default_choice_for
     """(model name or path, report, seq_len[, gpus=N]) -> engine.recommend.Choice; raises for unknown models.
     `gpus` only on machines with several GPUs."""
+    spec_choice: Callable[..., Any] = default_spec_choice
+    """(spec, report[, longest]) -> engine.recommend.Choice: the estimate of exactly the spec about to launch."""
     check_data: Callable[[CheckRequest, Callable[[], bool]], dict[str, Any]] = default_check_data
     """(request, is_cancelled) -> the checker's JSON report ({} when cancelled)"""
     launch: Callable[[RunSpec, Path | None], Any] = default_launch

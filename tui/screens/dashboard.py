@@ -24,7 +24,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
-from engine.render import duration
+from engine import hints
+from engine.render import GIB, duration, memory as gb
 from tui.messages import RunActionDone, RunSnapshot
 from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
 from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
@@ -58,16 +59,6 @@ EXPORT_KINDS = {"adapter": "the adapter", "merged": "a merged model", "gguf-q8_0
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
-s  Stop the run: it finishes its step, saves a checkpoint and ends as "cancelled" (asks first).
-r  Resume a stopped, failed or dead run from its newest checkpoint.
-c  Chat with the tuned model (a stopped run: its newest checkpoint).
-b  Compare: the base model and the tuned one answer each message side by side.
-v  Evaluate: both models answer the held-out examples; scores before and after.
-e  Export a completed run: the adapter, a merged model, or a GGUF file (+ Modelfile) for Ollama.
-d  Detach: leave the app. Training goes on; come back with `tunewiz attach {run_id}`.
-1 2 3 4  Training charts, resources, sample answers, log.    g  Loss on a log scale (or back).
-esc  Back    ctrl+q  Quit (training goes on either way)
-
 Reading the charts
 - Loss: how wrong the model still is on the training examples; lower is better. "smoothed" is a moving
   average that is easier to read than the noisy per-step value.
@@ -84,12 +75,6 @@ def clock_text(when: float | None) -> str:
 
 def _n(value: float | None, fmt: str, none: str = "-") -> str:
     return format(value, fmt) if value is not None else none
-
-
-def gb(n: float | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def title_text(view: RunView | None, run_id: str) -> Text:
@@ -231,8 +216,8 @@ def resources_text(view: RunView | None, width: int) -> RenderableType:
         peak = gpu.peak_mem / total if total else None
         rows = [
             ("memory", gauge(mem / total if mem is not None and total else None, bar_w, peak),
-             f"{_n(mem and mem / 1e9, '.1f', '?')}/{_n(total and total / 1e9, '.0f', '?')} GB, peak "
-             f"{gpu.peak_mem / 1e9:.1f}", gpu.history.get("mem", ()), 0.0, total),
+             f"{_n(mem and mem / GIB, '.1f', '?')}/{_n(total and total / GIB, '.0f', '?')} GiB, peak "
+             f"{gpu.peak_mem / GIB:.1f}", gpu.history.get("mem", ()), 0.0, total),
             ("use", gauge((gpu.latest.get("util") or 0) / 100 if gpu.latest.get("util") is not None else None, bar_w),
              f"{_n(gpu.latest.get('util'), '.0f', '?')} %", gpu.history.get("util", ()), 0.0, 100.0),
             ("power", Text(" " * bar_w), f"{_n(gpu.latest.get('power'), '.0f', '?')} W", gpu.history.get("power", ()),
@@ -336,13 +321,14 @@ class DashboardScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "leave", "Back"),
-        Binding("s", "stop", "Stop"),
-        Binding("r", "resume", "Resume"),
-        Binding("c", "chat", "Chat"),
-        Binding("b", "compare", "Compare"),
-        Binding("v", "evaluate", "Evaluate"),
-        Binding("e", "export", "Export"),
-        Binding("d", "detach", "Detach"),
+        # tooltips: what Help adds to each key; short enough for one line of the dialog at 60 columns
+        Binding("s", "stop", "Stop", tooltip="checkpoint, then end (asks first)"),
+        Binding("r", "resume", "Resume", tooltip="go on from the newest checkpoint"),
+        Binding("c", "chat", "Chat", tooltip="talk to the tuned model"),
+        Binding("b", "compare", "Compare", tooltip="base and tuned answers side by side"),
+        Binding("v", "evaluate", "Evaluate", tooltip="before/after on held-out examples"),
+        Binding("e", "export", "Export", tooltip="adapter, merged model or GGUF"),
+        Binding("d", "detach", "Detach", tooltip="leave it training"),
         Binding("question_mark", "help", "Help"),
         Binding("g", "log_scale", "Log scale", show=False),
         Binding("1", "tab('training')", "Training", show=False),
@@ -639,12 +625,21 @@ class DashboardScreen(Screen[None]):
             self.app.switch_screen(WelcomeScreen())
 
     def action_detach(self) -> None:
-        self.app.exit(0)
+        """Leave the run to train on: back to Past runs when opened from there, else out of the app."""
+        from tui.screens.runs import RunsScreen
+
+        if len(self.app.screen_stack) > 2 and isinstance(self.app.screen_stack[-2], RunsScreen):
+            self.app.pop_screen()
+            self.notify(f"Detached: {self.run.run_id} goes on training.")
+        else:
+            self.app.exit(0)
 
     def action_help(self) -> None:
+        from tui.keys import keys_help
         from tui.screens.dialogs import MessageDialog
 
-        self.app.push_screen(MessageDialog("Keys and charts", HELP.format(run_id=self.run.run_id)))
+        back = f"Come back to this run after detaching: {hints.command(f'attach {self.run.run_id}')}"
+        self.app.push_screen(MessageDialog("Keys and charts", f"{keys_help(self)}\n\n{back}\n\n{HELP}"))
 
     def action_stop(self) -> None:
         from tui.screens.dialogs import ConfirmDialog
@@ -656,7 +651,8 @@ class DashboardScreen(Screen[None]):
 
         self.app.push_screen(ConfirmDialog(
             "Stop the run?", "It finishes the current step, saves a checkpoint and ends as cancelled. You can "
-            f"resume it later (r here, or tunewiz resume {self.run.run_id}).", yes="Stop it", no="Keep training"),
+            f"resume it later (r here, or {hints.command(f'resume {self.run.run_id}')}).", yes="Stop it",
+            no="Keep training"),
             answered)
 
     @work(thread=True, exclusive=True, group="stop", exit_on_error=False)

@@ -18,7 +18,7 @@ from engine import catalog
 from engine.data.formats import FORMATS
 from engine.spec import RunSpec, SpecError
 from tui import wizard
-from tui.datafile import Peek, fields_of, guess_mapping, peek
+from tui.datafile import Peek, fields_of, format_fields_text, guess_mapping, peek
 from tui.messages import DataFilePeeked
 from tui.screens.base import WizardScreen
 from tui.wizard import CUSTOM, CheckResult, DatasetSelection
@@ -53,8 +53,9 @@ def check_renderable(result: CheckResult | None, limit: int | None, custom: bool
         return Group(Text("Type the file's path (or a hub id) and press Enter to check it." if custom else
                           "The data check starts when you stay on a dataset for a moment.", style="dim"))
     if result.report is None and result.error is None:
-        return Group(Text(f"Checking the data with {result.request.model}'s tokenizer... (the first check "
-                          "loads the tokenizer and can take a minute; you may go on meanwhile)", style="yellow"))
+        return Group(Text(f"Checking the data with {result.request.model}'s tokenizer... The first check "
+                          "loads the tokenizer (and converts the bundled demo model once): a minute or two on a "
+                          "small machine. You may go on meanwhile.", style="yellow"))
     if result.error is not None:
         parts: list[Any] = [Text.assemble(("The check failed: ", "bold red"), result.error)]
         if result.hint:
@@ -194,8 +195,11 @@ class DatasetScreen(WizardScreen):
         self.query_one("#custom").display = custom
         about = self.query_one("#data-about", Static)
         if custom:
-            about.update(Text("Your own examples: a .jsonl, .json, .csv or .parquet file, or a dataset id on the "
-                              "Hugging Face hub. Name the columns if they differ from the format's fields."))
+            about.update(Group(
+                Text("Your own examples: a .jsonl, .json, .csv or .parquet file, or a dataset id on the Hugging "
+                     "Face hub. If its columns have other names than the format's fields, pick the format and type "
+                     "which column holds each field."),
+                Text(format_fields_text(), style="dim")))
             self._show_mapping()
         elif highlighted:
             about.update(about_preset(highlighted))

@@ -14,6 +14,8 @@ from textual.containers import Horizontal
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
+from engine import catalog
+from engine.recommend import method_name
 from engine.spec import SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
@@ -21,7 +23,8 @@ from tui.widgets.memory import estimate_total, fit_text, memory_bar, verdict
 
 METHODS = (
     "LoRA trains a small add-on (an adapter) on the model's 16-bit weights; QLoRA trains it on a 4-bit copy: "
-    "a quarter of the weight memory, a little slower, NVIDIA GPUs only."
+    "a quarter of the weight memory, a little slower, NVIDIA GPUs only. Batch 2x8: 2 sequences per step, "
+    "gradients added up over 8 steps."
 )
 
 
@@ -61,13 +64,16 @@ def qlora_problem(choice: Any, report: Any) -> str | None:
 def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
     """Three lines: model and method with the verdict, the memory bar, and the reason in plain words."""
     available, fit, where = verdict(choice, report)
-    head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (choice.method.upper(), "bold cyan"),
+    head = Text.assemble((f"{rank}. ", "bold"), (choice.model, "bold"), "  ", (method_name(choice.method), "bold cyan"),
                          "  ", fit_text(fit))
     head.append(f"  batch {choice.micro_batch_size}x{choice.gradient_accumulation}", style="dim")
     if gpus_text(choice):
         head.append(f"  {gpus_text(choice)}", style="bold magenta")
     bar = memory_bar(estimate_total(choice, report), available, fit, where=where)
     lines: list[Any] = [head, Padding(bar, (0, 0, 0, 3)), Padding(Text(choice.reason, style="dim"), (0, 0, 0, 3))]
+    entry = catalog.models().get(choice.model)
+    if entry is not None and entry.source_note():
+        lines.append(Padding(Text(entry.source_note(), style="dim italic"), (0, 0, 0, 3)))
     problem = qlora_problem(choice, report)
     if problem:
         lines.append(Padding(Text(f"! {problem}", style="bold yellow"), (0, 0, 0, 3)))
@@ -77,7 +83,7 @@ def choice_prompt(choice: Any, rank: int, report: Any = None) -> Group:
 class ModelScreen(WizardScreen):
     STEP = "Model"
     MAIN = "#choices"
-    EXPLANATION = "Pick a model and method (best first). Bars: memory needed vs. memory free."
+    EXPLANATION = "Pick a model and method, best first. Bars: memory needed of free."
     BINDINGS: ClassVar[list[BindingType]] = [
         *WizardScreen.BINDINGS,
         Binding("o", "other", "Other model"),
@@ -90,12 +96,12 @@ class ModelScreen(WizardScreen):
         """The choices the list shows, in its order."""
 
     def compose_body(self) -> ComposeResult:
-        yield Static(METHODS, classes="note")
+        yield Static(METHODS, classes="note", id="methods")
         yield Static(id="gpu-note", classes="note")
         yield OptionList(id="choices")
         with Horizontal(classes="row"):
             yield Static("Other model:", classes="label")
-            yield Input(placeholder="a hub id (org/name) or a local folder; Enter estimates it", id="other",
+            yield Input(placeholder="org/name or a folder; Enter estimates it", id="other",
                         compact=True)
 
     def on_mount(self) -> None:

@@ -13,32 +13,35 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Static
 
-from engine import presets, spec as spec_mod
+from engine import hints, presets, spec as spec_mod
 from engine.errors import TunewizError
+from engine.recommend import method_name
+from engine.render import memory as gb
 from engine.spec import RunSpec, SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
+from tui.services import ServiceError
 from tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar, verdict
 
 
-def estimate_for(state: wizard.WizardState, spec: RunSpec) -> tuple[Any, str]:
-    """The Choice whose estimate best matches `spec`, and a note when it assumes other settings."""
-    candidates = [c for c in (state.review_estimate, state.choice) if c is not None and c.model == spec.model.name]
-    same_method = [c for c in candidates if c.method == spec.method]
-    candidate = (same_method or candidates or [None])[0]
-    if candidate is None:
-        return None, ""
-    notes = []
-    if candidate.method != spec.method:
-        notes.append(f"estimated for {candidate.method.upper()}, you chose {spec.method.upper()}")
-    t = spec.training
-    if (candidate.micro_batch_size, candidate.max_seq_length) != (t.micro_batch_size, t.max_seq_length):
-        notes.append(f"estimated for batch {candidate.micro_batch_size} x {candidate.max_seq_length} tokens, "
-                     f"you have {t.micro_batch_size} x {t.max_seq_length}")
-    gpus = getattr(candidate, "gpus", 1)
-    if gpus > 1 and t.strategy not in ("auto", candidate.strategy):
-        notes.append(f"estimated for {candidate.strategy.upper()}, you chose {t.strategy.upper()}")
-    return candidate, "; ".join(notes)
+def longest_example(state: wizard.WizardState, spec: RunSpec) -> int | None:
+    """The data's longest example in tokens, as the data check measured it (None until it has)."""
+    result = state.check_for(spec)
+    lengths = (result.report or {}).get("token_lengths") if result is not None else None
+    longest = (lengths or {}).get("max")
+    return int(longest) if isinstance(longest, (int, float)) and longest > 0 else None
+
+
+def better_choice(state: wizard.WizardState, spec: RunSpec, ranked: list[Any]) -> Any:
+    """The recommender's first choice at the data's measured length, when it is another model or method than the
+    spec's and the spec's model came from the recommender (a typed-in model is the user's own call)."""
+    picked = state.choice
+    if picked is None or picked in state.extra_choices or picked in state.extra_choices_one or not ranked:
+        return None
+    first = ranked[0]
+    if first.fit != "fits" or (first.model, first.method) == (spec.model.name, spec.method):
+        return None
+    return first
 
 
 def gpu_lines(state: wizard.WizardState, spec: RunSpec) -> list[Any]:
@@ -79,6 +82,7 @@ class ReviewScreen(WizardScreen):
         *WizardScreen.BINDINGS,
         Binding("l", "launch", "Launch"),
         Binding("s", "save", "Save as preset"),
+        Binding("r", "rerank", "Use the advice"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -90,22 +94,47 @@ class ReviewScreen(WizardScreen):
             yield Button("Save as preset (s)", id="save", compact=True)
             yield Button("Back (esc)", id="back", compact=True)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._estimated_for: tuple[str, int | None] | None = None
+        """The spec (as TOML) and data length the estimate was asked for: a new one when either changes."""
+        self._better: Any = None
+        """The recommender's first choice at the data's measured length, when it differs from the spec's."""
+
     def on_mount(self) -> None:
         super().on_mount()
-        spec = self.state.spec
         self.state.review_estimate = None
-        if self.state.report is not None:
-            self.tw.estimate_review(spec)
-        self.tw.request_data_check(self.state.check_request(spec))
+        self.tw.request_data_check(self.state.check_request(self.state.spec))
         self.query_one("#launch", Button).focus()
+
+    def _estimate(self, spec: RunSpec) -> None:
+        """Ask for the estimate of exactly this spec (again when the data's measured length comes in), and
+        re-rank at that length."""
+        report = self.state.report
+        longest = longest_example(self.state, spec)
+        key = (spec_mod.dumps(spec), longest)
+        if report is None or key == self._estimated_for:
+            return
+        self._estimated_for = key
+        self.tw.estimate_review(spec, longest)
+        self._better = None
+        if longest is not None and report.has_gpu:
+            length = min(spec.training.max_seq_length, longest)
+            try:
+                ranked = self.tw.services.recommend(report, length, gpus=1 if self.state.one_gpu else None).choices
+            except (TunewizError, ServiceError):
+                ranked = []
+            self._better = better_choice(self.state, spec, ranked)
+        self.refresh_bindings()
 
     def refresh_state(self) -> None:
         spec = self.state.spec
+        self._estimate(spec)
         runs = self.tw.services.runs_dir()
-        choice, note = estimate_for(self.state, spec)
+        choice = self.state.review_estimate
         lines: list[Any] = [Text.assemble(
             ("Run ", "dim"), (spec.name, "bold"), ("  model ", "dim"), spec.model.name, ("  method ", "dim"),
-            spec.method.upper(), ("  data ", "dim"), str(spec.dataset.preset or spec.dataset.source))]
+            method_name(spec.method), ("  data ", "dim"), str(spec.dataset.preset or spec.dataset.source))]
         if choice is not None:
             available, fit, where = verdict(choice, self.state.report)
             memory = Text("Memory: ", style="bold")
@@ -117,11 +146,19 @@ class ReviewScreen(WizardScreen):
             detail = estimate_breakdown(choice, self.state.report)
             if detail:
                 lines.append(Padding(Text(detail, style="dim"), (0, 0, 0, 8)))
-            if note and needed:
-                lines.append(Padding(Text(f"({note})", style="dim"), (0, 0, 0, 8)))
+            longest = longest_example(self.state, spec)
+            if longest is not None and longest < spec.training.max_seq_length and not spec.training.packing:
+                lines.append(Padding(Text(f"(for the data's longest example, {longest} tokens)", style="dim"),
+                                     (0, 0, 0, 8)))
         else:
             lines.append(Text.assemble(("Memory: ", "bold"), ("estimating..." if self.state.report is not None
                                                               else "no estimate", "dim")))
+        if self._better is not None:
+            better = self._better
+            lines.append(Text.assemble(
+                ("Advice: ", "bold"), f"with this data the first choice is {better.model} with "
+                f"{method_name(better.method)} ({gb(estimate_total(better, self.state.report))}). ", ("r", "bold"),
+                ": switch to it."))
         lines += gpu_lines(self.state, spec)
         lines.append(Text.assemble(("Data: ", "bold"), check_line(self.state, spec)))
         where = (f"adapter in {spec.output_dir}; logs in {runs}/<run id>/" if spec.output_dir else
@@ -150,6 +187,27 @@ class ReviewScreen(WizardScreen):
     def action_next(self) -> None:
         self.action_launch()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self._better is not None if action == "rerank" else True
+
+    def action_rerank(self) -> None:
+        """Switch to the recommender's first choice at this data's length, keeping the data and its length."""
+        better = self._better
+        if better is None:
+            return
+        spec = self.state.spec
+        try:
+            new = wizard.apply_choice(spec, better, self.tw.base)
+            new = wizard.apply_dataset(new, self.state.dataset, self.tw.base, better)
+            new = wizard.set_value(new, "training.max_seq_length", str(spec.training.max_seq_length))
+        except SpecError as exc:
+            self.tw.show_error("That choice gives an invalid spec", exc)
+            return
+        self.state.choice, self.state.spec, self._better = better, new, None
+        self.refresh_bindings()
+        self.notify(f"Now {better.model} with {method_name(better.method)}.")
+        self.refresh_state()
+
     @on(Button.Pressed, "#back")
     def _back_pressed(self) -> None:
         self.action_back()
@@ -161,8 +219,9 @@ class ReviewScreen(WizardScreen):
         spec = self.state.spec
         self.app.push_screen(NameDialog(
             "Save as a preset",
-            "A preset relaunches this exact run later: from the Welcome screen, or with `tunewiz train NAME`. "
-            "Name it (letters, digits, '.', '_' or '-'):", value=spec.name), self._save_named)
+            f"A preset relaunches this exact run later: from the Welcome screen, or with "
+            f"`{hints.command('train NAME')}`. "
+            "Name it (letters, digits, '.', '_' or '-'):", value=presets.free_name(spec.name)), self._save_named)
 
     def _save_named(self, name: str | None, overwrite: bool = False) -> None:
         from tui.screens.dialogs import ConfirmDialog
@@ -183,7 +242,8 @@ class ReviewScreen(WizardScreen):
         except OSError as exc:
             self.tw.show_error("Could not save the preset", exc)
             return
-        self.notify(f"Saved {path}. Relaunch it with: tunewiz train {name}", title="Preset saved", timeout=8)
+        self.notify(f"Saved as {path.name} in {path.parent}\n\nRelaunch it with:\n{hints.command(f'train {name}')}",
+                    title="Preset saved", timeout=8)
 
     def on_screen_resume(self) -> None:
         self.query_one("#launch", Button).disabled = False

@@ -2,7 +2,7 @@
 name, start, duration and last/best loss. Open or attach, relaunch in the wizard, resume, delete.
 
 The list refreshes itself every 2 seconds in a worker; the losses are read incrementally from each run's
-events (tui.runmodel.LossScan), so a refresh costs only the bytes written since the last one.
+events (engine.worktime.LossScan), so a refresh costs only the bytes written since the last one.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from textual.widgets import DataTable, Static
 from engine import rundir
 from engine.render import duration
 from engine.spec import SpecError
+from engine.worktime import LossScan
 from tui.messages import RunActionDone, RunsListed
-from tui.runmodel import ACTIVE_STATES, LossScan
+from tui.runmodel import ACTIVE_STATES
 from tui.screens.base import WizardScreen
 from tui.screens.dashboard import STATE_MARKS, STATE_STYLES
 

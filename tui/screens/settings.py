@@ -16,6 +16,7 @@ from textual.widget import Widget
 from textual.widgets import Input, Select, Static
 
 from engine.errors import TunewizError
+from engine.recommend import method_name
 from engine.spec import SECTIONS, RunSpec, SpecError
 from tui import wizard
 from tui.screens.base import WizardScreen
@@ -96,7 +97,7 @@ class SettingsScreen(WizardScreen):
         spec = self.working
         data = spec.dataset.preset or spec.dataset.source
         summary = Text.assemble(
-            ("Model ", "dim"), spec.model.name, ("  method ", "dim"), spec.method.upper(),
+            ("Model ", "dim"), spec.model.name, ("  method ", "dim"), method_name(spec.method),
             ("  batch ", "dim"), f"{spec.training.micro_batch_size}x{spec.training.gradient_accumulation}",
             ("  data ", "dim"), str(data))
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.console import Group
+from rich.padding import Padding
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -20,18 +22,18 @@ INTRO = (
 )
 
 
-def _option(key: str, title: str, detail: str) -> Text:
-    return Text.assemble((f"{key}  ", "bold"), (title, "bold"), "\n   ", (detail, "dim"))
+def _option(key: str, title: str, detail: str) -> Group:
+    """The key and title, then the detail indented under the title (also where it wraps)."""
+    return Group(Text.assemble((f"{key}  ", "bold"), (title, "bold")), Padding(Text(detail, style="dim"), (0, 0, 0, 3)))
 
 
 class WelcomeScreen(WizardScreen):
     STEP = "Welcome"
-    EXPLANATION = "Welcome! Choose with the arrow keys and Enter, or press a letter."
+    EXPLANATION = "Welcome! Arrow keys and Enter, or a letter; ? lists the keys, q quits."
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("n", "new", "New fine-tune"),
         Binding("p", "presets", "Saved presets"),
         Binding("r", "runs", "Past runs"),
-        Binding("q", "app.quit", "Quit", show=False),
         Binding("escape", "back", "Back", show=False),
         Binding("ctrl+n", "next", "Next", show=False, priority=True),
     ]

@@ -6,19 +6,12 @@ from typing import Any
 
 from rich.text import Text
 
+from engine.recommend import FIT_WORDS as FIT_LABELS
+from engine.render import GIB, memory as gb
 
-FIT_LABELS = {"fits": "fits", "tight": "tight", "too_big": "does not fit"}
+
 FIT_STYLES = {"fits": "bold green", "tight": "bold yellow", "too_big": "bold red"}
 FIT_MARKS = {"fits": "OK", "tight": "!!", "too_big": "XX"}
-
-
-def gb(n: int | float | None) -> str:
-    """Decimal gigabytes, written as the recommender writes them ('24 GB', '9.1 GB', '270 MB')."""
-    if n is None:
-        return "?"
-    if n < 1e9:
-        return f"{n / 1e6:.0f} MB"
-    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
 def fit_text(fit: str) -> Text:
@@ -27,7 +20,7 @@ def fit_text(fit: str) -> Text:
 
 
 def memory_bar(needed: int | None, available: int | None, fit: str, width: int = 24, where: str = "free") -> Text:
-    """`[#########.......] 9.1 GB of 24 GB free`, filled by the share of free memory needed.
+    """`[#########.......] 9.1 GiB of 24 GiB free`, filled by the share of free memory needed.
 
     `where` names what `available` is: "free" (GPU memory) or "RAM free" (training on the CPU).
     """
@@ -82,16 +75,16 @@ def verdict(choice: Any, report: Any) -> tuple[int | None, str, str]:
 
 
 def estimate_breakdown(choice: Any, report: Any = None) -> str:
-    """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GB)' for the review step (with the
+    """'weights 4.7, adapters 0.3, activations 0.9, logits 0.5, other 0.7 (GiB)' for the review step (with the
     CUDA context on a GPU)."""
     estimate = getattr(choice, "estimate", None)
     if estimate is None:
         return ""
     parts = [("weights", "weights"), ("adapters_optimizer", "adapters"), ("activations", "activations"),
              ("logits", "logits"), ("overhead", "other")]
-    shown = [f"{label} {getattr(estimate, name, 0) / 1e9:.1f}" for name, label in parts
+    shown = [f"{label} {getattr(estimate, name, 0) / GIB:.1f}" for name, label in parts
              if isinstance(getattr(estimate, name, 0), int) and getattr(estimate, name, 0) > 0]
     context = (getattr(choice, "needed_bytes", 0) or 0) - (getattr(estimate, "total", 0) or 0)
     if shown and context > 0 and _on_gpu(report):
-        shown.append(f"CUDA context {context / 1e9:.1f}")
-    return ", ".join(shown) + " (GB)" if shown else ""
+        shown.append(f"CUDA context {context / GIB:.1f}")
+    return ", ".join(shown) + " (GiB)" if shown else ""

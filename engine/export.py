@@ -262,7 +262,11 @@ def export_gguf(run: RunDir, gguf_type: str, out: Path | None = None, on_progres
             say(f"WARNING: {template_warning}")
         del merged
         say("verifying: re-loading the GGUF file and answering the held-out prompts")
-        check = export_check.check_gguf(path, f"GGUF {gguf_type}", prompts, encoder, chat_template, say)
+        try:
+            check = export_check.check_gguf(path, f"GGUF {gguf_type}", prompts, encoder, chat_template, say)
+        except TunewizError:
+            shutil.rmtree(out, ignore_errors=True)  # a file that does not load is no export
+            raise
     result = ExportResult(out, [f"run it with Ollama:  ollama create {name} -f {out / 'Modelfile'}",
                                 f"                     ollama run {name}"])
     _verify(run, result, check, {"kind": "gguf", "type": gguf_type, "path": str(path),

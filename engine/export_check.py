@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.errors import TunewizError
 from engine.fileio import atomic_write_json, read_json
 
 AGREEMENT_NEEDED = 0.95  # below this share of identical answers the export gets a loud warning
@@ -155,8 +156,13 @@ def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any
     from llama_cpp import Llama
 
     longest = max(len(ids) for ids in prompts.prompt_ids) + prompts.max_new_tokens
-    llm = Llama(model_path=str(path), n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
-                seed=0)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
+                    seed=0)
+    except ValueError as exc:
+        raise TunewizError(f"llama.cpp cannot load the written file {path.name} ({exc})",
+                           hint="this is a bug in tunewiz's GGUF export; please report it, and use --merged "
+                                "meanwhile") from exc
     stop_ids = set(encoder.stop_token_ids) | {llm.token_eos()}
     mismatches = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids
                      for text, ids in zip(prompts.prompt_texts, prompts.prompt_ids))

@@ -185,3 +185,29 @@ def test_quiet_libraries_restores_the_settings() -> None:
     with export.quiet_libraries():
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
+
+
+@pytest.mark.parametrize("changes,cause", [
+    ({"tokenization_mismatches": 3}, "the tokenizer: llama.cpp splits 3 of 40 prompts"),
+    ({"template_stored": False}, "the chat template stored in the file"),
+    ({"differences": [{"prompt": "p", "adapter": "positive", "export": "positive and more"}]}, "a stop token"),
+    ({}, "quantisation"),
+])
+def test_a_mismatch_names_the_likely_cause(changes: dict[str, Any], cause: str) -> None:
+    from engine.export_check import Check
+
+    base: dict[str, Any] = {"differences": [{"prompt": "p", "adapter": "positive", "export": "negative"}]}
+    check = Check("GGUF q8_0", "llama.cpp", 30, 40, "held-out file", **{**base, **changes})
+    warning = check.warning(quantised=True)
+    assert warning is not None and warning.startswith("WARNING: 30/40 answers") and cause in warning
+    assert Check("GGUF f16", "llama.cpp", 39, 40, "x").warning(quantised=False) is None
+
+
+def test_exports_are_appended_to_the_run_card(tmp_path: Path) -> None:
+    from engine.export_check import record_in_run_card
+
+    (tmp_path / "run_card.json").write_text(json.dumps({"run_id": "r"}))
+    record_in_run_card(tmp_path, {"kind": "gguf", "type": "f16"})
+    record_in_run_card(tmp_path, {"kind": "merged", "type": "bf16"})
+    card = json.loads((tmp_path / "run_card.json").read_text())
+    assert card["run_id"] == "r" and [e["kind"] for e in card["exports"]] == ["gguf", "merged"]

@@ -116,7 +116,7 @@ def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> 
     from engine.gguf_vocab import read_vocab
 
     vocab = read_vocab(demo_tokenizer, len(demo_tokenizer), "TEMPLATE", [2, 0])
-    assert (vocab.model, vocab.pre) == ("gpt2", "gpt2")  # the demo's converted tokenizer: plain GPT-2 splitting
+    assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")  # the demo's converted tokenizer: plain GPT-2 splitting
     assert len(vocab.special.merges) > 40000 and vocab.scores is None
     assert vocab.special.special_token_ids["eos"] == 2 and vocab.special.special_token_ids["eot"] == 0
     assert vocab.special.add_special_token == {"bos": False, "eos": False} and vocab.special.chat_template == "TEMPLATE"
@@ -124,7 +124,7 @@ def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> 
 
 
 @pytest.mark.parametrize("pre_tokenizer,name", [
-    ({"type": "ByteLevel", "use_regex": True}, "gpt2"),
+    ({"type": "ByteLevel", "use_regex": True}, "gpt-2"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                             {"type": "ByteLevel", "use_regex": True}]}, "smollm"),
     ({"type": "Sequence", "pretokenizers": [
@@ -190,3 +190,36 @@ def test_phi3_longrope_writes_both_factor_tensors(demo_tokenizer: Any, tmp_path:
     assert np.allclose(tensors["rope_factors_long.weight"], long) and np.allclose(tensors["rope_factors_short.weight"], short)
     assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 64
     assert reader.fields["phi3.rope.scaling.attn_factor"].contents() > 1.0  # 256 positions over 64
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_family_gives_the_same_logits_in_llama_cpp(model_type: str, demo_tokenizer: Any, tmp_path: Path) -> None:
+    """llama.cpp itself (what Ollama runs) reads the file as the model it came from; skipped without
+    llama-cpp-python (the optional `llama` extra)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = random_model(tiny_config(model_type, len(demo_tokenizer)))
+    path = tmp_path / "model.gguf"
+    write_gguf(model, demo_tokenizer, demo_tokenizer.chat_template, [], path, "f16", "tiny")
+    ids = demo_tokenizer("The quick brown fox jumps over the lazy dog, twice.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)])
+    llm.close()
+    expected = logits(model, ids).numpy()
+    assert np.allclose(got, expected, atol=3e-2, rtol=1e-2), np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_llama_cpp_tokenises_as_the_tokenizer(style: str, demo_tokenizer: Any, tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = demo_tokenizer if style == "byte-level" else sentencepiece_style_tokenizer()
+    path = tmp_path / "model.gguf"
+    write_gguf(random_model(tiny_config("llama", len(tokenizer))), tokenizer, None, [], path, "f16", "tiny")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    texts = ["hello world", "<|im_start|>user\nPrices rose 12.5% in 2024 — café!<|im_end|>\n", "  two  spaces\n\n"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)[
+            "input_ids"], text
+    llm.close()

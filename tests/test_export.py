@@ -178,12 +178,16 @@ def test_a_failed_write_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_quiet_libraries_restores_the_settings() -> None:
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
     with export.quiet_libraries():
         assert not hf_logging.is_progress_bar_enabled()
+        assert logging.getLogger("llama-cpp-python").level == logging.ERROR
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
+    assert logging.getLogger("llama-cpp-python").level == logging.NOTSET
 
 
 @pytest.mark.parametrize("changes,cause", [

@@ -223,3 +223,16 @@ def test_llama_cpp_tokenises_as_the_tokenizer(style: str, demo_tokenizer: Any, t
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)[
             "input_ids"], text
     llm.close()
+
+
+def test_q4_k_m_is_quantised_by_llama_cpp_from_an_f16_file(demo_tokenizer: Any, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    model = random_model(tiny_config("llama", len(demo_tokenizer), hidden_size=256, intermediate_size=512))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    write_gguf(model, demo_tokenizer, None, [], folder / "m.gguf", "q4_k_m", "t")
+    assert [p.name for p in folder.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
+    types = {t.name: t.tensor_type.name for t in GGUFReader(folder / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in types.values()  # k-quant mix of q4_k_m

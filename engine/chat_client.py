@@ -46,6 +46,41 @@ class SamplingSettings:
         return f"{mode}, up to {self.max_new_tokens} new tokens"
 
 
+class Conversation:
+    """The messages so far, one history per side: the base model and the tuned one each see their own answers."""
+
+    def __init__(self) -> None:
+        self.history: dict[bool, list[dict[str, str]]] = {True: [], False: []}
+
+    def ask(self, adapter: bool, text: str) -> list[dict[str, str]]:
+        """The messages to send for a new user message to one side."""
+        return [*self.history[adapter], {"role": "user", "content": text}]
+
+    def answered(self, adapter: bool, messages: list[dict[str, str]], answer: str, finish: str | None) -> None:
+        """Keep a finished answer; a cancelled one is dropped with its question."""
+        if finish != "cancelled":
+            self.history[adapter] = [*messages, {"role": "assistant", "content": answer}]
+
+    def reset(self) -> None:
+        self.history = {True: [], False: []}
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """How an answer went, in a few words."""
+    parts = []
+    if stats.get("first_token_s") is not None:
+        parts.append(f"first token {stats['first_token_s']:.2f} s")
+    if stats.get("tokens_per_s"):
+        parts.append(f"{stats['tokens_per_s']:.1f} tok/s")
+    tokens = stats.get("tokens", 0)
+    parts.append(f"{tokens} token{'' if tokens == 1 else 's'}")
+    if stats.get("finish") == "length":
+        parts.append("cut at max new tokens")
+    elif stats.get("finish") == "cancelled":
+        parts.append("stopped")
+    return " · ".join(parts)
+
+
 @dataclass
 class Reply:
     """What the server said, parsed: `type` is loading, ready, token, done or error."""

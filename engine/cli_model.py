@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine import rundir
-from engine.chat_client import ChatClient, SamplingSettings
+from engine.chat_client import ChatClient, Conversation, SamplingSettings, stats_line
 from engine.errors import TunewizError
 
 CHAT_HELP = """commands:
@@ -35,7 +35,7 @@ class ChatSession:
         self.settings = settings
         self.compare = compare
         self.adapter = True
-        self.history: dict[bool, list[dict[str, str]]] = {True: [], False: []}
+        self.conversation = Conversation()
 
     def command(self, line: str) -> bool:
         """Handle a /command; False means quit."""
@@ -44,7 +44,7 @@ class ChatSession:
         if name in ("quit", "exit", "q"):
             return False
         if name == "reset":
-            self.history = {True: [], False: []}
+            self.conversation.reset()
             self.say("conversation cleared")
         elif name == "compare":
             self.compare = not self.compare
@@ -69,7 +69,7 @@ class ChatSession:
         """Answer one user message (on both sides when comparing)."""
         sides = [False, True] if self.compare else [self.adapter]
         for adapter in sides:
-            messages = [*self.history[adapter], {"role": "user", "content": text}]
+            messages = self.conversation.ask(adapter, text)
             label = "tuned" if adapter else "base"
             self.out.write(f"{label}> ")
             self.out.flush()
@@ -78,9 +78,8 @@ class ChatSession:
                 continue
             answer = done.get("text", "")
             stats = done.get("stats", {})
-            if stats.get("finish") != "cancelled":
-                self.history[adapter] = [*messages, {"role": "assistant", "content": answer}]
-            self.say(f"\n  ({_stats_line(stats)})")
+            self.conversation.answered(adapter, messages, answer, stats.get("finish"))
+            self.say(f"\n  ({stats_line(stats)})")
 
     def _stream(self, request_id: str) -> dict[str, Any] | None:
         """Print the answer's pieces as they come; Ctrl-C cancels it. Returns the `done` reply's data."""
@@ -117,20 +116,6 @@ def _set(settings: SamplingSettings, key: str, value: str) -> SamplingSettings:
         raise TunewizError(f"unknown setting {key!r}", hint="temperature, top_p or max_new_tokens")
     new.check()
     return new
-
-
-def _stats_line(stats: dict[str, Any]) -> str:
-    parts = []
-    if stats.get("first_token_s") is not None:
-        parts.append(f"first token {stats['first_token_s']:.2f} s")
-    if stats.get("tokens_per_s"):
-        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
-    parts.append(f"{stats.get('tokens', 0)} tokens")
-    if stats.get("finish") == "length":
-        parts.append("cut at max new tokens")
-    elif stats.get("finish") == "cancelled":
-        parts.append("stopped")
-    return ", ".join(parts)
 
 
 def _read_lines(stream: TextIO, prompt: Callable[[], None]) -> Any:

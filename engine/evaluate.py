@@ -132,6 +132,7 @@ class Report:
                 "headline": self.headline, "examples": len(self.rows), "base": self.base.as_dict(),
                 "tuned": self.tuned.as_dict(), "better": better, "worse": worse, "same": same,
                 "max_new_tokens": self.max_new_tokens, "device": self.device, "seconds": round(self.seconds, 1),
+                "summary": self.summary_lines(),
                 "rows": [row.as_dict() for row in self.rows]}
 
     def summary_lines(self) -> list[str]:

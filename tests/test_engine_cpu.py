@@ -98,6 +98,22 @@ def test_outputs_and_run_card(trained: tuple[rundir.RunDir, Path]) -> None:
     assert card["metrics"]["steps"] == TRAIN_STEPS and card["metrics"]["train_loss"] > 0
 
 
+def test_eval_shows_the_real_gain_on_heldout_headlines(trained: tuple[rundir.RunDir, Path]) -> None:
+    run, home = trained
+    os.environ["TUNEWIZ_HOME"] = str(home)
+    result = cli("eval", run.run_id, "--json", "--limit", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    print("\n".join(report["summary"]))
+    assert report["examples"] == 20 and report["task"] == "label" and "held-out file" in report["origin"]
+    before, after = report["base"]["normalised"], report["tuned"]["normalised"]
+    assert after >= 0.85 and after >= before + 0.5, (before, after)
+    assert report["tuned"]["loss"] < report["base"]["loss"] / 3
+    assert report["better"] > report["worse"]
+    stored = json.loads((run.path / "eval" / "results.json").read_text())
+    assert stored["tuned"] == report["tuned"] and (run.path / "eval" / "report.md").read_text().count("\n| ") >= 20
+
+
 def test_heldout_accuracy_rises_and_merged_export_answers_the_same(trained: tuple[rundir.RunDir, Path]) -> None:
     from peft import PeftModel
 
@@ -106,12 +122,8 @@ def test_heldout_accuracy_rises_and_merged_export_answers_the_same(trained: tupl
     prompts = demo_eval.heldout_prompts()
     model_dir = Path(json.loads((run.output_dir() / "run_card.json").read_text())["base_model"])
     base, tokenizer = demo_eval.load_base(model_dir)
-    before = demo_eval.accuracy(base, tokenizer, prompts)
     tuned = PeftModel.from_pretrained(base, str(run.output_dir() / "adapter"))
     adapter_replies = demo_eval.replies(tuned, tokenizer, prompts)
-    after = sum(r == ref for r, (_, ref) in zip(adapter_replies, prompts)) / len(prompts)
-    print(f"held-out accuracy before {before:.2f}, after {after:.2f}")
-    assert after >= 0.85 and after >= before + 0.3, (before, after)
 
     out = home / "merged"
     result = cli("export", run.run_id[:15], "--merged", "--out", str(out))
@@ -161,3 +173,81 @@ def test_sigterm_leaves_a_checkpoint_and_resume_continues(demo_model: Path) -> N
     assert second[0]["loss"] < first_losses[0]  # no jump back to the untrained loss
     assert stream[-1]["type"] == "finished" and stream[-1]["status"] == "completed"
     assert run.state() == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat through the real chat process
+
+
+HEADLINES = [e for e in (json.loads(line) for line in demo_eval.HELDOUT.read_text().splitlines()) if e][:6]
+
+
+def _answer(client: Any, messages: list[dict[str, str]], adapter: bool = True, **settings: Any) -> tuple[str, dict]:
+    from engine.chat_client import SamplingSettings
+
+    request_id = client.generate(messages, adapter, SamplingSettings(**settings))
+    pieces = []
+    for reply in client.replies():
+        if reply.id != request_id:
+            continue
+        if reply.type == "token":
+            pieces.append(reply.data["text"])
+        elif reply.type in ("done", "error"):
+            return "".join(pieces), reply.data
+    raise AssertionError("the chat process ended")
+
+
+def test_chat_streams_compares_cancels_and_refuses_a_too_long_prompt(trained: tuple[rundir.RunDir, Path]) -> None:
+    from engine.chat_client import ChatClient
+
+    run, home = trained
+    client = ChatClient(run.path, env=subprocess_env(TUNEWIZ_HOME=str(home)))
+    client.start()
+    try:
+        info = client.wait_ready()
+        assert info["run_id"] == run.run_id and info["checkpoint"] is None and info["device"] == "cpu"
+        differ = 0
+        for row in HEADLINES:
+            prompt = row["messages"][:-1]
+            streamed, done = _answer(client, prompt, max_new_tokens=12)
+            assert done["text"] == streamed.strip() and done["stats"]["first_token_s"] > 0
+            assert done["text"] == row["messages"][-1]["content"] or done["text"] in ("positive", "negative")
+            base, _ = _answer(client, prompt, adapter=False, max_new_tokens=12)
+            differ += base.strip() != done["text"]
+        assert differ >= len(HEADLINES) // 2, differ  # the base model answers differently (it rambles)
+
+        story = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+        request_id = client.generate(story, False, None)
+        tokens = 0
+        for reply in client.replies():
+            if reply.id == request_id and reply.type == "token":
+                tokens += 1
+                if tokens == 3:
+                    client.cancel(request_id)
+            if reply.id == request_id and reply.type == "done":
+                assert reply.data["stats"]["finish"] == "cancelled" and reply.data["stats"]["tokens"] < 50
+                break
+
+        too_long = [{"role": "user", "content": "word " * 9000}]
+        _, error = _answer(client, too_long)
+        assert "this model reads at most 8192" in error["message"] and error["fatal"] is False
+        again, done = _answer(client, HEADLINES[0]["messages"][:-1], max_new_tokens=12)  # still answering
+        assert done["stats"]["finish"] == "stop" and again.strip()
+    finally:
+        client.close()
+    assert client.process is not None and client.process.returncode == 0
+
+
+def test_chat_command_compares_on_a_checkpoint(trained: tuple[rundir.RunDir, Path]) -> None:
+    run, home = trained
+    os.environ["TUNEWIZ_HOME"] = str(home)
+    step = min(rundir.checkpoint_steps(run.output_dir()))
+    question = HEADLINES[1]["messages"][0]["content"].replace("\n", " ")
+    result = subprocess.run([PYTHON, "-m", "engine", "chat", run.run_id, "--checkpoint", str(step),
+                             "--max-new-tokens", "10"], input=f"/compare\n{question}\n/quit\n", capture_output=True,
+                            text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "comparing base and tuned answers" in result.stdout
+    assert result.stdout.index("base> ") < result.stdout.index("tuned> ") and "first token" in result.stdout
+    missing = cli("chat", run.run_id, "--checkpoint", "999", "--prompt", "hi")
+    assert missing.returncode == 2 and "no checkpoint at step 999" in missing.stderr

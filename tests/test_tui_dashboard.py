@@ -34,8 +34,8 @@ from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.tui_fakes import FakeServices, no_gpu_report
 from tui.app import TunewizApp
 from tui.runmodel import BulkEventReader, LossScan, RunModel, Series
-from tui.screens.dashboard import DashboardScreen, ExportDialog
-from tui.screens.dialogs import ConfirmDialog, MessageDialog
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.dialogs import ConfirmDialog, ExportDialog, MessageDialog
 from tui.screens.runs import RunsScreen
 from tui.screens.settings import SettingsScreen
 from tui.screens.welcome import WelcomeScreen
@@ -109,7 +109,7 @@ class ActionFakes:
 
     stopped: list[str] = dataclasses.field(default_factory=list)
     resumed: list[str] = dataclasses.field(default_factory=list)
-    exported: list[tuple[str, bool, Path]] = dataclasses.field(default_factory=list)
+    exported: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def stop(self, run: rundir.RunDir, on_progress: Callable[[str], None]) -> str:
         self.stopped.append(run.run_id)
@@ -120,9 +120,10 @@ class ActionFakes:
         self.resumed.append(run.run_id)
         return 4242
 
-    def export(self, run: rundir.RunDir, merged: bool, out: Path) -> str:
-        self.exported.append((run.run_id, merged, out))
-        return f"adapter copied to {out}"
+    def export(self, run: rundir.RunDir, kind: str, on_progress: Callable[[str], None]) -> str:
+        self.exported.append((run.run_id, kind))
+        on_progress("merging the adapter into the base weights")
+        return f"GGUF q8_0: 40/40 answers identical to the adapter\n{run.path}/exports/{kind}"
 
 
 def make_services(root: Path, clock: float, actions: ActionFakes | None = None) -> tuple[Services, FakeServices]:
@@ -438,7 +439,7 @@ async def test_resume_starts_a_new_engine_on_the_same_run(state: str, tmp_path: 
 
 
 @pytest.mark.asyncio
-async def test_export_offers_adapter_or_merged_and_runs_in_a_worker(tmp_path: Path, placed_runs: Any,
+async def test_export_offers_adapter_merged_or_gguf_and_runs_in_a_worker(tmp_path: Path, placed_runs: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     placed = placed_runs(tmp_path / "runs", "completed")
     monkeypatch.chdir(tmp_path)
@@ -454,9 +455,10 @@ async def test_export_offers_adapter_or_merged_and_runs_in_a_worker(tmp_path: Pa
         await shown(pilot)
         await pilot.press("e")
         await wait_until(pilot, lambda: isinstance(app.screen, ExportDialog), "the export choice")
-        await pilot.press("m")
-        await wait_until(pilot, lambda: actions.exported, "the export")
-    assert actions.exported == [(run.run_id, True, tmp_path / f"{run.run_id}-merged")]
+        await pilot.press("g")
+        await wait_until(pilot, lambda: isinstance(app.screen, MessageDialog), "the export's result")
+        assert "40/40 answers identical" in app.screen.message
+    assert actions.exported == [(run.run_id, "gguf-q8_0")]
 
 
 def test_the_default_export_runs_the_export_command(tmp_path: Path) -> None:
@@ -464,8 +466,9 @@ def test_the_default_export_runs_the_export_command(tmp_path: Path) -> None:
     from tui.services import ServiceError, default_export
 
     run = place(tmp_path / "runs", "cancelled").runs["cancelled"]
+    progress: list[str] = []
     with pytest.raises(ServiceError) as caught:
-        default_export(run, False, tmp_path / "out")
+        default_export(run, "merged", progress.append)
     assert "has no trained adapter" in str(caught.value) and "resume" in (caught.value.hint or "")
 
 

@@ -100,3 +100,12 @@ class RunActionDone(Message):
     result: str | None = None
     error: str | None = None
     hint: str | None = None
+
+
+@dataclass
+class ChatReply(Message):
+    """A line from the chat process (engine/chat_server.py): loading, ready, token, done or error;
+    `ended` when the process is gone."""
+
+    type: str
+    data: dict[str, Any]

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,12 +71,12 @@ def _engine_env() -> dict[str, str]:
     return env
 
 
-def _error_from_stderr(stderr: str, returncode: int) -> ServiceError:
+def _error_from_stderr(stderr: str, returncode: int, what: str = "the data check") -> ServiceError:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     message = next((line.removeprefix("tunewiz: ") for line in lines if line.startswith("tunewiz: ")), None)
     hint = next((line.removeprefix("hint: ") for line in lines if line.startswith("hint: ")), None)
     if message is None:
-        message = lines[-1] if lines else f"the data check stopped (exit status {returncode})"
+        message = lines[-1] if lines else f"{what} stopped (exit status {returncode})"
     return ServiceError(message, hint)
 
 
@@ -136,21 +137,66 @@ def default_resume(run: Any) -> int:
 EXPORT_TIMEOUT_S = 1800.0
 
 
-def default_export(run: Any, merged: bool, out: Path) -> str:
-    """Run `python -m engine export RUN --out OUT [--merged]` and return what it printed last."""
-    command = [sys.executable, "-m", "engine", "export", str(run.path), "--out", str(out)]
-    if merged:
+def _stream(command: list[str], on_progress: Callable[[str], None], timeout: float) -> tuple[int, str, str]:
+    """Run an engine command, passing each line it prints to `on_progress`; (exit status, stdout, stderr)."""
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                   text=True, env=_engine_env(), start_new_session=True)
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.strip():
+                on_progress(line.strip())
+        code = process.wait(timeout)
+        errors.seek(0)
+        return code, "".join(lines), errors.read()
+
+
+def default_export(run: Any, kind: str, on_progress: Callable[[str], None]) -> str:
+    """Run `python -m engine export RUN [--merged | --gguf TYPE]` (kind: adapter, merged or gguf-TYPE) and
+    return what it said at the end: where the export went and how its check came out."""
+    command = [sys.executable, "-m", "engine", "export", str(run.path)]
+    if kind == "merged":
         command.append("--merged")
-    try:
-        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                env=_engine_env(), timeout=EXPORT_TIMEOUT_S, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise ServiceError("the export took too long and was stopped") from None
-    if result.returncode != 0:
-        error = _error_from_stderr(result.stderr, result.returncode)
-        raise ServiceError(str(error).replace("data check", "export"), error.hint)
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exported to {out}"
+    elif kind.startswith("gguf-"):
+        command += ["--gguf", kind.removeprefix("gguf-")]
+    code, stdout, stderr = _stream(command, on_progress, EXPORT_TIMEOUT_S)
+    if code != 0:
+        raise _error_from_stderr(stderr, code, "the export")
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    return "\n".join(lines[-6:]) if lines else "exported"
+
+
+def default_chat(run: Any, checkpoint: int | None) -> Any:
+    """A chat client for the run (not started): the model loads in its own process."""
+    from engine.chat_client import ChatClient
+
+    return ChatClient(run.path, checkpoint, env=_engine_env())
+
+
+EVAL_TIMEOUT_S = 3600.0
+
+
+def default_evaluate(run: Any, on_progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run `python -m engine eval RUN --json`, passing its progress lines on; return its results."""
+    process = subprocess.Popen([sys.executable, "-m", "engine", "eval", str(run.path), "--json"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_engine_env(), start_new_session=True)
+    assert process.stderr is not None and process.stdout is not None
+    errors = []
+    for line in process.stderr:  # progress while it runs; the error lines if it fails
+        errors.append(line)
+        if line.strip() and not line.startswith(("tunewiz: ", "hint: ")):
+            on_progress(line.strip())
+    stdout = process.stdout.read()
+    code = process.wait(EVAL_TIMEOUT_S)
+    if code == 0:
+        try:
+            return json.loads(stdout)
+        except ValueError:
+            pass
+    raise _error_from_stderr("".join(errors), code, "the evaluation")
 
 
 @dataclass
@@ -175,8 +221,12 @@ class Services:
     """(run, on_progress) -> how it stopped: graceful, terminated, killed or not running"""
     resume: Callable[[Any], int] = default_resume
     """(run) -> pid of the new engine"""
-    export: Callable[[Any, bool, Path], str] = default_export
-    """(run, merged, out) -> one line saying where the export went"""
+    export: Callable[[Any, str, Callable[[str], None]], str] = default_export
+    """(run, kind: adapter | merged | gguf-TYPE, on_progress) -> the export's last lines (where, and its check)"""
+    evaluate: Callable[[Any, Callable[[str], None]], dict[str, Any]] = default_evaluate
+    """(run, on_progress) -> the before/after results (engine/evaluate.py's results.json)"""
+    chat: Callable[[Any, int | None], Any] = default_chat
+    """(run, checkpoint or None) -> an engine.chat_client.ChatClient, not yet started"""
     clock: Callable[[], float] = time.time
     """Now, in Unix seconds: live runs' elapsed time and ETA (tests fix it so snapshots do not move)."""
 

@@ -20,8 +20,8 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, RichLog, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
 from engine.render import duration
@@ -53,12 +53,17 @@ STOP_OUTCOMES = {
     "killed": "The engine had to be killed: it resumes from its last periodic checkpoint.",
     "not running": "The run had already ended.",
 }
+EXPORT_KINDS = {"adapter": "the adapter", "merged": "a merged model", "gguf-q8_0": "GGUF q8_0 + Modelfile",
+                "gguf-q4_k_m": "GGUF q4_k_m + Modelfile", "gguf-f16": "GGUF f16 + Modelfile"}
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
 s  Stop the run: it finishes its step, saves a checkpoint and ends as "cancelled" (asks first).
 r  Resume a stopped, failed or dead run from its newest checkpoint.
-e  Export a completed run: the adapter (small) or a merged model that plain transformers loads.
+c  Chat with the tuned model (a stopped run: its newest checkpoint).
+b  Compare: the base model and the tuned one answer each message side by side.
+v  Evaluate: both models answer the held-out examples; scores before and after.
+e  Export a completed run: the adapter, a merged model, or a GGUF file (+ Modelfile) for Ollama.
 d  Detach: leave the app. Training goes on; come back with `tunewiz attach {run_id}`.
 1 2 3 4  Training charts, resources, sample answers, log.    g  Loss on a log scale (or back).
 esc  Back    ctrl+q  Quit (training goes on either way)
@@ -179,14 +184,33 @@ def alert_text(view: RunView | None, tall: bool = True) -> Text | None:
                              f" {_resume_from(view)}; 4 Log shows engine.log's last lines.")
     if state == "cancelled":
         where = f" at step {view.checkpoint_step}" if view.checkpoint_step is not None else ""
-        return Text.assemble(("Stopped on request", "bold yellow"), f"; a checkpoint was saved{where}. ",
+        text = Text.assemble(("Stopped on request", "bold yellow"), f"; a checkpoint was saved{where}. ",
                              ("r", "bold"), " resumes it.")
+        if view.checkpoint_step is not None:
+            text.append_text(Text.assemble(" ", ("c", "bold"), " chats with that checkpoint."))
+        return text
     if state == "stopping":
         return Text("Stopping: the engine finishes its step and saves a checkpoint…", style="bold yellow")
     if state == "completed":
-        return Text.assemble(("Training completed", "bold green"), "; the adapter is saved (4 Log says where). ",
-                             ("e", "bold"), " exports it.")
+        return Text.assemble(("Training completed", "bold green"), ". Next: ", ("c", "bold"), " chat with your model · ",
+                             ("b", "bold"), " compare it with the base model · ", ("v", "bold"),
+                             " evaluate before/after · ", ("e", "bold"), " export (adapter, merged, GGUF for Ollama)")
     return None
+
+
+def evaluation_text(summary: dict[str, Any] | None) -> Text | None:
+    """One line on the stored before/after evaluation (engine/evaluate.py's results.json)."""
+    if not summary or not isinstance(summary.get("base"), dict) or not isinstance(summary.get("tuned"), dict):
+        return None
+    key = summary.get("headline", "normalised")
+    name = {"normalised": "match", "f1": "token F1", "exact": "exact match"}.get(key, key)
+    try:
+        before, after = float(summary["base"][key]), float(summary["tuned"][key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return Text.assemble(("Evaluation: ", "bold"), f"{name} {before:.2f} → ", (f"{after:.2f}", "bold green"),
+                         f" on {summary.get('examples', '?')} held-out examples (base → tuned; v again, "
+                         f"report in eval/report.md)")
 
 
 def _resume_from(view: RunView) -> str:
@@ -289,41 +313,6 @@ def log_line(line: LogLine) -> Text:
     return Text.assemble((clock_text(line.time) + " ", "dim"), (line.text, LEVEL_STYLES.get(line.level, "")))
 
 
-class ExportDialog(ModalScreen["str | None"]):
-    """Choose what to export: `adapter` or `merged`; Esc cancels."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("a", "choose('adapter')", "Adapter"),
-        Binding("m", "choose('merged')", "Merged model"),
-        Binding("escape,n", "choose(None)", "Cancel"),
-    ]
-
-    def __init__(self, adapter_out: Path, merged_out: Path) -> None:
-        super().__init__(classes="dialog-screen")
-        self.adapter_out, self.merged_out = adapter_out, merged_out
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Static(Text("Export the trained model", style="bold"), classes="dialog-title")
-            yield Static(Text.assemble(
-                ("a  Adapter only", "bold"), " (a few MB; load it on top of the base model with peft)\n",
-                (f"   → {self.adapter_out}\n", "dim"),
-                ("m  Merged model", "bold"), " (the base model with the adapter merged in; plain transformers "
-                "loads it; takes a minute and the model's full size on disk)\n",
-                (f"   → {self.merged_out}", "dim")), classes="dialog-body")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Adapter (a)", id="adapter", compact=True)
-                yield Button("Merged (m)", id="merged", compact=True)
-                yield Button("Cancel (esc)", id="cancel", compact=True)
-
-    def action_choose(self, what: str | None) -> None:
-        self.dismiss(what)
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(None if event.button.id == "cancel" else event.button.id)
-
-
 class DashboardScreen(Screen[None]):
     """Watch one run: header, charts, resources, samples and log; stop, resume, export, detach."""
 
@@ -349,6 +338,9 @@ class DashboardScreen(Screen[None]):
         Binding("escape", "leave", "Back"),
         Binding("s", "stop", "Stop"),
         Binding("r", "resume", "Resume"),
+        Binding("c", "chat", "Chat"),
+        Binding("b", "compare", "Compare"),
+        Binding("v", "evaluate", "Evaluate"),
         Binding("e", "export", "Export"),
         Binding("d", "detach", "Detach"),
         Binding("question_mark", "help", "Help"),
@@ -377,6 +369,12 @@ class DashboardScreen(Screen[None]):
         self._ended_stamp: object = None
         self._reader: BulkEventReader | None = None
         self._model: RunModel | None = None
+        self._evaluating = False
+        self._exporting = False
+        self._task_progress: str | None = None
+        """What a running evaluation or export says it is doing."""
+        self.eval_summary: dict[str, Any] | None = None
+        """The stored before/after evaluation (read once the run has ended)."""
         self.snapshots = 0
         """Snapshots handled (the bench counts redraws with it)."""
 
@@ -463,6 +461,7 @@ class DashboardScreen(Screen[None]):
             if state not in ACTIVE_STATES:
                 # The engine is gone and this read got its last events; a timer watches for a resume.
                 self._ended_stamp = stamp  # read by the UI thread only after the message below
+                self.eval_summary = _evaluation(run)
                 self.post_message(RunActionDone("ended", run.run_id))
                 return
             deadline = time.monotonic() + POLL_S
@@ -518,6 +517,12 @@ class DashboardScreen(Screen[None]):
     def _draw_alert(self) -> None:
         alert = self.query_one("#run-alert", Static)
         text = alert_text(self.view, tall=self.size.height >= TALL)
+        if text is not None and self.run_state == "completed":
+            extra = (Text(self._task_progress, style="yellow") if self._task_progress
+                     else evaluation_text(self.eval_summary))
+            if extra is not None:
+                text.append("\n")
+                text.append_text(extra)
         alert.set_class(text is not None, "shown")
         self.set_class(text is not None and len(text.plain) > 100, "alerting")
         alert.update(text or "")
@@ -573,8 +578,51 @@ class DashboardScreen(Screen[None]):
         if action == "resume":
             return state in ("cancelled", "failed", "dead") and not self._resuming
         if action == "export":
-            return state == "completed"
+            return state == "completed" and not self._exporting
+        if action in ("chat", "compare"):
+            return state in ("completed", "cancelled", "failed", "dead") and self._has_adapter()
+        if action == "evaluate":
+            return state == "completed" and not self._evaluating
         return True
+
+    def _has_adapter(self) -> bool:
+        from engine.inference import adapter_path
+        from engine.errors import TunewizError
+
+        try:
+            adapter_path(self.run)
+        except (TunewizError, OSError, ValueError):
+            return False
+        return True
+
+    def action_chat(self, compare: bool = False) -> None:
+        from tui.screens.chat import ChatScreen
+
+        self.app.push_screen(ChatScreen(self.run, compare=compare))
+
+    def action_compare(self) -> None:
+        self.action_chat(compare=True)
+
+    def action_evaluate(self) -> None:
+        self._evaluating = True
+        self.refresh_bindings()
+        self.notify("Evaluating: the base model and the tuned one answer the held-out examples…", timeout=8)
+        self.evaluate_run()
+
+    @work(thread=True, exclusive=True, group="evaluate", exit_on_error=False)
+    def evaluate_run(self) -> None:
+        from tui.services import ServiceError
+
+        def progress(message: str) -> None:
+            self.post_message(RunActionDone("progress-eval", self.run.run_id, message))
+
+        try:
+            summary = self.app.services.evaluate(self.run, progress)  # type: ignore[attr-defined]
+        except ServiceError as exc:
+            self.post_message(RunActionDone("evaluate", self.run.run_id, error=str(exc), hint=exc.hint))
+            return
+        self.eval_summary = summary
+        self.post_message(RunActionDone("evaluate", self.run.run_id, "\n".join(summary.get("summary", []))))
 
     def action_log_scale(self) -> None:
         self.query_one("#chart-loss", LineChart).toggle_log()
@@ -642,24 +690,26 @@ class DashboardScreen(Screen[None]):
             self.follow()
 
     def action_export(self) -> None:
-        base = Path.cwd()
-        adapter_out = base / f"{self.run.run_id}-adapter"
-        merged_out = base / f"{self.run.run_id}-merged"
+        from tui.screens.dialogs import ExportDialog
 
-        def chosen(what: str | None) -> None:
-            if what:
-                out = adapter_out if what == "adapter" else merged_out
-                self.notify(f"Exporting the {what} to {out}…", timeout=8)
-                self.export_run(what == "merged", out)
+        def chosen(kind: str | None) -> None:
+            if kind:
+                self._exporting = True
+                self.refresh_bindings()
+                self.notify(f"Exporting ({EXPORT_KINDS[kind]})…", timeout=8)
+                self.export_run(kind)
 
-        self.app.push_screen(ExportDialog(adapter_out, merged_out), chosen)
+        self.app.push_screen(ExportDialog(self.run.path / "exports"), chosen)
 
-    @work(thread=True, exclusive=False, group="export", exit_on_error=False)
-    def export_run(self, merged: bool, out: Path) -> None:
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
+    def export_run(self, kind: str) -> None:
         from tui.services import ServiceError
 
+        def progress(message: str) -> None:
+            self.post_message(RunActionDone("progress-export", self.run.run_id, message))
+
         try:
-            result = self.app.services.export(self.run, merged, out)  # type: ignore[attr-defined]
+            result = self.app.services.export(self.run, kind, progress)  # type: ignore[attr-defined]
         except ServiceError as exc:
             self.post_message(RunActionDone("export", self.run.run_id, error=str(exc), hint=exc.hint))
             return
@@ -670,16 +720,39 @@ class DashboardScreen(Screen[None]):
         log = self.query_one("#run-log", RichLog)
         if message.action == "ended":
             self._following = False
+            self.refresh_bindings()  # an adapter or checkpoint may have appeared
+            self._draw_alert()
             return
         if message.action == "progress":
             self.notify(str(message.result))
             return
+        if message.action in ("progress-eval", "progress-export"):
+            self._task_progress = ("Evaluating: " if message.action == "progress-eval" else "Exporting: ") + str(
+                message.result)
+            self._draw_alert()
+            return
+        if message.action in ("evaluate", "export"):
+            self._evaluating = self._evaluating and message.action != "evaluate"
+            self._exporting = self._exporting and message.action != "export"
+            self._task_progress = None
+            self.refresh_bindings()
+            self._draw_alert()
         if message.error:
             show_error = self.app.show_error  # type: ignore[attr-defined]
             show_error(f"Could not {message.action} the run", message.error, message.hint)
             if message.action == "resume":
                 self._resuming = False
                 self.refresh_bindings()
+            return
+        if message.action in ("evaluate", "export"):
+            from tui.screens.dialogs import MessageDialog
+
+            if message.action == "evaluate":
+                self.app.push_screen(MessageDialog("Before and after", str(message.result),
+                                                   f"every answer is in {self.run.path / 'eval' / 'report.md'}"))
+            else:
+                self.app.push_screen(MessageDialog("Exported", str(message.result)))
+            log.write(Text.assemble((clock_text(self._now()) + " ", "dim"), (f"{message.action}: done", "bold")))
             return
         texts = {"stop": STOP_OUTCOMES.get(str(message.result), f"stop: {message.result}"),
                  "resume": f"resumed ({message.result})", "export": f"export: {message.result}"}
@@ -690,6 +763,15 @@ class DashboardScreen(Screen[None]):
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:
         self.app.report_worker_error(event)  # type: ignore[attr-defined]
+
+
+def _evaluation(run: Any) -> dict[str, Any] | None:
+    from engine.evaluate import latest_summary
+
+    try:
+        return latest_summary(run)
+    except OSError:
+        return None
 
 
 def _names(run: Any) -> tuple[str | None, str | None, str | None]:

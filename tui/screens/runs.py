@@ -91,6 +91,8 @@ def detail_text(row: dict[str, Any] | None) -> Text:
     if state in ("cancelled", "failed", "dead"):
         keys.append("r resume")
     keys.append("l relaunch (edit first)")
+    if state in ("completed", "cancelled"):
+        keys.append("c chat")
     if state not in ACTIVE_STATES:
         keys.append("x delete")
     text = Text.assemble((row["run_id"], "bold"), (f"  {row['path']}", "dim"), "\n", (" · ".join(keys), "dim"))
@@ -110,6 +112,7 @@ class RunsScreen(WizardScreen):
         Binding("a", "attach", "Attach"),
         Binding("l", "relaunch", "Relaunch"),
         Binding("r", "resume", "Resume"),
+        Binding("c", "chat", "Chat"),
         Binding("x,delete", "delete", "Delete"),
     ]
 
@@ -263,6 +266,22 @@ class RunsScreen(WizardScreen):
             self.post_message(RunActionDone("resume", run.run_id, error="another engine is already running on it"))
             return
         self.post_message(RunActionDone("resume", run.run_id, f"engine pid {pid}"))
+
+    def action_chat(self) -> None:
+        from engine.errors import TunewizError
+        from engine.inference import adapter_path
+        from tui.screens.chat import ChatScreen
+
+        row = self.selected_row()
+        if row is None:
+            return
+        run = self._run(row)
+        try:
+            adapter_path(run)
+        except TunewizError as exc:
+            self.notify(f"{exc}: nothing to chat with yet.", severity="warning")
+            return
+        self.app.push_screen(ChatScreen(run))
 
     def action_delete(self) -> None:
         from tui.screens.dialogs import ConfirmDialog

@@ -236,3 +236,19 @@ def test_q4_k_m_is_quantised_by_llama_cpp_from_an_f16_file(demo_tokenizer: Any, 
     assert [p.name for p in folder.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
     types = {t.name: t.tensor_type.name for t in GGUFReader(folder / "m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in types.values()  # k-quant mix of q4_k_m
+
+
+@pytest.mark.parametrize("gguf_type,tolerance", [("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_bf16_and_q8_0_files_load_close_to_the_model(gguf_type: str, tolerance: float, demo_tokenizer: Any,
+                                                     tmp_path: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    model = random_model(tiny_config("llama", len(demo_tokenizer)))
+    path = tmp_path / "model.gguf"
+    write_gguf(model, demo_tokenizer, None, [], path, gguf_type, "tiny")
+    assert {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}["blk.1.ffn_down.weight"] == gguf_type.upper()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = demo_tokenizer("The quick brown fox jumps over the lazy dog, twice.")["input_ids"]
+    assert torch.allclose(logits(reloaded, ids), logits(model, ids), atol=tolerance)

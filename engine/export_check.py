@@ -120,7 +120,7 @@ def check_gguf(path: Path, label: str, prompts: Prompts, encoder: Any, chat_temp
         on_progress("checking the GGUF file with transformers' GGUF loader (llama-cpp-python is not installed)")
         return _check_gguf_transformers(path, label, prompts, encoder, stored)
     on_progress("checking the GGUF file in llama.cpp")
-    return _check_gguf_llama_cpp(path, label, prompts, encoder, stored)
+    return _check_gguf_llama_cpp(path, label, prompts, encoder, stored, on_progress)
 
 
 def _stored_template(path: Path) -> str | None:
@@ -152,30 +152,53 @@ def _check_gguf_transformers(path: Path, label: str, prompts: Prompts, encoder: 
                     template_stored=stored)
 
 
-def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any, stored: bool) -> Check:
+def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any, stored: bool,
+                          on_progress: Callable[[str], None]) -> Check:
+    """Run the prompts in llama.cpp in a child process: a crash there (llama.cpp's CPU kernels can
+    crash on machines that do not allow them) must not take the export down with it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    stop_ids = sorted(set(encoder.stop_token_ids))
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            mismatches, outputs = pool.submit(_answer_in_llama_cpp, str(path), prompts.prompt_ids,
+                                              prompts.prompt_texts, stop_ids, prompts.max_new_tokens).result()
+    except BrokenProcessPool:
+        on_progress("WARNING: llama.cpp crashed running the file on this machine; checking it with transformers' "
+                    "GGUF loader instead")
+        return _check_gguf_transformers(path, label, prompts, encoder, stored)
+    got = [encoder.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+    return _compare(label, "llama.cpp", prompts, got, tokenization_mismatches=mismatches, template_stored=stored)
+
+
+def _answer_in_llama_cpp(path: str, prompt_ids: list[list[int]], prompt_texts: list[str], stop_ids: list[int],
+                         max_new_tokens: int) -> tuple[int, list[list[int]]]:
+    """(prompts llama.cpp tokenises differently, the answer ids): runs in the child process."""
     from llama_cpp import Llama
 
-    longest = max(len(ids) for ids in prompts.prompt_ids) + prompts.max_new_tokens
+    longest = max(len(ids) for ids in prompt_ids) + max_new_tokens
     try:
-        llm = Llama(model_path=str(path), n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
+        llm = Llama(model_path=path, n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
                     seed=0)
     except ValueError as exc:
-        raise TunewizError(f"llama.cpp cannot load the written file {path.name} ({exc})",
+        raise TunewizError(f"llama.cpp cannot load the written file {Path(path).name} ({exc})",
                            hint="this is a bug in tunewiz's GGUF export; please report it, and use --merged "
                                 "meanwhile") from exc
-    stop_ids = set(encoder.stop_token_ids) | {llm.token_eos()}
+    stops = set(stop_ids) | {llm.token_eos()}
     mismatches = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids
-                     for text, ids in zip(prompts.prompt_texts, prompts.prompt_ids))
-    got = []
-    for ids in prompts.prompt_ids:
+                     for text, ids in zip(prompt_texts, prompt_ids))
+    outputs = []
+    for ids in prompt_ids:
         new: list[int] = []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in stop_ids or len(new) >= prompts.max_new_tokens:
+            if token in stops or len(new) >= max_new_tokens:
                 break
             new.append(token)
-        got.append(encoder.tokenizer.decode(new, skip_special_tokens=True).strip())
+        outputs.append(new)
     llm.close()
-    return _compare(label, "llama.cpp", prompts, got, tokenization_mismatches=mismatches, template_stored=stored)
+    return mismatches, outputs
 
 
 def record_in_run_card(output_dir: Path, entry: dict[str, Any]) -> None:

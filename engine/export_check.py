@@ -154,21 +154,26 @@ def _check_gguf_transformers(path: Path, label: str, prompts: Prompts, encoder: 
 
 def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any, stored: bool,
                           on_progress: Callable[[str], None]) -> Check:
-    """Run the prompts in llama.cpp in a child process: a crash there (llama.cpp's CPU kernels can
-    crash on machines that do not allow them) must not take the export down with it."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    """Run the prompts in llama.cpp in a child process (`python -m engine.export_check`): a crash there
+    (llama.cpp's CPU kernels can crash on machines that do not allow them) must not take the export down."""
+    import json
+    import subprocess
+    import sys
 
-    stop_ids = sorted(set(encoder.stop_token_ids))
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            mismatches, outputs = pool.submit(_answer_in_llama_cpp, str(path), prompts.prompt_ids,
-                                              prompts.prompt_texts, stop_ids, prompts.max_new_tokens).result()
-    except BrokenProcessPool:
-        on_progress("WARNING: llama.cpp crashed running the file on this machine; checking it with transformers' "
-                    "GGUF loader instead")
+    request = {"path": str(path), "prompt_ids": prompts.prompt_ids, "prompt_texts": prompts.prompt_texts,
+               "stop_ids": sorted(set(encoder.stop_token_ids)), "max_new_tokens": prompts.max_new_tokens}
+    child = subprocess.run([sys.executable, "-m", "engine.export_check"], input=json.dumps(request),
+                           capture_output=True, text=True, check=False)
+    if child.returncode < 0:  # killed by a signal: llama.cpp crashed
+        on_progress(f"WARNING: llama.cpp crashed running the file on this machine (signal {-child.returncode}); "
+                    "checking it with transformers' GGUF loader instead")
         return _check_gguf_transformers(path, label, prompts, encoder, stored)
+    if child.returncode != 0:
+        raise TunewizError(f"llama.cpp cannot run the written file {path.name}: {child.stderr.strip()[-500:]}",
+                           hint="this is a bug in tunewiz's GGUF export; please report it, and use --merged "
+                                "meanwhile")
+    answer = json.loads(child.stdout)
+    mismatches, outputs = answer["mismatches"], answer["outputs"]
     got = [encoder.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
     return _compare(label, "llama.cpp", prompts, got, tokenization_mismatches=mismatches, template_stored=stored)
 
@@ -176,16 +181,13 @@ def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any
 def _answer_in_llama_cpp(path: str, prompt_ids: list[list[int]], prompt_texts: list[str], stop_ids: list[int],
                          max_new_tokens: int) -> tuple[int, list[list[int]]]:
     """(prompts llama.cpp tokenises differently, the answer ids): runs in the child process."""
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     from llama_cpp import Llama
 
     longest = max(len(ids) for ids in prompt_ids) + max_new_tokens
-    try:
-        llm = Llama(model_path=path, n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
-                    seed=0)
-    except ValueError as exc:
-        raise TunewizError(f"llama.cpp cannot load the written file {Path(path).name} ({exc})",
-                           hint="this is a bug in tunewiz's GGUF export; please report it, and use --merged "
-                                "meanwhile") from exc
+    llm = Llama(model_path=path, n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False, seed=0)
     stops = set(stop_ids) | {llm.token_eos()}
     mismatches = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids
                      for text, ids in zip(prompt_texts, prompt_ids))
@@ -207,3 +209,13 @@ def record_in_run_card(output_dir: Path, entry: dict[str, Any]) -> None:
     card = read_json(path) or {}
     card.setdefault("exports", []).append(entry)
     atomic_write_json(path, card)
+
+
+if __name__ == "__main__":  # the llama.cpp child: a JSON request on stdin, the answers on stdout
+    import json
+    import sys
+
+    job = json.load(sys.stdin)
+    found, answers = _answer_in_llama_cpp(job["path"], job["prompt_ids"], job["prompt_texts"], job["stop_ids"],
+                                          job["max_new_tokens"])
+    print(json.dumps({"mismatches": found, "outputs": answers}))

@@ -252,3 +252,22 @@ def test_bf16_and_q8_0_files_load_close_to_the_model(gguf_type: str, tolerance: 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = demo_tokenizer("The quick brown fox jumps over the lazy dog, twice.")["input_ids"]
     assert torch.allclose(logits(reloaded, ids), logits(model, ids), atol=tolerance)
+
+
+def test_the_llama_cpp_check_runs_in_a_child_process(demo_tokenizer: Any, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from engine.data.chat import ChatEncoder
+    from engine.export_check import Prompts, check_gguf
+
+    path = tmp_path / "model.gguf"
+    write_gguf(random_model(tiny_config("llama", len(demo_tokenizer))), demo_tokenizer, demo_tokenizer.chat_template,
+               [], path, "f16", "tiny")
+    encoder = ChatEncoder(demo_tokenizer)
+    conversations = [[{"role": "user", "content": text}] for text in ("hello", "Prices rose 12% — café")]
+    texts = [encoder.render(c, add_generation_prompt=True) for c in conversations]
+    ids = [encoder.prompt_ids(c) for c in conversations]
+    prompts = Prompts(conversations, ids, texts, ["", ""], 3, "test")
+    lines: list[str] = []
+    check = check_gguf(path, "GGUF f16", prompts, encoder, demo_tokenizer.chat_template, lines.append)
+    assert lines == ["checking the GGUF file in llama.cpp"]
+    assert (check.engine, check.total, check.tokenization_mismatches, check.template_stored) == ("llama.cpp", 2, 0, True)

@@ -74,8 +74,8 @@ def check_disk(out: Path, needed: float, what: str) -> None:
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """No progress bars, advisories or FutureWarnings from transformers, huggingface_hub, bitsandbytes
-    and llama.cpp while exporting; all restored afterwards (the app keeps its own settings)."""
+    """No progress bars, advisories or FutureWarnings from transformers, huggingface_hub and
+    bitsandbytes while exporting; all restored afterwards (the app keeps its own settings)."""
     import logging
 
     import huggingface_hub.utils as hub_utils
@@ -85,15 +85,13 @@ def quiet_libraries() -> Iterator[None]:
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hub_bars = not hub_utils.are_progress_bars_disabled()
-    # bitsandbytes says at import that the optional `kernels` is missing; llama.cpp logs every tensor
-    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "llama-cpp-python")]
-    levels = [logger.level for logger in loggers]
+    bnb_logger = logging.getLogger("bitsandbytes")  # says at import that the optional `kernels` is missing
+    bnb_level = bnb_logger.level
     gguf_bar = gguf_loading.tqdm  # the GGUF loader's bar is plain tqdm, outside transformers' switch
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hub_utils.disable_progress_bars()
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    bnb_logger.setLevel(logging.ERROR)
     gguf_loading.tqdm = hf_logging.tqdm
     try:
         with warnings.catch_warnings():
@@ -101,8 +99,7 @@ def quiet_libraries() -> Iterator[None]:
             yield
     finally:
         gguf_loading.tqdm = gguf_bar
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        bnb_logger.setLevel(bnb_level)
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()

@@ -185,9 +185,9 @@ def test_quiet_libraries_restores_the_settings() -> None:
     before = hf_logging.get_verbosity()
     with export.quiet_libraries():
         assert not hf_logging.is_progress_bar_enabled()
-        assert logging.getLogger("llama-cpp-python").level == logging.ERROR
+        assert logging.getLogger("bitsandbytes").level == logging.ERROR
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
-    assert logging.getLogger("llama-cpp-python").level == logging.NOTSET
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET
 
 
 @pytest.mark.parametrize("changes,cause", [

@@ -225,17 +225,23 @@ def test_llama_cpp_tokenises_as_the_tokenizer(style: str, demo_tokenizer: Any, t
     llm.close()
 
 
-def test_q4_k_m_is_quantised_by_llama_cpp_from_an_f16_file(demo_tokenizer: Any, tmp_path: Path) -> None:
+def test_q4_k_m_is_quantised_by_llama_cpp_from_an_f16_file(demo_tokenizer: Any, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("llama_cpp")
     from gguf import GGUFReader
 
-    model = random_model(tiny_config("llama", len(demo_tokenizer), hidden_size=256, intermediate_size=512))
+    # 320 columns: some rows are too short for q4_k's 256-wide blocks, which llama.cpp reports per tensor
+    model = random_model(tiny_config("llama", len(demo_tokenizer), hidden_size=320, intermediate_size=512))
     folder = tmp_path / "out"
     folder.mkdir()
-    write_gguf(model, demo_tokenizer, None, [], folder / "m.gguf", "q4_k_m", "t")
+    lines: list[str] = []
+    write_gguf(model, demo_tokenizer, None, [], folder / "m.gguf", "q4_k_m", "t", lines.append)
     assert [p.name for p in folder.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
     types = {t.name: t.tensor_type.name for t in GGUFReader(folder / "m.gguf").tensors}
-    assert types["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in types.values()  # k-quant mix of q4_k_m
+    assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.0.attn_q.weight"] != "F16"
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # llama.cpp's per-tensor lines are kept out of the terminal
+    assert "quantising to q4_k_m with llama.cpp" in lines and "stored them as q5_0/q8_0" in lines[-1]
 
 
 @pytest.mark.parametrize("gguf_type,tolerance", [("bf16", 1e-1), ("q8_0", 1e-1)])

@@ -12,7 +12,8 @@ prints the comparison tables (speed-up and memory against the baseline of the sa
 
 Suites: `headline` (engine defaults and baseline, LoRA/QLoRA, checkpointing on/off, both shapes),
 `levers` (each speed lever alone on top of the engine with every lever off), `curve` (a 50-step loss
-curve of engine and baseline on the demo data), `packing` (variable-length data, padded vs packed).
+curve of engine and baseline on the demo data), `packing` (variable-length data, padded vs packed),
+`fused` (the engine with `speed.fused_lora` against its defaults and the baseline, 8B; not in `all`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ VARIANTS = {
     "engine_bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
     "engine_no_lean": ("speed.lean_lora=false",),
+    "engine_fused_lora": ("speed.fused_lora=true",),
+    "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
@@ -125,12 +128,18 @@ def suite_cases(suite: str) -> list[Case]:
     if suite == "curve":
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
                      learning_rate=1e-4) for variant in ("baseline", "engine", "engine_bf16_adapters", "engine_unfused",
-                                                         "engine_no_lean", "baseline_other_dropout",
+                                                         "engine_no_lean", "engine_fused_lora", "baseline_other_dropout",
                                                          "baseline_no_dropout", "engine_no_dropout")]
+    if suite == "fused":  # the fused LoRA blocks against the engine's defaults and the baseline, 8B
+        return [Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
+                for variant in ("engine_fused_lora", "engine", "baseline")] + [
+            Case("fused", "llama-3.1-8b", "lora", False, variant) for variant in ("engine_fused_lora", "engine")] + [
+            Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
+            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
-    raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing or all")
+    raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing, fused or all")
 
 
 def write_varied_texts(path: Path, rows: int = 400, seed: int = 0) -> Path:
@@ -222,7 +231,7 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
         return {"stack": "transformers+peft", "lora_dropout": spec.lora.dropout}
     return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
             "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile,
-            "lean_lora": spec.speed.lean_lora, "micro_batch": spec.training.micro_batch_size,
+            "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora, "micro_batch": spec.training.micro_batch_size,
             "gradient_accumulation": spec.training.gradient_accumulation,
             "checkpointing": spec.training.gradient_checkpointing, "checkpoint_layers": spec.training.checkpoint_layers}
 
@@ -358,8 +367,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = [f"Sequence {SEQ_LEN}, micro-batch {MICRO_BATCH} unless a row's settings say otherwise, LoRA r=16 on all "
            "7 projections.", ""]
     sessions = list(dict.fromkeys(r.get("machine") for r in rows))
-    for suite, reference in (("headline", baselines), ("levers", plains)):
-        against = "baseline" if suite == "headline" else "plain engine (every lever off)"
+    for suite, reference in (("headline", baselines), ("fused", baselines), ("levers", plains)):
+        against = "plain engine (every lever off)" if suite == "levers" else "baseline"
         for session in sessions:
             chosen = [r for r in rows if r["suite"] == suite and r.get("machine") == session]
             if not chosen:

@@ -6,9 +6,9 @@ It writes a random-init model of the catalog shape (bench.random_model), trains 
 LoRA and with QLoRA on the demo data (`tunewiz train`), then for each run: one chat answer and one
 compare answer (`tunewiz chat --prompt`, first-token latency and tokens/s from its stats line), a
 short `tunewiz eval`, and, for the LoRA run, GGUF exports (`tunewiz export --gguf`) with their time,
-size and round-trip line. It also measures the CUDA context: the memory a process holds on the GPU
-after its first CUDA call and after its first matrix product (cuBLAS' workspace), which the memory
-estimator adds to every GPU estimate. One JSON row per measurement goes to --out; a table is printed.
+size and round-trip line. It also measures the CUDA context: what NVML sees the device
+use once a process has made its first CUDA call, and after its first matrix product (cuBLAS' handle
+and workspace), which the memory estimator adds to every GPU estimate. One JSON row per measurement goes to --out; a table is printed.
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT_PROBE = """
-import json, torch
-free0, total = torch.cuda.mem_get_info()
+import json, pynvml, torch
+pynvml.nvmlInit()
+handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+before = used()                      # no CUDA context in this process yet
 torch.zeros(1, device="cuda")
-free1, _ = torch.cuda.mem_get_info()
+torch.cuda.synchronize()
+context = used()                     # the driver's context, torch's kernels, one allocator block
 a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 (a @ a).sum().item()
 del a
 torch.cuda.empty_cache()
-free2, _ = torch.cuda.mem_get_info()
-print(json.dumps({"context_bytes": free0 - free1, "context_and_cublas_bytes": free0 - free2, "total": total,
-                  "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+cublas = used()                      # plus cuBLAS' handle and workspace
+print(json.dumps({"context_bytes": context - before, "context_and_cublas_bytes": cublas - before,
+                  "torch_reserved_after": torch.cuda.memory_reserved(), "gpu": torch.cuda.get_device_name(0),
+                  "torch": torch.__version__, "cuda": torch.version.cuda}))
 """
 
 
@@ -60,7 +65,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tw-use"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--gguf", default="f16 q8_0", help="GGUF types to export, space-separated")
+    parser.add_argument("--gguf", default="f16 q8_0 q4_k_m", help="GGUF types to export, space-separated")
     args = parser.parse_args()
 
     from bench.random_model import make
@@ -68,9 +73,13 @@ def main() -> int:
     env = {**os.environ, "TUNEWIZ_HOME": str(args.work / "home"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     rows: list[dict[str, Any]] = []
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
     def record(**row: Any) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
+        with args.out.open("a") as handle:  # row by row: a call cut short keeps what it measured
+            handle.write(json.dumps({"shape": args.shape, **row}) + "\n")
 
     probe = subprocess.run([sys.executable, "-c", CONTEXT_PROBE], capture_output=True, text=True, env=env)
     if probe.returncode == 0:
@@ -96,7 +105,7 @@ def main() -> int:
             lines = [line for line in chat.stdout.splitlines() if "first token" in line]
             record(what="chat", method=method, mode=mode, ok=chat.returncode == 0, seconds=round(seconds, 1),
                    answers=[_stats(line) for line in lines], error=chat.stderr[-500:] if chat.returncode else None)
-        evaluation, seconds = _tunewiz("eval", run_id, "--limit", "20", "--json", env=env)
+        evaluation, seconds = _tunewiz("eval", run_id, "--limit", "10", "--json", env=env)
         summary = json.loads(evaluation.stdout) if evaluation.returncode == 0 else {}
         record(what="eval", method=method, ok=evaluation.returncode == 0, seconds=round(seconds, 1),
                base=summary.get("base"), tuned=summary.get("tuned"),
@@ -104,16 +113,12 @@ def main() -> int:
         if method != "lora":
             continue
         for kind in args.gguf.split():
-            export, seconds = _tunewiz("export", run_id, "--gguf", kind, env=env, timeout=1800)
+            export, seconds = _tunewiz("export", run_id, "--gguf", kind, "--verify-limit", "10", env=env, timeout=1800)
             files = sorted((args.work / "home").rglob(f"*{kind}*.gguf"))
             record(what="export_gguf", type=kind, ok=export.returncode == 0, seconds=round(seconds, 1),
                    bytes=files[-1].stat().st_size if files else None,
                    round_trip=[line for line in export.stdout.splitlines() if "answers" in line][-1:],
                    error=export.stderr[-800:] if export.returncode else None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps({"shape": args.shape, **row}) + "\n")
     print("\n| what | method/type | ok | seconds | detail |\n|---|---|---|---|---|")
     for row in rows:
         detail = {k: v for k, v in row.items() if k not in ("what", "method", "type", "ok", "seconds")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from engine import __version__, cli_data, cli_hw, cli_model, launcher, locations, presets, rundir
 from engine.errors import TunewizError
+from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader
 from engine.render import duration, format_event
 from engine.spec import SpecError
@@ -52,8 +54,7 @@ def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
                 print(format_event(event), flush=True)
         if state in ("dead", *rundir.FINAL_STATES):
             if state == "dead":
-                print(f"the engine is gone without finishing (killed?). Resume it: tunewiz resume {run.run_id}",
-                      flush=True)
+                print(_dead_engine_message(run), flush=True)
             return state
         if not until_finished:
             return state
@@ -61,8 +62,31 @@ def follow(run: rundir.RunDir, from_start: bool = True, as_json: bool = False,
         time.sleep(FOLLOW_INTERVAL_S / 10 if finishing else FOLLOW_INTERVAL_S)
 
 
+def _dead_engine_message(run: rundir.RunDir) -> str:
+    """What to say about an engine that is gone without a `finished` event: its last words from
+    engine.log (why it died before it could record anything), and what to do."""
+    started = any(event.type == "started" for event in EventReader(run.events_path).read_all())
+    last = _log_last_line(run)
+    if not started and last:
+        return (f"the engine exited before it started: {last}\n"
+                f"its full output is in {run.log_path}; fix that, then: tunewiz resume {run.run_id}")
+    said = f"; engine.log ends with: {last}" if last else ""
+    return f"the engine is gone without finishing (killed?){said}. Resume it: tunewiz resume {run.run_id}"
+
+
+def _log_last_line(run: rundir.RunDir, tail_bytes: int = 8192) -> str:
+    try:
+        with run.log_path.open("rb") as handle:
+            handle.seek(max(0, run.log_path.stat().st_size - tail_bytes))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
 def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -> int:
-    """Follow a run in the foreground: the first Ctrl-C asks for a graceful stop, the second detaches."""
+    """Follow a run in the foreground: the first Ctrl-C asks for a graceful stop, the second withdraws
+    that request and detaches."""
     presses = 0
 
     def on_interrupt(_signum: int, _frame: object) -> None:
@@ -79,7 +103,9 @@ def _follow_with_stop_on_ctrl_c(run: rundir.RunDir, offset: int | None = None) -
     try:
         state = follow(run, offset=offset)
     except KeyboardInterrupt:
-        print(f"\ndetached; the run goes on. Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
+        run.stop_path.unlink(missing_ok=True)  # the engine reads it at the end of a step: withdrawn in time
+        print(f"\ndetached; the stop request is withdrawn and the run goes on (unless it had already begun "
+              f"stopping). Follow it: tunewiz tail {run.run_id} -f", file=sys.stderr)
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -91,9 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.print_launch and (args.hosts != 1 or args.gpus_per_host is not None or args.main_ip):
         return _fail("--hosts, --gpus-per-host and --main-ip go with --print-launch")
-    spec, source = presets.resolve(args.preset, args.set or [])
-    if args.name:
-        spec.name = args.name
+    overrides = [*(args.set or []), *([f"name={json.dumps(args.name)}"] if args.name is not None else [])]
+    spec, source = presets.resolve(args.preset, overrides)  # --name is checked like every spec key
+    if spec.model.trust_remote_code and not args.trust_remote_code:
+        return _fail(f"{args.preset} sets model.trust_remote_code: loading the model would run Python code from its "
+                     "folder or hub repo\nhint: if you trust that code, add --trust-remote-code; otherwise set "
+                     "model.trust_remote_code = false")
     if args.print_launch:
         from engine import distributed
 
@@ -103,8 +132,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     stats = preflight.check(spec, on_progress=lambda msg: print(msg, flush=True))
     print(f"data: {stats['train_examples']} training examples ({stats['format']}), "
           f"{stats['dropped_total']} rows skipped, {stats['truncated']} truncated")
-    run = rundir.create(spec)
-    pid = launcher.launch(run)
+    run = rundir.create(spec, trust_remote_code=args.trust_remote_code)
+    try:
+        pid = launcher.launch(run)
+    except BaseException:
+        shutil.rmtree(run.path, ignore_errors=True)  # no engine ever ran: leave no empty run behind
+        raise
     print(f"run {run.run_id} started (engine pid {pid}); files in {run.path}")
     if args.detach:
         print(f"follow it: tunewiz tail {run.run_id} -f    stop it: tunewiz stop {run.run_id}")
@@ -244,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec key, e.g. --set training.max_steps=20 (repeatable)")
     p.add_argument("--name", help="name for this run (default: the preset's)")
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model.trust_remote_code: run Python code shipped with the model (only for code "
+                        "you trust; a spec alone cannot switch this on)")
     p.add_argument("--print-launch", action="store_true",
                    help="start nothing: prepare a run directory and print the accelerate, torchrun and SLURM "
                         "commands that start it on one or several hosts (docs/multi-gpu.md)")
@@ -333,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("that run's engine is already running (another resume or train started it)")
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = Path(exc.filename).parent if exc.filename else locations.state_dir()
+        return _fail(f"the disk holding {where} is full ({free_bytes(where) / 1e6:.0f} MB free): {exc.strerror}\n"
+                     "hint: free some space and try again; nothing was started")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ def _ensure_adapter(run: rundir.RunDir, checkpoint: int | None) -> None:
     """Fail fast, before a model loads, when there is nothing to chat with."""
     from engine.inference import adapter_path  # torch-free at import; it only looks at files
 
+    run.trusted_spec()
     adapter_path(run, checkpoint)
 
 

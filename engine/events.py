@@ -7,6 +7,7 @@ type are listed in `SCHEMA`; docs/run-protocol.md describes them for other clien
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -84,6 +85,12 @@ def validate(obj: Any) -> list[str]:
     return problems
 
 
+def is_valid(obj: Any) -> bool:
+    """Whether a decoded line is an event this reader understands: the one check every reader uses."""
+    return (isinstance(obj, dict) and isinstance(obj.get("v"), int) and obj["v"] <= PROTOCOL_VERSION
+            and not validate(obj))
+
+
 def _last_seq(path: Path) -> int:
     """The highest `seq` in an existing file (read from its tail), or 0."""
     try:
@@ -104,14 +111,75 @@ def _last_seq(path: Path) -> int:
     return 0
 
 
+def repair_tail(path: Path) -> int:
+    """Make the file end with a whole line; return the bytes cut.
+
+    A crash or a full disk can leave half a line at the end; the next event appended to it would be
+    glued to that half and lost to every reader. A tail that is a complete event missing only its
+    newline gets the newline; anything else after the last newline is cut off.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - 65536)
+        tail = os.pread(fd, size - start, start)
+        if not tail or tail.endswith(b"\n"):
+            return 0
+        cut = tail.rfind(b"\n") + 1
+        fragment = tail[cut:]
+        try:
+            whole = is_valid(json.loads(fragment))
+        except ValueError:
+            whole = False
+        if whole:
+            os.pwrite(fd, b"\n", size)
+            return 0
+        if cut == 0 and start > 0:  # a torn line longer than the window: find its start the slow way
+            cut = _last_newline_before(fd, start) - start
+        os.ftruncate(fd, start + cut)
+        os.fsync(fd)
+        return len(fragment)
+    finally:
+        os.close(fd)
+
+
+def _last_newline_before(fd: int, end: int) -> int:
+    """The offset just past the last newline before `end` (0 when there is none)."""
+    while end > 0:
+        start = max(0, end - 65536)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (a write may be short, e.g. on a nearly full disk)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view = view[written:]
+
+
 class EventWriter:
-    """Appends events, each as one whole line in one write; safe to call from several threads."""
+    """Appends events, each as one whole line; safe to call from several threads.
+
+    A line is either written whole or not at all: when a write fails part-way (a full disk, an I/O
+    error), the file is cut back to where the line began and the error is raised.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        repair_tail(path)
         self._seq = _last_seq(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.last_event: dict[str, Any] | None = None
 
     @property
@@ -127,7 +195,15 @@ class EventWriter:
             if problems:
                 raise ValueError(f"invalid {kind} event: {'; '.join(problems)}")
             line = (json.dumps(event, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-            os.write(self._fd, line)
+            before = os.fstat(self._fd).st_size
+            try:
+                _write_all(self._fd, line)
+            except OSError:
+                try:
+                    os.ftruncate(self._fd, before)  # no torn line; if this fails too, the next open repairs it
+                except OSError:
+                    pass
+                raise
             self._seq += 1
             self.last_event = event
             return event
@@ -208,18 +284,13 @@ class EventReader:
 
 
 def decode_line(line: bytes) -> Event | None:
-    """An Event from one line, or None for garbage, unknown types and newer protocol versions."""
+    """An Event from one line, or None for garbage, unknown types, newer protocol versions and events
+    that break the schema (a missing or mistyped required field)."""
     try:
         obj = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or obj.get("type") not in SCHEMA:
-        return None
-    v = obj.get("v")
-    if not isinstance(v, int) or v > PROTOCOL_VERSION:
-        return None
-    seq, when = obj.get("seq"), obj.get("time")
-    if not isinstance(seq, int) or not isinstance(when, NUM):
+    if not is_valid(obj):
         return None
     data = {k: val for k, val in obj.items() if k not in ("v", "seq", "time", "type")}
-    return Event(v, seq, float(when), obj["type"], data)
+    return Event(obj["v"], obj["seq"], float(obj["time"]), obj["type"], data)

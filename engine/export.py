@@ -143,7 +143,7 @@ def _model_config(run: RunDir) -> Any:
     """The base model's config, read without loading weights (to refuse early)."""
     from transformers import AutoConfig
 
-    spec = run.load_spec()
+    spec = run.trusted_spec()
     source = models.converted_folder(models.resolve(spec))
     return AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
                                       trust_remote_code=spec.model.trust_remote_code)

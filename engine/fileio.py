@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
+_WRITE_FAILED_TEXT = "file write failed"  # torch's checkpoint writer: it drops the errno
+LOW_SPACE_BYTES = 16 * 1024 * 1024
+
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see either the old or the new file, never a mix."""
+    """Replace `path` with `text` so that readers see either the old or the new file, never a mix.
+
+    The file is private to the user (0600), like every file tunewiz writes about a run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -35,3 +44,30 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk holding `path` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 0
+
+
+def disk_trouble(exc: BaseException, path: Path) -> str | None:
+    """`full` when `exc` (or what caused it) means the disk holding `path` is full, `io` for an I/O
+    error, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return "full"
+        if isinstance(seen, OSError) and seen.errno == errno.EIO:
+            return "io"
+        text = str(seen).lower()
+        if any(t in text for t in _FULL_TEXTS) or (_WRITE_FAILED_TEXT in text
+                                                    and free_bytes(path) < LOW_SPACE_BYTES):
+            return "full"
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -80,7 +80,7 @@ class RunModel:
 
         say = on_progress or (lambda _msg: None)
         self.run = run
-        self.spec = run.load_spec()
+        self.spec = run.trusted_spec()
         self.adapter_dir, self.checkpoint = adapter_path(run, checkpoint)
         cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
         self.device = device or ("cuda:0" if cuda else "cpu")

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from engine.errors import TunewizError
 from engine.rundir import RunDir, acquire_lock
 
 LOCK_FD_ENV = "TUNEWIZ_LOCK_FD"
@@ -20,12 +21,22 @@ def engine_command(run: RunDir, resume: bool = False) -> list[str]:
     return command + ["--resume"] if resume else command
 
 
+def check_resumable(run: RunDir) -> None:
+    """Refuse to resume a run that completed: its `finished` event (the record, whatever
+    status.json says) means the adapter is saved, and training again would overwrite it."""
+    if run.outcome() == "completed":
+        raise TunewizError(f"run {run.run_id} completed; its adapter is saved, so there is nothing to resume",
+                           hint=f"to train again with the same settings: tunewiz train {run.spec_path}")
+
+
 def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None) -> int:
     """Start the engine on `run` in its own session and return its pid.
 
     The launcher takes the engine lock first and hands the locked descriptor to the child, so the
     run never looks dead between the start of the process and its first line of Python.
     """
+    if resume:
+        check_resumable(run)
     lock_fd = acquire_lock(run.lock_path)
     # While we hold the lock we are the only writer. A resumed run's status still says how the last
     # engine ended (`cancelled`, `failed`) or names its dead pid/pgid; mark it live, and forget those
@@ -34,7 +45,7 @@ def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None)
     run.stop_path.unlink(missing_ok=True)  # a stop request belongs to the engine life it stopped
     child_env = {**os.environ, **(env or {}), LOCK_FD_ENV: str(lock_fd), "PYTHONUNBUFFERED": "1"}
     try:
-        with run.log_path.open("ab") as log:
+        with open(os.open(run.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             process = subprocess.Popen(
                 engine_command(run, resume),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -70,6 +81,8 @@ def stop(run: RunDir, grace_s: float = 120.0, term_grace_s: float = 30.0,
     if _wait(lambda: not run.engine_alive(), grace_s):
         return "graceful"
     status = run.status()
+    if not isinstance(status.get("pgid"), int):  # status.json lost or damaged: engine.pid still names the engine
+        status = run.recorded_engine() or status
     pgid = status.get("pgid")
     host = status.get("host")
     if isinstance(host, str) and host != socket.gethostname():

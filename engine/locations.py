@@ -9,6 +9,18 @@ APP_NAME = "tunewiz"
 HOME_ENV = "TUNEWIZ_HOME"
 
 
+PRIVATE = 0o700  # runs hold the user's data (prompts, answers, logs): only the user may read them
+
+
+def _private_dir(path: Path, top: Path) -> Path:
+    """Create `path` and any missing folders between it and `top` (included) readable only by the user."""
+    missing = [p for p in (path, *path.parents) if not p.exists() and (p == top or top in p.parents)]
+    top.parent.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE, exist_ok=True)
+    return path
+
+
 def _root_override() -> Path | None:
     value = os.environ.get(HOME_ENV)
     return Path(value).expanduser() if value else None
@@ -17,19 +29,17 @@ def _root_override() -> Path | None:
 def _dir(kind: str) -> Path:
     override = _root_override()
     if override is not None:
-        path = override / kind
-    else:
-        import platformdirs
+        return _private_dir(override / kind, override)
+    import platformdirs
 
-        getter = {
-            "config": platformdirs.user_config_path,
-            "state": platformdirs.user_state_path,
-            "data": platformdirs.user_data_path,
-            "cache": platformdirs.user_cache_path,
-        }[kind]
-        path = getter(APP_NAME)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    getter = {
+        "config": platformdirs.user_config_path,
+        "state": platformdirs.user_state_path,
+        "data": platformdirs.user_data_path,
+        "cache": platformdirs.user_cache_path,
+    }[kind]
+    path = getter(APP_NAME)
+    return _private_dir(path, path)
 
 
 def config_dir() -> Path:
@@ -54,8 +64,7 @@ def cache_dir() -> Path:
 
 def runs_dir() -> Path:
     path = state_dir() / "runs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _private_dir(path, path)
 
 
 def user_presets_dir() -> Path:

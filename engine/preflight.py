@@ -9,16 +9,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from engine import distributed, hardware, models
+from pathlib import Path
+
+from engine import distributed, hardware, locations, models
 from engine.data import sources
-from engine.errors import HardwareError
+from engine.errors import HardwareError, TunewizError
+from engine.fileio import free_bytes
 from engine.spec import RunSpec
+
+DISK_SLACK_BYTES = 100 * 1000 * 1000  # logs, events, the dataset cache and room to record a failure
+CHECKPOINT_BYTES_PER_PARAM = 16  # adapter weights (4) and AdamW's two moments (8), with room for the rest
 
 
 def check(spec: RunSpec, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Raise a TunewizError (with a hint) for anything that would make the run fail at once;
     return the data statistics otherwise."""
     say = on_progress or (lambda _msg: None)
+    check_disk(spec)
     source = models.resolve(spec)
     sources.resolve(spec.dataset)  # a missing file or unknown preset fails here, before any model loads
     if spec.training.gpus != 1:  # more GPUs than this machine has fails here, not in the engine
@@ -37,3 +44,31 @@ def check(spec: RunSpec, on_progress: Callable[[str], None] | None = None) -> di
     from engine.data.prepare import prepare
 
     return prepare(spec, tokenizer).stats
+
+
+def disk_needed(spec: RunSpec) -> int:
+    """Bytes the run will write: the checkpoints kept at once (one more while the next is written),
+    the final adapter, and slack. An estimate; a model the estimator does not know counts as slack only."""
+    from engine import estimator
+    from engine.recommend import arch_for
+
+    try:
+        params = estimator.adapter_params(arch_for(spec.model.name), estimator.Settings.from_spec(spec))
+    except Exception:  # noqa: BLE001 - an unknown architecture, or a model that is not here yet
+        params = 0
+    checkpoints = (spec.training.save_total_limit + 1) * params * CHECKPOINT_BYTES_PER_PARAM
+    return checkpoints + params * 4 + DISK_SLACK_BYTES
+
+
+def check_disk(spec: RunSpec) -> None:
+    """Refuse to start a run whose outputs would not fit on the disk that holds them."""
+    needed = disk_needed(spec)
+    places = {locations.runs_dir(), Path(spec.output_dir).expanduser() if spec.output_dir else locations.runs_dir()}
+    for place in places:
+        free = free_bytes(place)
+        if free < needed:
+            raise TunewizError(f"not enough free space for this run on the disk holding {place}: "
+                               f"{free / 1e6:.0f} MB free, about {needed / 1e6:.0f} MB needed (checkpoints, the "
+                               "adapter, logs)",
+                               hint="free space on that disk, set output_dir to a disk with room, or keep fewer "
+                                    "checkpoints (training.save_total_limit)")

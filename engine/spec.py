@@ -157,6 +157,10 @@ class SpeedSpec:
                                "12% faster on an 8B model. The same function, but in bf16 it rounds once where peft "
                                "rounds three times and draws other dropout masks (a 50-step loss curve 4% from "
                                "peft's; docs/speed.md). `false` uses peft's forward.")
+    fused_lora: bool = _f(False, "Llama-like MLPs (gate/up, SwiGLU, down) and attention projections (Q/K/V "
+                                 "together, O) run as one autograd node each with a hand-written backward that keeps "
+                                 "fewer activations; it replaces `speed.lean_lora` on the blocks it covers, the rest "
+                                 "keeps it. Off until measured on a GPU (docs/speed.md).")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
                               "off only on long runs.")
 

@@ -111,21 +111,34 @@ def _lean_lora_forward(self: Any, x: "torch.Tensor", *args: Any, **kwargs: Any) 
 
 
 def apply_lean_lora(model: Any, spec: RunSpec) -> int:
-    """Give every LoRA linear layer the lean forward (`speed.lean_lora`); returns how many layers.
+    """The lean forward on every LoRA linear layer (`speed.lean_lora`); returns how many layers got it.
+    The fused blocks (`apply_fused_lora`) go on top, and fall back to it.
 
     The layer's class forward stays the fallback, so peft's own features (disabling or merging
-    the adapter, several adapters) keep working on the patched model.
+    the adapter, several adapters) keep working on the patched model. The fused blocks fall back
+    to the lean forward (or peft's) wherever they do not apply.
     """
-    if not spec.speed.lean_lora:
-        return 0
-    from peft.tuners.lora import LoraLayer
-
     patched = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and _is_linear_lora(module):
-            module.forward = types.MethodType(_lean_lora_forward, module)
-            patched += 1
+    if spec.speed.lean_lora:
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and _is_linear_lora(module):
+                module.forward = types.MethodType(_lean_lora_forward, module)
+                patched += 1
     return patched
+
+
+def apply_fused_lora(model: Any, spec: RunSpec) -> tuple[int, int]:
+    """Fused LoRA MLP and attention blocks (`speed.fused_lora`); returns (MLPs, attention blocks) patched.
+
+    Called after `apply_lean_lora`, so the per-layer forwards it falls back to are in place.
+    """
+    if not spec.speed.fused_lora:
+        return 0, 0
+    from engine.fused_lora import apply_fused_lora as patch
+
+    return patch(model)
 
 
 def _is_linear_lora(module: Any) -> bool:

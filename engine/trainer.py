@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from engine.data.prepare import PreparedData, prepare
 from engine.errors import HardwareError, TunewizError
 from engine.fileio import atomic_write_json
 from engine.generate import answers, matches
-from engine.rundir import latest_checkpoint
+from engine.rundir import fsync_tree, scan_checkpoints, seal_checkpoint, unseal_checkpoint
 from engine.spec import RunSpec
 
 
@@ -142,6 +143,9 @@ def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tupl
     notes = [kernels_note]
     if lean := speed.apply_lean_lora(model, spec):
         notes.append(f"lean LoRA forward on {lean} layers (speed.lean_lora)")
+    mlps, attention = speed.apply_fused_lora(model, spec)
+    if mlps or attention:
+        notes.append(f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)")
     return model, Prepared(targets, fused_loss, adapter_dtype, notes)
 
 
@@ -353,20 +357,18 @@ def train(ctx: EngineContext) -> TrainOutcome:
                                          eval_dataset=ExampleDataset(data.eval) if data.eval else None,
                                          data_collator=collator, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # our events replace its prints
-    checkpoint = None
-    if ctx.resume:
-        found = latest_checkpoint(output)
-        if found is None:
-            ctx.log("no checkpoint found; starting from the beginning", level="warning")
-        else:
-            checkpoint = str(found[0])
+    found = _resume_point(ctx, output) if ctx.resume else None
     resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
     resources.sample()
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the run card's peaks are the training's, not the loading's
     started = time.time()
+    result = None
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if found is not None and found[1] >= total:
+            _finish_from_final_checkpoint(ctx, trainer, callback, found[0], found[1], total)
+        else:
+            result = trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
     finally:
         resources.stop()
     step = trainer.state.global_step
@@ -384,15 +386,77 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.emit("phase", phase="save", message=f"stopped at step {step}; checkpoint kept for resume")
         return TrainOutcome("cancelled", step, metrics)
     ctx.emit("phase", phase="save", message="saving the adapter")
-    adapter_dir = output / "adapter"
-    if using_fsdp():
-        trainer.save_model(str(adapter_dir))  # gathers the sharded adapter; every rank takes part
-    elif ranks.is_main():
-        model.save_pretrained(adapter_dir)
+    # Written beside its place and renamed in: a crash mid-save never leaves a half adapter that
+    # looks whole (the final checkpoint stays, so resume saves it again).
+    adapter_dir, partial = output / "adapter", output / "adapter.partial"
     if ranks.is_main():
-        tokenizer.save_pretrained(adapter_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+    if using_fsdp():
+        trainer.save_model(str(partial))  # gathers the sharded adapter; every rank takes part
+    elif ranks.is_main():
+        model.save_pretrained(partial)
+    if ranks.is_main():
+        tokenizer.save_pretrained(partial)
+        fsync_tree(partial)  # on disk before the rename makes it count
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        partial.rename(adapter_dir)
         _write_run_card(ctx, output, source, data, metrics, device, result)
     return TrainOutcome("completed", step, metrics)
+
+
+def _resume_point(ctx: EngineContext, output: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint; the broken newer ones are reported and removed."""
+    scan = scan_checkpoints(output)
+    for path, why in scan.skipped:
+        ctx.log(f"skipped {path.name}: {why}; removed it", level="warning")
+        if ranks.is_main():
+            shutil.rmtree(path, ignore_errors=True)
+    if scan.best is None:
+        ctx.log("no complete checkpoint found; starting from the beginning", level="warning")
+    elif scan.skipped:
+        ctx.log(f"resuming from {scan.best[0].name}, the newest complete checkpoint")
+    return scan.best
+
+
+def _finish_from_final_checkpoint(ctx: EngineContext, trainer: Any, callback: Any, path: Path, step: int,
+                                  total: int) -> None:
+    """The run was killed after its last checkpoint: load that checkpoint's adapter instead of
+    training past the end, so that only the final save is left to do."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(path / "adapter_model.safetensors"))
+    state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+    trainer.state.global_step = state.global_step
+    trainer.state.num_input_tokens_seen = state.num_input_tokens_seen
+    losses = [entry for entry in state.log_history if "loss" in entry]
+    evals = [entry for entry in state.log_history if "eval_loss" in entry]
+    callback.last_train_loss = float(losses[-1]["loss"]) if losses else None
+    callback.last_eval_loss = float(evals[-1]["eval_loss"]) if evals else None
+    ctx.emit("phase", phase="train", message=f"checkpoint-{step} is the final step of {total}: nothing left to train",
+             stats={"total_steps": total, "start_step": step})
+
+
+class SealingTrainerMixin:
+    """Marks each checkpoint complete once all of it is on disk (engine/rundir.py: seal_checkpoint),
+    and only then lets transformers delete older ones, so a complete checkpoint always exists."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        unseal_checkpoint(folder)  # a folder being written again stops counting at once
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            seal_checkpoint(folder)
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -403,10 +467,13 @@ def _trainer_class(fused_loss: bool) -> type:
     """transformers' Trainer; with the fused loss, evaluation also computes the loss without logits."""
     from transformers import Trainer
 
-    if not fused_loss:
-        return Trainer
+    class SealingTrainer(SealingTrainerMixin, Trainer):  # type: ignore[misc]
+        pass
 
-    class FusedLossTrainer(Trainer):  # type: ignore[misc]
+    if not fused_loss:
+        return SealingTrainer
+
+    class FusedLossTrainer(SealingTrainer):  # type: ignore[misc]
         def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                             ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
             # In eval mode liger's forward would build the full logits (a memory spike above the
@@ -439,6 +506,7 @@ def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource
     gpu = torch.cuda.get_device_name(0) if device != "cpu" else None
     card = {"run_id": ctx.run.run_id, "spec": spec_mod.to_dict(ctx.spec), "base_model": source.name_or_path,
             "base_model_label": source.label, "versions": _library_versions(), "device": device, "gpu": gpu,
+            "trust_remote_code": ctx.spec.model.trust_remote_code,  # the model's own code ran (the user's choice)
             "dataset": {"fingerprint": data.fingerprint, **{k: v for k, v in data.stats.items() if k != "problems"}},
             "metrics": metrics, "trainer_metrics": dict(result.metrics) if result else {}}
     atomic_write_json(output / "run_card.json", json.loads(json.dumps(card, default=str)))

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,9 +33,10 @@ from engine import __version__, distributed, ranks
 from engine.context import EngineContext, TrainOutcome
 from engine.errors import TunewizError, hint_for
 from engine.events import EventWriter
-from engine.launcher import LOCK_FD_ENV
-from engine.fileio import atomic_write_json
-from engine.rundir import FINAL_STATES, RunDir, acquire_lock, latest_checkpoint
+from engine.fileio import atomic_write_json, disk_trouble, free_bytes
+from engine.launcher import LOCK_FD_ENV, check_resumable
+from engine.rundir import FINAL_STATES, RESERVE_BYTES, RunDir, acquire_lock, latest_checkpoint, scan_checkpoints
+from engine.spec import RunSpec, SpecError
 
 TRAINER_ENV = "TUNEWIZ_TRAINER"
 DEFAULT_TRAINER = "engine.trainer:train"
@@ -52,15 +54,30 @@ def _load_trainer() -> Trainer:
 
 
 def _hold_lock(run: RunDir) -> int:
+    """Hold the run's lock (inherited from the launcher, or taken here) and record this engine in
+    engine.pid, so it is found even if someone deletes the lock file."""
     inherited = os.environ.pop(LOCK_FD_ENV, None)
     if inherited is not None:
         fd = int(inherited)
         os.set_inheritable(fd, False)
-        return fd
+    else:
+        try:
+            fd = acquire_lock(run.lock_path)
+        except BlockingIOError:
+            sys.exit(f"tunewiz: run {run.run_id} already has a live engine")
+    run.record_engine()
+    return fd
+
+
+def _keep_reserve(run: RunDir) -> None:
+    """Set aside a little disk space, freed to record the failure should the disk fill up."""
     try:
-        return acquire_lock(run.lock_path)
-    except BlockingIOError:
-        sys.exit(f"tunewiz: run {run.run_id} already has a live engine")
+        with run.reserve_path.open("wb") as handle:
+            handle.write(b"\0" * RESERVE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        run.reserve_path.unlink(missing_ok=True)  # already full: the failure is recorded as best it can be
 
 
 def _route_warnings(ctx: EngineContext) -> None:
@@ -81,7 +98,17 @@ def _route_warnings(ctx: EngineContext) -> None:
 def run_engine(run: RunDir, resume: bool = False) -> int:
     """Run the trainer on `run` (or supervise its ranks) and record how it ended; returns the exit code."""
     lock_fd = _hold_lock(run)
-    spec = run.load_spec()
+    if resume:
+        try:
+            check_resumable(run)
+        except TunewizError as exc:
+            sys.exit(f"tunewiz: {exc}")
+    _keep_reserve(run)
+    try:
+        spec = run.trusted_spec()
+    except (SpecError, TunewizError) as exc:  # a damaged spec.toml: recorded, with what to do
+        _fail_before_start(run, exc)
+        return 1
     ctx = EngineContext(run, spec, EventWriter(run.events_path), resume=resume)
     _handle_signals(ctx)
     _route_warnings(ctx)
@@ -95,6 +122,7 @@ def run_engine(run: RunDir, resume: bool = False) -> int:
         return 1
     if plan is not None:
         code = _supervise(ctx, plan)
+        run.reserve_path.unlink(missing_ok=True)
         os.close(lock_fd)
         return code
     _emit_started(ctx)
@@ -157,6 +185,18 @@ def _handle_signals(ctx: EngineContext) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _fail_before_start(run: RunDir, exc: SpecError | TunewizError) -> None:
+    """Record a run that cannot start (its spec cannot be read or is not allowed)."""
+    if isinstance(exc, SpecError):
+        exc = TunewizError(f"the run's spec cannot be used: {exc.render()}",
+                           hint="spec.toml is written when a run is created and should not be edited; restore it, "
+                                "or start a new run from a good spec with `tunewiz train SPEC`")
+    ctx = EngineContext(run, RunSpec(name="run"), EventWriter(run.events_path), resume=False)
+    ctx.emit("started", pid=os.getpid(), host=socket.gethostname(), run_id=run.run_id, version=__version__,
+             python=sys.version.split()[0], argv=sys.argv)
+    _record_failure(ctx, exc)
+
+
 def _emit_started(ctx: EngineContext) -> None:
     checkpoint = latest_checkpoint(ctx.run.output_dir(ctx.spec)) if ctx.resume else None
     ctx.emit("started", pid=os.getpid(), host=socket.gethostname(), run_id=ctx.run.run_id, version=__version__,
@@ -173,10 +213,15 @@ def _train_and_record(ctx: EngineContext) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if any(ctx.run.path.glob(RANK_ERROR_GLOB)):
         return 1  # another rank failed and this one was stopped: the supervisor ends the run with that error
-    ctx.emit("finished", status=outcome.status, step=outcome.step, metrics=outcome.metrics,
-             output_dir=str(ctx.run.output_dir(ctx.spec)))
-    ctx.run.update_status(state=outcome.status, step=outcome.step, finished=round(time.time(), 3),
-                          metrics=outcome.metrics)
+    ctx.run.reserve_path.unlink(missing_ok=True)
+    try:
+        ctx.emit("finished", status=outcome.status, step=outcome.step, metrics=outcome.metrics,
+                 output_dir=str(ctx.run.output_dir(ctx.spec)))
+        ctx.run.update_status(state=outcome.status, step=outcome.step, finished=round(time.time(), 3),
+                              metrics=outcome.metrics)
+    except OSError as exc:  # e.g. the disk filled up just now: the outputs are saved, resume records the end
+        _record_failure(ctx, exc, outcome.step)
+        return 1
     return 0
 
 
@@ -280,16 +325,56 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
 
 
 def _record_failure(ctx: EngineContext, exc: BaseException, step: int | None = None) -> None:
+    fields = _error_fields(exc)
+    output = ctx.run.output_dir(ctx.spec)
+    trouble = disk_trouble(exc, output)
+    if trouble:
+        fields.update(_disk_fields(ctx, trouble, exc, output))
+    ctx.run.reserve_path.unlink(missing_ok=True)  # the room set aside for this record
     if not isinstance(exc, TunewizError):
-        traceback.print_exception(exc)  # the full traceback goes to engine.log
-    _end_failed(ctx, _error_fields(exc), ctx.last_step if step is None else step)
+        try:
+            traceback.print_exception(exc)  # the full traceback goes to engine.log
+            sys.stderr.flush()
+        except OSError:
+            pass
+    _end_failed(ctx, fields, ctx.last_step if step is None else step)
+
+
+def _disk_fields(ctx: EngineContext, trouble: str, exc: BaseException, output: Path) -> dict[str, Any]:
+    """The error and hint for a full disk (or a failing one), after dropping the checkpoint it cut short."""
+    place = Path(getattr(exc, "filename", None) or output)
+    free_mb = free_bytes(place) / 1e6
+    scan = scan_checkpoints(output)
+    for torn, _why in scan.skipped:  # never complete, so useless; deleting them gives the record room
+        shutil.rmtree(torn, ignore_errors=True)
+    where = _mount_point(place)
+    back_to = f"the last complete checkpoint (step {scan.best[1]})" if scan.best else "the start (no complete checkpoint)"
+    resume = f"`tunewiz resume {ctx.run.run_id}` continues from {back_to}"
+    if trouble == "io":
+        return {"error_type": "DiskError", "message": f"the disk holding {where} reported an I/O error: {exc}",
+                "hint": f"check that disk (dmesg, SMART); once it works, {resume}"}
+    return {"error_type": "DiskFull", "message": f"the disk holding {where} is full: {free_mb:.0f} MB free ({exc})",
+            "hint": f"free space on that disk (or set output_dir to another one), then {resume}"}
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() or (not os.path.ismount(path) and path.parent != path):
+        path = path.parent
+    return path
 
 
 def _end_failed(ctx: EngineContext, fields: dict[str, Any], step: int) -> None:
-    ctx.emit("error", **fields)
-    ctx.emit("finished", status="failed", step=step)
-    ctx.run.update_status(state="failed", finished=round(time.time(), 3),
-                          error={"type": fields["error_type"], "message": fields["message"], "hint": fields["hint"]})
+    """Write `error`, `finished` and the status; each is tried even when an earlier one fails (a full disk)."""
+    error = {"type": fields["error_type"], "message": fields["message"], "hint": fields["hint"]}
+    writes: list[Callable[[], object]] = [
+        lambda: ctx.emit("error", **fields), lambda: ctx.emit("finished", status="failed", step=step),
+        lambda: ctx.run.update_status(state="failed", finished=round(time.time(), 3), error=error)]
+    for write in writes:
+        try:
+            write()
+        except OSError as exc:
+            print(f"tunewiz: could not record the failure: {exc}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(distributed.RANK_WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    os.umask(0o077)  # events, logs, checkpoints and caches hold the user's data: private to the user
     run = RunDir(args.run_dir.resolve())
     if args.rank_worker:
         return run_rank(run, resume=args.resume)

@@ -150,6 +150,24 @@ def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) ->
     assert row["settings"]["gradient_accumulation"] == choice.gradient_accumulation  # what ran, not the case's default
 
 
+def test_benchmark_fused_suite_compares_the_fused_blocks_with_the_defaults(tmp_path: Any) -> None:
+    cases = {(c.method, c.checkpointing, c.variant): c for c in bench_speed.suite_cases("fused")}
+    assert {"engine", "engine_fused_lora", "baseline"} <= {v for m, gc, v in cases if m == "qlora" and gc}
+    fused = bench_speed.case_spec(cases["lora", True, "engine_fused_lora"], tmp_path, tmp_path / "long.jsonl")
+    default = bench_speed.case_spec(cases["lora", True, "engine"], tmp_path, tmp_path / "long.jsonl")
+    assert fused.speed.fused_lora and not default.speed.fused_lora and fused.speed.lean_lora
+    assert bench_speed.settings_of(cases["lora", True, "engine_fused_lora"], fused)["fused_lora"] is True
+
+    def row(variant: str, tokens: float) -> dict[str, Any]:
+        return {"suite": "fused", "shape": "llama-3.1-8b", "method": "lora", "checkpointing": True,
+                "variant": variant, "status": "completed", "tokens_per_s": tokens, "mfu": 0.3,
+                "peak_allocated_gib": 17.0, "peak_reserved_gib": 17.0, "first_loss": 12.5, "gpu": "H200"}
+
+    text = bench_speed.table([row("baseline", 6000), row("engine", 9000), row("engine_fused_lora", 10800)])
+    assert "### fused: against the baseline" in text
+    assert next(line for line in text.splitlines() if "| engine_fused_lora |" in line).endswith("| 1.80x | 1.00x |")
+
+
 def test_benchmark_curves_pair_each_variant_with_its_baseline() -> None:
     def row(variant: str, losses: list[float]) -> dict[str, Any]:
         return {"suite": "curve", "shape": "llama-3.2-1b", "method": "lora", "checkpointing": True, "variant": variant,

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from textual.widgets import Input, OptionList
 
+from engine import rundir
 from engine.chat_client import Reply, SamplingSettings
 from tests.test_tui_dashboard import FIXED, make_services, place, shown, text_of, wait_until
 from tui.app import TunewizApp
@@ -202,6 +203,7 @@ async def test_any_checkpoint_can_be_chosen(tmp_path: Path) -> None:
     for step in (12, 24):
         (output / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
         (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        rundir.seal_checkpoint(output / "checkpoints" / f"checkpoint-{step}")
     asked: list[int | None] = []
 
     def chat(run: Any, checkpoint: int | None) -> FakeChatClient:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine import chat_server, evaluate
+from engine import chat_server, evaluate, rundir, spec as spec_mod
 from engine.chat_client import SamplingSettings
 from engine.cli import main
 from engine.errors import TunewizError
@@ -70,9 +70,11 @@ def test_a_run_without_an_adapter_is_a_clear_error() -> None:
 def test_checkpoints_and_the_final_adapter_are_found() -> None:
     run = make_run()
     output = run.output_dir()
-    for step in (3, 6):
+    for step in (3, 6, 9):
         (output / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
         (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if step != 9:  # checkpoint-9 was cut short (never sealed): it does not count
+            rundir.seal_checkpoint(output / "checkpoints" / f"checkpoint-{step}")
     assert adapter_path(run) == (output / "checkpoints" / "checkpoint-6", 6)  # a stopped run: the newest
     assert adapter_path(run, 3) == (output / "checkpoints" / "checkpoint-3", 3)
     with pytest.raises(TunewizError, match="no checkpoint at step 4 .checkpoints: 3, 6."):
@@ -207,3 +209,14 @@ def test_the_eval_summary_is_read_back_for_the_dashboard() -> None:
     folder.mkdir(parents=True)
     (folder / evaluate.RESULTS_NAME).write_text(json.dumps({"task": "label", "examples": 3}))
     assert evaluate.latest_summary(run) == {"task": "label", "examples": 3}
+
+
+def test_chat_refuses_a_spec_that_runs_model_code_without_consent(capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run()
+    spec = run.load_spec()
+    spec.model.trust_remote_code = True  # someone edited the spec by hand: no consent was given
+    spec_mod.save(spec, run.spec_path)
+    for command in (["chat", run.run_id], ["eval", run.run_id]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "sets model.trust_remote_code" in err and "--trust-remote-code" in err

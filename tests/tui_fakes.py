@@ -220,6 +220,7 @@ class FakeServices:
             from engine import spec as spec_mod
 
             spec_mod.save(spec, run.spec_path)
+            run.marker_path.write_text(json.dumps({"run_id": run.run_id}) + "\n")  # a run tunewiz made
         else:
             run = rundir.create(spec, runs_root)
         events = [

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.events import PROTOCOL_VERSION, SCHEMA, Event, EventReader
+from engine.events import Event, EventReader, is_valid
 
 SERIES_POINTS = 512
 """Points kept per chart series; a longer run is merged two points into one, again and again."""
@@ -44,19 +44,12 @@ _DRAWN = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
 
 
 def decode_object(line: bytes) -> dict[str, Any] | None:
-    """A valid event as a dict, or None (the checks of engine.events.decode_line, without an Event)."""
+    """A valid event as a dict, or None (engine.events.is_valid decides, as for every reader)."""
     try:
         obj = json.loads(line)
     except ValueError:
         return None
-    if obj.__class__ is not dict or obj.get("type") not in SCHEMA:
-        return None
-    v, seq, when = obj.get("v"), obj.get("seq"), obj.get("time")
-    if v.__class__ is not int or v > PROTOCOL_VERSION or seq.__class__ is not int:
-        return None
-    if when.__class__ is not float and when.__class__ is not int:
-        return None
-    return obj
+    return obj if is_valid(obj) else None
 
 
 class Series:
@@ -637,14 +630,8 @@ class BulkEventReader(EventReader):
         events = []
         append = events.append
         for obj in objects:
-            if obj.__class__ is not dict or obj.get("type") not in SCHEMA:
-                continue
-            v, seq, when = obj.get("v"), obj.get("seq"), obj.get("time")
-            if v.__class__ is not int or v > PROTOCOL_VERSION or seq.__class__ is not int:
-                continue
-            if when.__class__ is not float and when.__class__ is not int:
-                continue
-            append(obj)
+            if is_valid(obj):
+                append(obj)
         skipped = len(objects) - len(events)
         return events, reset, skipped
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-import pickle
 import random
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from engine.data.formats import Example, RowProblem
 from engine.errors import DataError
 from engine.spec import RunSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAX_REPORTED_PROBLEMS = 20
 
 
@@ -178,25 +179,95 @@ def prepare(spec: RunSpec, tokenizer: Any, offline_sample: bool = False, use_cac
     source = sources.resolve(spec.dataset, offline_sample=offline_sample)
     template = resolve_template(spec.dataset.chat_template, tokenizer)
     fingerprint = _fingerprint(spec, source, tokenizer, template)
-    cache = locations.cache_dir() / "datasets" / f"{fingerprint}.pkl"
-    if use_cache and cache.exists():
-        try:
-            with cache.open("rb") as handle:
-                return pickle.load(handle)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            cache.unlink(missing_ok=True)
+    cache = locations.cache_dir() / "datasets" / f"{fingerprint}{CACHE_SUFFIX}"
+    if use_cache:
+        cached = load_cache(cache, fingerprint)
+        if cached is not None:
+            return cached
     encoder = ChatEncoder(tokenizer, template)
     if stop_ids:
         encoder.add_stop_ids(stop_ids)
     data = _prepare(spec, source, encoder)
     data.fingerprint = fingerprint
     if use_cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks of a multi-GPU run may write at once
-        with tmp.open("wb") as handle:
-            pickle.dump(data, handle)
-        tmp.replace(cache)
+        save_cache(cache, data)
     return data
+
+
+# The cache holds arrays and JSON only (numpy's .npz, read with allow_pickle=False): a file anyone
+# slipped into the cache folder cannot run code, and one whose contents do not match its
+# fingerprint and checksum is ignored.
+CACHE_SUFFIX = ".npz"
+
+
+def _pack(examples: list[Encoded]) -> dict[str, Any]:
+    import numpy as np
+
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    ids = np.array([t for e in examples for t in e.input_ids], dtype=np.int64)
+    labels = np.array([t for e in examples for t in e.labels], dtype=np.int64)
+    return {"lengths": lengths, "ids": ids, "labels": labels}
+
+
+def _unpack(lengths: Any, ids: Any, labels: Any) -> list[Encoded]:
+    import numpy as np
+
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    ids, labels = ids.tolist(), labels.tolist()
+    return [Encoded(ids[a:b], labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def _checksum(arrays: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + arrays[name].tobytes())
+    return digest.hexdigest()
+
+
+def save_cache(path: Path, data: PreparedData) -> None:
+    """Write the prepared data to `path` (0600, atomically). A cache that cannot be written (a full
+    disk) is skipped: it only saves time, so nothing fails and no partial file is left."""
+    import numpy as np
+
+    arrays = {f"{part}_{key}": value for part, items in (("train", data.train), ("eval", data.eval))
+              for key, value in _pack(items).items()}
+    meta = {"version": CACHE_VERSION, "fingerprint": data.fingerprint, "checksum": _checksum(arrays),
+            "stats": data.stats, "samples": [[list(map(list, s.messages)), s.reference] for s in data.samples]}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks of a multi-GPU run may write at once
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def load_cache(path: Path, fingerprint: str) -> PreparedData | None:
+    """The cached data in `path` when it is a valid cache of exactly `fingerprint`, else None (and an
+    invalid file is removed)."""
+    import numpy as np
+
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+        if (meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint
+                or meta.get("checksum") != _checksum(arrays)):
+            raise ValueError("stale or altered cache")
+        parts = {part: _unpack(arrays[f"{part}_lengths"], arrays[f"{part}_ids"], arrays[f"{part}_labels"])
+                 for part in ("train", "eval")}
+        samples = [SamplePrompt(tuple((role, text) for role, text in messages), reference)
+                   for messages, reference in meta["samples"]]
+        return PreparedData(parts["train"], parts["eval"], samples, meta["stats"], fingerprint)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)
+        return None
 
 
 def split_examples(spec: RunSpec, examples: list[Example]) -> tuple[list[Example], list[Example]]:

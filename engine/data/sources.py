@@ -19,6 +19,8 @@ from engine.errors import DataError
 from engine.spec import DatasetSpec
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one example per line; a longer line is refused before it fills memory
+BOM = b"\xef\xbb\xbf"  # what Excel and Notepad put at the start of a UTF-8 file
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -122,10 +124,26 @@ class BadLine:
         self.reason = reason
 
 
+def _bounded_lines(handle: Any, path: Path) -> Iterator[bytes]:
+    """The file's lines, the first without a UTF-8 BOM; a line over MAX_LINE_BYTES is a DataError
+    naming it (read in bounded pieces, so memory stays small whatever the file holds)."""
+    number = 0
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise DataError(f"{path.name}:{number}: the line is longer than {MAX_LINE_BYTES // (1024 * 1024)} MB",
+                            hint="each line must hold one example; split very long texts into several examples, "
+                                 "or check that the file really has one example per line")
+        yield raw[len(BOM):] if number == 1 and raw.startswith(BOM) else raw
+
+
 def _iter_jsonl(path: Path) -> Iterator[Row]:
     offset = 0
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(_bounded_lines(handle, path), start=1):
             offset += len(raw)
             if not raw.strip():
                 continue
@@ -145,7 +163,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
 
 def _iter_json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -169,7 +187,7 @@ def _iter_csv(path: Path) -> Iterator[Row]:
 
     def lines(handle: Any) -> Iterator[str]:
         nonlocal offset
-        for raw in handle:
+        for raw in _bounded_lines(handle, path):
             offset += len(raw)
             yield raw.decode("utf-8")
 

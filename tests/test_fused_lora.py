@@ -1,0 +1,372 @@
+"""The fused LoRA blocks (`speed.fused_lora`) against peft: the same loss and gradients in fp32, dropout
+included; peft's path wherever they do not apply; how they compose with the lean forward."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from engine import fused_lora, speed
+from engine.spec import RunSpec, apply_overrides
+
+VOCAB = 256
+
+
+def _spec(*overrides: str) -> RunSpec:
+    spec = RunSpec()
+    spec.dataset.preset = "demo"
+    return apply_overrides(spec, list(overrides))
+
+
+def _config(family: str, **extra: Any) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": VOCAB, **extra}
+    return LlamaConfig(**sizes) if family == "llama" else Qwen2Config(**sizes)  # Qwen2: biased Q/K/V
+
+
+def _model(family: str = "llama", *, fused: bool, lean: bool = False, dropout: float = 0.0,
+           checkpointing: bool = False, dtype: torch.dtype = torch.float32, **config: Any) -> Any:
+    """A tiny random model with LoRA on all 7 projections (B not zero), through the trainer's preparation."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.trainer import prepare_trainable
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_config(family, **config)).to(dtype)
+    spec = _spec(f"lora.dropout={dropout}", 'lora.target_modules=["all-linear"]', f"speed.lean_lora={str(lean).lower()}",
+                 f"speed.fused_lora={str(fused).lower()}")
+    model, _ = prepare_trainable(base, spec, dtype, cuda=False)
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.1)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _step(model: Any, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and the gradients of every adapter weight and of the input embeddings, one seeded step."""
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_()
+    torch.manual_seed(5)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(inputs_embeds=embeds, labels=tokens).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {**grads, "inputs_embeds": embeds.grad}
+
+
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("this path must not run")
+
+
+@pytest.fixture
+def no_peft_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import Linear
+
+    monkeypatch.setattr(Linear, "forward", _refuse)
+
+
+@pytest.fixture
+def no_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_lora.LoraSwiGLU, "apply", _refuse)
+    monkeypatch.setattr(fused_lora.LoraProjections, "apply", _refuse)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_blocks_give_peft_loss_and_every_gradient(family: str, dropout: float, checkpointing: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    peft_loss, peft_grads = _step(_model(family, fused=False, dropout=dropout, checkpointing=checkpointing))
+    fused = _model(family, fused=True, dropout=dropout, checkpointing=checkpointing)
+    from peft.tuners.lora import Linear
+
+    monkeypatch.setattr(Linear, "forward", _refuse)  # every projection goes through a fused block
+    loss, grads = _step(fused)
+    assert torch.allclose(loss, peft_loss, atol=1e-5)
+    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * 7 * 2 + 1  # A and B x 7 projections x 2 layers, the input
+    for name, grad in grads.items():
+        assert torch.allclose(grad, peft_grads[name], atol=1e-5), name
+
+
+def test_dropout_is_live_and_masks_the_input_of_a_only() -> None:
+    """Another draw of masks changes the loss; no dropout at all gives the base path exactly what peft's does."""
+    with_dropout = _step(_model(fused=True, dropout=0.5))[0]
+    without = _step(_model(fused=True, dropout=0.0))[0]
+    assert not torch.allclose(with_dropout, without)
+    model = _model(fused=True, dropout=0.5)
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    model.eval()  # dropout off in evaluation, as peft's nn.Dropout
+    with torch.no_grad():
+        first, second = model(input_ids=tokens).logits, model(input_ids=tokens).logits
+    assert torch.equal(first, second)
+
+
+def test_backward_redraws_the_forward_masks_and_restores_the_random_state() -> None:
+    model = _model(fused=True, dropout=0.3)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    after_forward = torch.get_rng_state()
+    loss.backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)  # the backward's redraw left no trace
+
+
+def test_fused_blocks_save_less_than_peft() -> None:
+    """Autograd keeps the MLP's input, gate and up outputs and rank-r products, not peft's per-op tensors."""
+    def saved_bytes(model: Any) -> int:
+        total = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if not isinstance(tensor, torch.nn.Parameter):
+                total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        mlp = model.base_model.model.model.layers[0].mlp
+        x = torch.randn(2, 16, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp(x)
+        return total
+
+    column = 2 * 16 * 4  # bytes of one fp32 feature over the 32 tokens
+    fused = saved_bytes(_model(fused=True, dropout=0.1))
+    assert fused == column * (64 + 96 + 96 + 3 * 16)  # x, the gate and up outputs, 3 x (input @ A^T) at r=16
+    assert fused < saved_bytes(_model(fused=False, dropout=0.1)) / 2
+
+
+def test_lever_off_changes_nothing() -> None:
+    model = _model(fused=False, lean=True)
+    assert speed.apply_fused_lora(model, _spec()) == (0, 0)
+    assert not any(isinstance(m.__dict__.get("forward"), fused_lora.functools.partial) for m in model.modules())
+
+
+def test_fused_lora_counts_the_blocks_it_patches() -> None:
+    model = _model(fused=False)
+    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true")) == (2, 2)  # 2 layers: their MLPs and attention blocks
+
+
+def test_disabled_and_merged_adapters_take_peft_path(no_fused: None) -> None:
+    fused, plain = _model(fused=True), _model(fused=False)
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with fused.disable_adapter(), plain.disable_adapter():
+            assert torch.allclose(fused(input_ids=tokens).logits, plain(input_ids=tokens).logits, atol=1e-6)
+        with_adapter = plain(input_ids=tokens).logits
+        fused.merge_adapter()
+        assert torch.allclose(fused(input_ids=tokens).logits, with_adapter, atol=1e-5)  # not added twice
+
+
+def _peft_model(**lora: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(_config("llama")),
+                           LoraConfig(r=4, target_modules="all-linear", **lora))
+    fused_lora.apply_fused_lora(model)
+    return model
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora-bias"])
+def test_variants_take_peft_path(lora: dict[str, Any], no_fused: None) -> None:
+    model = _peft_model(**lora)
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight.grad is not None
+
+
+def test_several_active_adapters_take_peft_path(no_fused: None) -> None:
+    from peft import LoraConfig
+
+    model = _peft_model()
+    model.add_adapter("other", LoraConfig(r=4, target_modules="all-linear"))
+    fused_lora.apply_fused_lora(model)
+    model.base_model.set_adapter(["default", "other"])
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+
+
+def test_a_non_swiglu_mlp_keeps_its_layers_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GELU MLP is not fused: its projections keep the lean forward; the attention blocks are fused."""
+    calls: list[str] = []
+    lean = speed._lean_lora_forward
+
+    def counting(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(type(self).__name__)
+        return lean(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "_lean_lora_forward", counting)
+    model = _model(fused=True, lean=True, hidden_act="gelu")
+    assert fused_lora.apply_fused_lora(model) == (0, 2)
+    _step(model)
+    assert len(calls) == 3 * 2  # gate, up and down of 2 layers; Q/K/V and O went through the fused blocks
+
+
+def test_fused_supersedes_the_lean_forward_on_the_blocks_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(speed, "_lean_lora_forward", _refuse)
+    model = _model(fused=True, lean=True)
+    reference_loss, reference_grads = _step(_model(fused=False, lean=False))
+    loss, grads = _step(model)  # no lean forward ran
+    assert torch.allclose(loss, reference_loss, atol=1e-5)
+    assert all(torch.allclose(grads[k], reference_grads[k], atol=1e-5) for k in grads)
+
+
+def test_q_k_v_in_one_node_and_a_new_input_recomputes() -> None:
+    model = _model(fused=True)
+    attention = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, 4, 64, requires_grad=True)
+    q = attention.q_proj(x)
+    k, v = attention.k_proj(x), attention.v_proj(x)
+    assert q.grad_fn is k.grad_fn is v.grad_fn  # one autograd node for the three
+    other = torch.randn(1, 4, 64)
+    attention.q_proj(x)
+    k_other = attention.k_proj(other)  # another input: computed for it, not the pending output for x
+    with torch.no_grad():
+        lora = attention.k_proj
+        reference = lora.base_layer(other) + lora.lora_B["default"](lora.lora_A["default"](other)) * lora.scaling["default"]
+    assert torch.allclose(k_other, reference, atol=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_peft() -> None:
+    """bf16 weights, fp32 adapters, autocast: the engine's GPU set-up, here on the CPU."""
+    peft_loss, peft_grads = _step(_model(fused=False, dtype=torch.bfloat16), autocast=True)
+    loss, grads = _step(_model(fused=True, dtype=torch.bfloat16), autocast=True)
+    assert abs(peft_loss.item() - loss.item()) < 2e-2
+    flat = torch.cat([g.float().flatten() for g in grads.values()])
+    peft_flat = torch.cat([g.float().flatten() for g in peft_grads.values()])
+    assert torch.nn.functional.cosine_similarity(flat, peft_flat, dim=0) > 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CUDA, or on a CPU with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_kernels_match_torch(dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    from engine import swiglu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
+    gate, up, grad = (torch.randn(3, 1000, generator=generator, device=device).to(dtype) for _ in range(3))
+    reference = [t.detach().cpu().float().clone() for t in (gate, up, grad)]  # torch's operations, in fp32
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    expected = fused_lora.swiglu_forward(*reference[:2])
+    assert torch.allclose(swiglu_triton.forward(gate, up).cpu().float(), expected, **tolerance)
+    expected_gate, expected_up = fused_lora.swiglu_backward(*reference, spare=torch.empty(3, 1000))
+    grad_gate, grad_up = swiglu_triton.backward(gate, up, grad.clone(), torch.empty_like(gate))
+    assert torch.allclose(grad_gate.cpu().float(), expected_gate, **tolerance)
+    assert torch.allclose(grad_up.cpu().float(), expected_up, **tolerance)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors: needs TRITON_INTERPRET=1 "
+                    "(on CUDA the gpu test runs the kernels inside the fused MLP)")
+def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from engine import swiglu_triton
+
+    peft_loss, peft_grads = _step(_model(fused=False, dropout=0.1))
+    used: list[bool] = []
+    monkeypatch.setattr(fused_lora, "_kernels_for", lambda tensor: used.append(True) or swiglu_triton)
+    loss, grads = _step(_model(fused=True, dropout=0.1))
+    assert len(used) == 2 * 3  # 2 layers: forward, and the backward's recompute and gradient
+    assert torch.allclose(loss, peft_loss, atol=1e-5)
+    assert all(torch.allclose(grads[k], peft_grads[k], atol=1e-5) for k in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights (or NF4 ones, dequantised by the fused blocks), fp32 adapters, autocast, on CUDA."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama", hidden_size=256, intermediate_size=512)).save_pretrained(tmp_path)
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.bfloat16) if quantized else None)
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda",
+                                                    quantization_config=quantization)
+        torch.manual_seed(1)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(std=0.05)
+        if fused:
+            assert fused_lora.apply_fused_lora(model) == (2, 2)
+        model.train()
+        tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+        with monkeypatch.context() as patch:
+            if fused:  # every projection goes through a fused block
+                patch.setattr(Linear4bit if quantized else Linear, "forward", _refuse)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+        return loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
+    from engine import swiglu_triton
+
+    assert fused_lora._kernels_for(torch.empty(1, device="cuda")) is swiglu_triton  # Triton comes with CUDA torch
+    peft_loss, peft_grads = run(False)
+    loss, grads = run(True)
+    assert abs(peft_loss.item() - loss.item()) < 1e-2
+    assert torch.nn.functional.cosine_similarity(grads, peft_grads, dim=0) > 0.995
+
+
+def _quantize_linears(model: Any) -> None:
+    """Every decoder-layer linear layer as a bitsandbytes NF4 layer (fp32 compute; bitsandbytes runs it on a CPU)."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                                  compute_dtype=torch.float32, quant_type="nf4")
+                    quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                    if child.bias is not None:
+                        quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                    setattr(parent, name, quantized.to("cpu"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_4bit_layers_give_peft_loss_and_gradients(dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QLoRA: the fused blocks dequantise NF4 weights through bitsandbytes and match peft's Linear4bit."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    def model(fused: bool) -> Any:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(_config("qwen2"))
+        _quantize_linears(base)
+        base.is_loaded_in_4bit = True  # what transformers sets when it loads a 4-bit model; peft reads it
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+        torch.manual_seed(2)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(std=0.1)
+        if fused:
+            assert fused_lora.apply_fused_lora(peft_model) == (2, 2)
+        return peft_model.train()
+
+    peft_loss, peft_grads = _step(model(fused=False))
+    assert sum(isinstance(m, Linear4bit) for m in model(fused=False).modules()) == 14
+    fused = model(fused=True)
+    monkeypatch.setattr(Linear4bit, "forward", _refuse)
+    loss, grads = _step(fused)
+    assert torch.allclose(loss, peft_loss, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, peft_grads[name], atol=1e-5), name

@@ -93,7 +93,7 @@ def test_cli_gguf_export_prints_progress_and_ollama_commands_and_nothing_else(
         trained: tuple[rundir.RunDir, Path]) -> None:
     run, home = trained
     out = home / "cli-export"
-    result = subprocess.run([PYTHON, "-m", "engine", "export", run.run_id, "--gguf", "f16", "--out", str(out),
+    result = subprocess.run([PYTHON, "-m", "engine", "export", str(run.path), "--gguf", "f16", "--out", str(out),
                              "--verify-limit", "4"], check=False, capture_output=True, text=True, cwd=ROOT,
                             env=subprocess_env(TUNEWIZ_HOME=str(home)), timeout=900)
     assert result.returncode == 0, result.stderr

@@ -224,7 +224,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = rundir.find(args.run)
     out = Path(args.out).expanduser().resolve() if args.out else None
-    say = lambda msg: print(msg, flush=True)  # noqa: E731 - the progress callback
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
     if args.merged and args.gguf:
         return _fail("choose one of --merged and --gguf")
     if args.gguf:

@@ -178,10 +178,10 @@ def export_merged(run: RunDir, out: Path | None = None, dtype_name: str = "bf16"
     adapter_dir(run)
     out = out or default_out(run, f"merged-{dtype_name}")
     check_target(out)
-    started = time.monotonic()
     with quiet_libraries():
         loaded = _load(run, say)
         prompts = export_check.adapter_answers(loaded, verify_limit, say)
+        started = time.monotonic()  # the export itself: merge, convert, write
         say("merging the adapter into the base weights")
         merged = loaded.model.merge_and_unload()
         merged.config.use_cache = True
@@ -237,9 +237,9 @@ def export_gguf(run: RunDir, gguf_type: str, out: Path | None = None, on_progres
     check_target(out)
     with quiet_libraries():
         gguf_export.family_of(_model_config(run).model_type)  # refuse before loading anything
-        started = time.monotonic()
         loaded = _load(run, say)
         prompts = export_check.adapter_answers(loaded, verify_limit, say)
+        started = time.monotonic()  # the export itself: merge, convert, write
         say("merging the adapter into the base weights")
         merged = loaded.model.merge_and_unload()
         per_weight = gguf_export.BYTES_PER_WEIGHT[gguf_type] + (2.0 if gguf_type == "q4_k_m" else 0.0)
@@ -262,7 +262,11 @@ def export_gguf(run: RunDir, gguf_type: str, out: Path | None = None, on_progres
             say(f"WARNING: {template_warning}")
         del merged
         say("verifying: re-loading the GGUF file and answering the held-out prompts")
-        check = export_check.check_gguf(path, f"GGUF {gguf_type}", prompts, encoder, chat_template, say)
+        try:
+            check = export_check.check_gguf(path, f"GGUF {gguf_type}", prompts, encoder, chat_template, say)
+        except TunewizError:
+            shutil.rmtree(out, ignore_errors=True)  # a file that does not load is no export
+            raise
     result = ExportResult(out, [f"run it with Ollama:  ollama create {name} -f {out / 'Modelfile'}",
                                 f"                     ollama run {name}"])
     _verify(run, result, check, {"kind": "gguf", "type": gguf_type, "path": str(path),

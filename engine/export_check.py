@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.errors import TunewizError
 from engine.fileio import atomic_write_json, read_json
 
 AGREEMENT_NEEDED = 0.95  # below this share of identical answers the export gets a loud warning
@@ -119,7 +120,7 @@ def check_gguf(path: Path, label: str, prompts: Prompts, encoder: Any, chat_temp
         on_progress("checking the GGUF file with transformers' GGUF loader (llama-cpp-python is not installed)")
         return _check_gguf_transformers(path, label, prompts, encoder, stored)
     on_progress("checking the GGUF file in llama.cpp")
-    return _check_gguf_llama_cpp(path, label, prompts, encoder, stored)
+    return _check_gguf_llama_cpp(path, label, prompts, encoder, stored, on_progress)
 
 
 def _stored_template(path: Path) -> str | None:
@@ -151,25 +152,55 @@ def _check_gguf_transformers(path: Path, label: str, prompts: Prompts, encoder: 
                     template_stored=stored)
 
 
-def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any, stored: bool) -> Check:
+def _check_gguf_llama_cpp(path: Path, label: str, prompts: Prompts, encoder: Any, stored: bool,
+                          on_progress: Callable[[str], None]) -> Check:
+    """Run the prompts in llama.cpp in a child process (`python -m engine.export_check`): a crash there
+    (llama.cpp's CPU kernels can crash on machines that do not allow them) must not take the export down."""
+    import json
+    import subprocess
+    import sys
+
+    request = {"path": str(path), "prompt_ids": prompts.prompt_ids, "prompt_texts": prompts.prompt_texts,
+               "stop_ids": sorted(set(encoder.stop_token_ids)), "max_new_tokens": prompts.max_new_tokens}
+    child = subprocess.run([sys.executable, "-m", "engine.export_check"], input=json.dumps(request),
+                           capture_output=True, text=True, check=False)
+    if child.returncode < 0:  # killed by a signal: llama.cpp crashed
+        on_progress(f"WARNING: llama.cpp crashed running the file on this machine (signal {-child.returncode}); "
+                    "checking it with transformers' GGUF loader instead")
+        return _check_gguf_transformers(path, label, prompts, encoder, stored)
+    if child.returncode != 0:
+        raise TunewizError(f"llama.cpp cannot run the written file {path.name}: {child.stderr.strip()[-500:]}",
+                           hint="this is a bug in tunewiz's GGUF export; please report it, and use --merged "
+                                "meanwhile")
+    answer = json.loads(child.stdout)
+    mismatches, outputs = answer["mismatches"], answer["outputs"]
+    got = [encoder.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+    return _compare(label, "llama.cpp", prompts, got, tokenization_mismatches=mismatches, template_stored=stored)
+
+
+def _answer_in_llama_cpp(path: str, prompt_ids: list[list[int]], prompt_texts: list[str], stop_ids: list[int],
+                         max_new_tokens: int) -> tuple[int, list[list[int]]]:
+    """(prompts llama.cpp tokenises differently, the answer ids): runs in the child process."""
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     from llama_cpp import Llama
 
-    longest = max(len(ids) for ids in prompts.prompt_ids) + prompts.max_new_tokens
-    llm = Llama(model_path=str(path), n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False,
-                seed=0)
-    stop_ids = set(encoder.stop_token_ids) | {llm.token_eos()}
+    longest = max(len(ids) for ids in prompt_ids) + max_new_tokens
+    llm = Llama(model_path=path, n_ctx=max(512, longest + 16), n_threads=os.cpu_count() or 1, verbose=False, seed=0)
+    stops = set(stop_ids) | {llm.token_eos()}
     mismatches = sum(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids
-                     for text, ids in zip(prompts.prompt_texts, prompts.prompt_ids))
-    got = []
-    for ids in prompts.prompt_ids:
+                     for text, ids in zip(prompt_texts, prompt_ids))
+    outputs = []
+    for ids in prompt_ids:
         new: list[int] = []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in stop_ids or len(new) >= prompts.max_new_tokens:
+            if token in stops or len(new) >= max_new_tokens:
                 break
             new.append(token)
-        got.append(encoder.tokenizer.decode(new, skip_special_tokens=True).strip())
+        outputs.append(new)
     llm.close()
-    return _compare(label, "llama.cpp", prompts, got, tokenization_mismatches=mismatches, template_stored=stored)
+    return mismatches, outputs
 
 
 def record_in_run_card(output_dir: Path, entry: dict[str, Any]) -> None:
@@ -178,3 +209,13 @@ def record_in_run_card(output_dir: Path, entry: dict[str, Any]) -> None:
     card = read_json(path) or {}
     card.setdefault("exports", []).append(entry)
     atomic_write_json(path, card)
+
+
+if __name__ == "__main__":  # the llama.cpp child: a JSON request on stdin, the answers on stdout
+    import json
+    import sys
+
+    job = json.load(sys.stdin)
+    found, answers = _answer_in_llama_cpp(job["path"], job["prompt_ids"], job["prompt_texts"], job["stop_ids"],
+                                          job["max_new_tokens"])
+    print(json.dumps({"mismatches": found, "outputs": answers}))

@@ -252,17 +252,48 @@ def write_gguf(model: Any, tokenizer: Any, chat_template: str | None, stop_ids: 
 
 
 def _quantize_k(source: Path, target: Path, say: Callable[[str], None]) -> None:
-    """llama.cpp's own quantizer: f16 GGUF in, q4_k_m GGUF out (its mixed k-quant recipe)."""
+    """llama.cpp's own quantizer: f16 GGUF in, q4_k_m GGUF out (its mixed k-quant recipe).
+
+    llama.cpp reports every tensor, partly from C past Python's logging; that output goes to a
+    temporary file, and only its summary (tensors that needed a fallback type) is passed on."""
+    import contextlib
     import ctypes
+    import logging
     import os
+    import re
+    import sys
+    import tempfile
 
     llama_cpp = llama_quantizer()
+    logger = logging.getLogger("llama-cpp-python")  # its log callback prints every tensor to stderr
+    level = logger.level
     say("quantising to q4_k_m with llama.cpp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    with tempfile.TemporaryFile("w+") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            logger.setLevel(logging.ERROR)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its Python log callback
+                code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                                      ctypes.byref(params))
+        finally:
+            logger.setLevel(level)
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+        log.seek(0)
+        text = log.read()
     if code != 0:
         target.unlink(missing_ok=True)
-        raise TunewizError(f"llama.cpp's quantizer failed (code {code}) on {source.name}",
+        raise TunewizError(f"llama.cpp's quantizer failed (code {code}) on {source.name}: {text.strip()[-300:]}",
                            hint="try --gguf q8_0, which needs no quantizer")
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    if fallback:
+        say(f"{fallback.group(1)} of {fallback.group(2)} tensors have rows too short for q4_k blocks of 256; "
+            "llama.cpp stored them as q5_0/q8_0")

@@ -93,8 +93,8 @@ def test_cli_gguf_export_prints_progress_and_ollama_commands_and_nothing_else(
         trained: tuple[rundir.RunDir, Path]) -> None:
     run, home = trained
     out = home / "cli-export"
-    result = subprocess.run([PYTHON, "-m", "engine", "export", run.run_id, "--gguf", "f16", "--out", str(out),
-                             "--verify-limit", "4"], capture_output=True, text=True, cwd=ROOT,
+    result = subprocess.run([PYTHON, "-m", "engine", "export", str(run.path), "--gguf", "f16", "--out", str(out),
+                             "--verify-limit", "4"], check=False, capture_output=True, text=True, cwd=ROOT,
                             env=subprocess_env(TUNEWIZ_HOME=str(home)), timeout=900)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr  # no warnings, advisories or raw progress bars
@@ -171,17 +171,46 @@ def test_q4_k_m_without_llama_cpp_names_the_extra(monkeypatch: pytest.MonkeyPatc
 
 def test_a_failed_write_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     out = tmp_path / "exports" / "gguf-f16"
-    with pytest.raises(OSError):
-        with export._written_atomically(out) as staging:
-            (staging / "half.gguf").write_bytes(b"GGUF")
-            raise OSError("disk full")
+    with pytest.raises(OSError), export._written_atomically(out) as staging:
+        (staging / "half.gguf").write_bytes(b"GGUF")
+        raise OSError("disk full")
     assert not out.exists() and os.listdir(out.parent) == []
 
 
 def test_quiet_libraries_restores_the_settings() -> None:
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
     with export.quiet_libraries():
         assert not hf_logging.is_progress_bar_enabled()
+        assert logging.getLogger("bitsandbytes").level == logging.ERROR
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET
+
+
+@pytest.mark.parametrize("changes,cause", [
+    ({"tokenization_mismatches": 3}, "the tokenizer: llama.cpp splits 3 of 40 prompts"),
+    ({"template_stored": False}, "the chat template stored in the file"),
+    ({"differences": [{"prompt": "p", "adapter": "positive", "export": "positive and more"}]}, "a stop token"),
+    ({}, "quantisation"),
+])
+def test_a_mismatch_names_the_likely_cause(changes: dict[str, Any], cause: str) -> None:
+    from engine.export_check import Check
+
+    base: dict[str, Any] = {"differences": [{"prompt": "p", "adapter": "positive", "export": "negative"}]}
+    check = Check("GGUF q8_0", "llama.cpp", 30, 40, "held-out file", **{**base, **changes})
+    warning = check.warning(quantised=True)
+    assert warning is not None and warning.startswith("WARNING: 30/40 answers") and cause in warning
+    assert Check("GGUF f16", "llama.cpp", 39, 40, "x").warning(quantised=False) is None
+
+
+def test_exports_are_appended_to_the_run_card(tmp_path: Path) -> None:
+    from engine.export_check import record_in_run_card
+
+    (tmp_path / "run_card.json").write_text(json.dumps({"run_id": "r"}))
+    record_in_run_card(tmp_path, {"kind": "gguf", "type": "f16"})
+    record_in_run_card(tmp_path, {"kind": "merged", "type": "bf16"})
+    card = json.loads((tmp_path / "run_card.json").read_text())
+    assert card["run_id"] == "r" and [e["kind"] for e in card["exports"]] == ["gguf", "merged"]

@@ -116,7 +116,7 @@ def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> 
     from engine.gguf_vocab import read_vocab
 
     vocab = read_vocab(demo_tokenizer, len(demo_tokenizer), "TEMPLATE", [2, 0])
-    assert (vocab.model, vocab.pre) == ("gpt2", "gpt2")  # the demo's converted tokenizer: plain GPT-2 splitting
+    assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")  # the demo's converted tokenizer: plain GPT-2 splitting
     assert len(vocab.special.merges) > 40000 and vocab.scores is None
     assert vocab.special.special_token_ids["eos"] == 2 and vocab.special.special_token_ids["eot"] == 0
     assert vocab.special.add_special_token == {"bos": False, "eos": False} and vocab.special.chat_template == "TEMPLATE"
@@ -124,7 +124,7 @@ def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> 
 
 
 @pytest.mark.parametrize("pre_tokenizer,name", [
-    ({"type": "ByteLevel", "use_regex": True}, "gpt2"),
+    ({"type": "ByteLevel", "use_regex": True}, "gpt-2"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                             {"type": "ByteLevel", "use_regex": True}]}, "smollm"),
     ({"type": "Sequence", "pretokenizers": [
@@ -190,3 +190,90 @@ def test_phi3_longrope_writes_both_factor_tensors(demo_tokenizer: Any, tmp_path:
     assert np.allclose(tensors["rope_factors_long.weight"], long) and np.allclose(tensors["rope_factors_short.weight"], short)
     assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 64
     assert reader.fields["phi3.rope.scaling.attn_factor"].contents() > 1.0  # 256 positions over 64
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_family_gives_the_same_logits_in_llama_cpp(model_type: str, demo_tokenizer: Any, tmp_path: Path) -> None:
+    """llama.cpp itself (what Ollama runs) reads the file as the model it came from; skipped without
+    llama-cpp-python (the optional `llama` extra)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = random_model(tiny_config(model_type, len(demo_tokenizer)))
+    path = tmp_path / "model.gguf"
+    write_gguf(model, demo_tokenizer, demo_tokenizer.chat_template, [], path, "f16", "tiny")
+    ids = demo_tokenizer("The quick brown fox jumps over the lazy dog, twice.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)])
+    llm.close()
+    expected = logits(model, ids).numpy()
+    assert np.allclose(got, expected, atol=3e-2, rtol=1e-2), np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_llama_cpp_tokenises_as_the_tokenizer(style: str, demo_tokenizer: Any, tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = demo_tokenizer if style == "byte-level" else sentencepiece_style_tokenizer()
+    path = tmp_path / "model.gguf"
+    write_gguf(random_model(tiny_config("llama", len(tokenizer))), tokenizer, None, [], path, "f16", "tiny")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    texts = ["hello world", "<|im_start|>user\nPrices rose 12.5% in 2024 — café!<|im_end|>\n", "  two  spaces\n\n"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)[
+            "input_ids"], text
+    llm.close()
+
+
+def test_q4_k_m_is_quantised_by_llama_cpp_from_an_f16_file(demo_tokenizer: Any, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    # 320 columns: some rows are too short for q4_k's 256-wide blocks, which llama.cpp reports per tensor
+    model = random_model(tiny_config("llama", len(demo_tokenizer), hidden_size=320, intermediate_size=512))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    lines: list[str] = []
+    write_gguf(model, demo_tokenizer, None, [], folder / "m.gguf", "q4_k_m", "t", lines.append)
+    assert [p.name for p in folder.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
+    types = {t.name: t.tensor_type.name for t in GGUFReader(folder / "m.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.0.attn_q.weight"] != "F16"
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # llama.cpp's per-tensor lines are kept out of the terminal
+    assert "quantising to q4_k_m with llama.cpp" in lines and "stored them as q5_0/q8_0" in lines[-1]
+
+
+@pytest.mark.parametrize("gguf_type,tolerance", [("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_bf16_and_q8_0_files_load_close_to_the_model(gguf_type: str, tolerance: float, demo_tokenizer: Any,
+                                                     tmp_path: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    model = random_model(tiny_config("llama", len(demo_tokenizer)))
+    path = tmp_path / "model.gguf"
+    write_gguf(model, demo_tokenizer, None, [], path, gguf_type, "tiny")
+    assert {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}["blk.1.ffn_down.weight"] == gguf_type.upper()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = demo_tokenizer("The quick brown fox jumps over the lazy dog, twice.")["input_ids"]
+    assert torch.allclose(logits(reloaded, ids), logits(model, ids), atol=tolerance)
+
+
+def test_the_llama_cpp_check_runs_in_a_child_process(demo_tokenizer: Any, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from engine.data.chat import ChatEncoder
+    from engine.export_check import Prompts, check_gguf
+
+    path = tmp_path / "model.gguf"
+    write_gguf(random_model(tiny_config("llama", len(demo_tokenizer))), demo_tokenizer, demo_tokenizer.chat_template,
+               [], path, "f16", "tiny")
+    encoder = ChatEncoder(demo_tokenizer)
+    conversations = [[{"role": "user", "content": text}] for text in ("hello", "Prices rose 12% — café")]
+    texts = [encoder.render(c, add_generation_prompt=True) for c in conversations]
+    ids = [encoder.prompt_ids(c) for c in conversations]
+    prompts = Prompts(conversations, ids, texts, ["", ""], 3, "test")
+    lines: list[str] = []
+    check = check_gguf(path, "GGUF f16", prompts, encoder, demo_tokenizer.chat_template, lines.append)
+    assert lines == ["checking the GGUF file in llama.cpp"]
+    assert (check.engine, check.total, check.tokenization_mismatches, check.template_stored) == ("llama.cpp", 2, 0, True)

@@ -73,7 +73,7 @@ def render_go(template: str, conversations: list[list[dict[str, str]]], tmp_path
     (tmp_path / "t.tmpl").write_text(template)
     (tmp_path / "c.json").write_text(json.dumps(conversations))
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
-    result = subprocess.run([go, "run", "main.go", "t.tmpl", "c.json"], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([go, "run", "main.go", "t.tmpl", "c.json"], cwd=tmp_path, capture_output=True, text=True, check=False,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -83,7 +83,7 @@ class PythonGoSubset:
     """Go text/template, only as far as engine/modelfile.py writes it: string literals, .Content,
     range .Messages, if/else if eq .Role "x", if ne (index .Messages 0).Role "x", end, and {{- trims."""
 
-    ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+    ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
 
     def __init__(self, template: str) -> None:
         items: list[tuple[str, str]] = []

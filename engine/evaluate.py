@@ -177,7 +177,8 @@ def latest_summary(run: RunDir) -> dict[str, Any] | None:
     return read_json(report_dir(run, None) / RESULTS_NAME)
 
 
-def _default_max_new_tokens(model: Any, references: list[str]) -> int:
+def answer_budget(model: Any, references: list[str]) -> int:
+    """New tokens to allow: the longest reference and half again (at least 4 more), at most 1024."""
     longest = max(len(model.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
     return min(1024, longest + max(4, longest // 2))
 
@@ -216,7 +217,7 @@ def evaluate_run(run: RunDir, checkpoint: int | None = None, data_file: Path | N
     loaded = model or RunModel(run, checkpoint, on_progress=say)
     examples = heldout.examples
     references = [e.reference for e in examples]
-    budget = max_new_tokens or _default_max_new_tokens(loaded, references)
+    budget = max_new_tokens or answer_budget(loaded, references)
     answers: dict[bool, list[str]] = {}
     for adapter in (False, True):
         side = "tuned" if adapter else "base"

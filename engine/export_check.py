@@ -77,12 +77,12 @@ class Check:
 
 def adapter_answers(loaded: Any, limit: int | None, on_progress: Callable[[str], None]) -> Prompts:
     """The held-out prompts of the run and the adapter's greedy answers (before any merge)."""
-    from engine.evaluate import _default_max_new_tokens
+    from engine.evaluate import answer_budget
     from engine.heldout import heldout_examples
 
     heldout = heldout_examples(loaded.run, limit)
     examples = heldout.examples
-    budget = _default_max_new_tokens(loaded, [e.reference for e in examples])
+    budget = answer_budget(loaded, [e.reference for e in examples])
     conversations = [loaded.conversation(e.messages) for e in examples]
     answers = []
     for index, example in enumerate(examples, 1):

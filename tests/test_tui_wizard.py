@@ -200,9 +200,38 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
         await wait_until(pilot, lambda: fakes.launched, "the launch")
         await on_screen(pilot, RunViewScreen)
         assert [type(s).__name__ for s in app.screen_stack[1:]] == ["WelcomeScreen", "DashboardScreen"]
-    assert len(fakes.launched) == 1
+    assert len(fakes.launched) == 1 and fakes.trusted == [False]
     assert spec_mod.dumps(fakes.launched[0]) == demo_preset_text()
     assert fakes.checks and fakes.checks[-1].target == "demo" and fakes.checks[-1].max_seq_len == 256
+
+
+@pytest.mark.asyncio
+async def test_a_spec_that_runs_model_code_is_launched_only_after_the_user_says_so(tmp_path: Path) -> None:
+    import dataclasses
+
+    from tui.screens.dialogs import ConfirmDialog
+
+    app, fakes = make_app(no_gpu_report(), tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await on_screen(pilot, WelcomeScreen)
+        await wait_until(pilot, lambda: app.state.report is not None, "the hardware probe")
+        for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen):
+            await on_screen(pilot, screen)
+            await pilot.press("enter")
+        await on_screen(pilot, ReviewScreen)
+        spec = app.state.spec
+        app.state.spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, trust_remote_code=True))
+        await pilot.press("l")
+        await on_screen(pilot, ConfirmDialog)
+        assert "runs Python code from its folder" in app.screen.message
+        await pilot.press("n")
+        await on_screen(pilot, ReviewScreen)
+        assert not fakes.launched
+        await pilot.press("l")
+        await on_screen(pilot, ConfirmDialog)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: fakes.launched, "the launch")
+    assert fakes.trusted == [True] and fakes.launched[0].model.trust_remote_code
 
 
 @pytest.mark.parametrize("make_report", [no_gpu_report, gpu24_report, gpu80_report], ids=["no-gpu", "24gb", "80gb"])

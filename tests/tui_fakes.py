@@ -194,6 +194,8 @@ class FakeServices:
     report: HardwareReport
     runs_root: Path
     launched: list[RunSpec] = field(default_factory=list)
+    trusted: list[bool] = field(default_factory=list)
+    """The remote-code consent given with each launch."""
     checks: list[CheckRequest] = field(default_factory=list)
     check_gate: threading.Event | None = None  # set: checks answer; unset: they wait (to show "checking...")
     fixed_run_id: str | None = None
@@ -210,9 +212,10 @@ class FakeServices:
                     return {}
         return demo_check_report(request)
 
-    def launch(self, spec: RunSpec, runs_root: Path | None) -> rundir.RunDir:
-        """Record the spec and make a run directory with a few canned events (no engine)."""
+    def launch(self, spec: RunSpec, runs_root: Path | None, trust_remote_code: bool = False) -> rundir.RunDir:
+        """Record the spec (and the remote-code consent) and make a run directory with a few canned events."""
         self.launched.append(spec)
+        self.trusted.append(trust_remote_code)
         if self.fixed_run_id:
             path = (runs_root or self.runs_root) / self.fixed_run_id
             path.mkdir(parents=True, exist_ok=True)

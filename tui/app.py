@@ -309,9 +309,9 @@ class TunewizApp(App[int]):
     # ---------------------------------------------------------------- launch
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def launch_run(self, spec: RunSpec) -> None:
+    def launch_run(self, spec: RunSpec, trust_remote_code: bool = False) -> None:
         spec = wizard.validated(spec)
-        run = self.services.launch(spec, self.services.runs_root)
+        run = self.services.launch(spec, self.services.runs_root, trust_remote_code=trust_remote_code)
         self.post_message(RunLaunched(run))
 
     @on(RunLaunched)

@@ -117,11 +117,12 @@ def default_check_data(request: CheckRequest, is_cancelled: Callable[[], bool]) 
 # Launch
 
 
-def default_launch(spec: RunSpec, runs_root: Path | None) -> Any:
-    """Create the run directory and start the engine detached; return the engine.rundir.RunDir."""
+def default_launch(spec: RunSpec, runs_root: Path | None, trust_remote_code: bool = False) -> Any:
+    """Create the run directory and start the engine detached; return the engine.rundir.RunDir.
+    `trust_remote_code` is the user's answer to the app's question (a spec alone cannot imply it)."""
     from engine import launcher, rundir
 
-    run = rundir.create(spec, runs_root)
+    run = rundir.create(spec, runs_root, trust_remote_code=trust_remote_code)
     launcher.launch(run)
     return run
 
@@ -221,8 +222,8 @@ class Services:
     """(spec, report[, longest]) -> engine.recommend.Choice: the estimate of exactly the spec about to launch."""
     check_data: Callable[[CheckRequest, Callable[[], bool]], dict[str, Any]] = default_check_data
     """(request, is_cancelled) -> the checker's JSON report ({} when cancelled)"""
-    launch: Callable[[RunSpec, Path | None], Any] = default_launch
-    """(validated spec, runs root) -> engine.rundir.RunDir of the started run"""
+    launch: Callable[..., Any] = default_launch
+    """(validated spec, runs root, trust_remote_code=False) -> engine.rundir.RunDir of the started run"""
     runs_root: Path | None = None
     """Where run directories go (None: engine.locations.runs_dir())."""
     stop: Callable[[Any, Callable[[str], None]], str] = default_stop

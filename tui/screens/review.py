@@ -181,8 +181,26 @@ class ReviewScreen(WizardScreen):
         except SpecError as exc:
             self.tw.show_error("The run spec is not valid", exc)
             return
+        if spec.model.trust_remote_code:
+            self._ask_remote_code(spec)
+            return
         self.query_one("#launch", Button).disabled = True
         self.tw.launch_run(spec)
+
+    def _ask_remote_code(self, spec: RunSpec) -> None:
+        """Running code shipped with a model is the user's explicit choice, never the spec's alone."""
+        from tui.screens.dialogs import ConfirmDialog
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.query_one("#launch", Button).disabled = True
+                self.tw.launch_run(spec, trust_remote_code=True)
+
+        self.app.push_screen(ConfirmDialog(
+            "Run the model's own code?",
+            f"model.trust_remote_code is on: loading {spec.model.name} runs Python code from its folder or hub "
+            "repository, with your permissions. Only say yes for code you trust. The run card records the choice.",
+            yes="Run its code", no="Cancel"), answered)
 
     def action_next(self) -> None:
         self.action_launch()

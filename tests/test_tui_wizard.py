@@ -186,16 +186,21 @@ def test_peek_reads_columns_and_guesses_a_mapping(tmp_path: Path) -> None:
 # Whole flows with simulated hardware
 
 
+async def enter_to_review(pilot: Any) -> None:
+    """From the start, Enter on every step's default up to the review."""
+    await on_screen(pilot, WelcomeScreen)
+    await wait_until(pilot, lambda: pilot.app.state.report is not None, "the hardware probe")
+    for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen):
+        await on_screen(pilot, screen)
+        await pilot.press("enter")
+    await on_screen(pilot, ReviewScreen)
+
+
 @pytest.mark.asyncio
 async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_path: Path) -> None:
     app, fakes = make_app(no_gpu_report(), tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
-        await on_screen(pilot, WelcomeScreen)
-        await wait_until(pilot, lambda: app.state.report is not None, "the hardware probe")
-        for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen):
-            await on_screen(pilot, screen)
-            await pilot.press("enter")
-        await on_screen(pilot, ReviewScreen)
+        await enter_to_review(pilot)
         await pilot.press("enter")  # the Launch button has the focus
         await wait_until(pilot, lambda: fakes.launched, "the launch")
         await on_screen(pilot, RunViewScreen)
@@ -207,18 +212,11 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
 
 @pytest.mark.asyncio
 async def test_a_spec_that_runs_model_code_is_launched_only_after_the_user_says_so(tmp_path: Path) -> None:
-    import dataclasses
-
     from tui.screens.dialogs import ConfirmDialog
 
     app, fakes = make_app(no_gpu_report(), tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
-        await on_screen(pilot, WelcomeScreen)
-        await wait_until(pilot, lambda: app.state.report is not None, "the hardware probe")
-        for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen):
-            await on_screen(pilot, screen)
-            await pilot.press("enter")
-        await on_screen(pilot, ReviewScreen)
+        await enter_to_review(pilot)
         spec = app.state.spec
         app.state.spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, trust_remote_code=True))
         await pilot.press("l")

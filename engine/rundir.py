@@ -260,10 +260,33 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / MARKER_NAME).is_file() and (path / "spec.toml").is_file()
 
 
+def adopt_legacy_run(path: Path) -> bool:
+    """Mark a run that an older tunewiz made before run folders carried the marker, and say whether it was one.
+
+    Only folders in the runs folder qualify, holding a spec and a status.json that names the folder: what
+    tunewiz always wrote. Their checkpoints are sealed by the rule of that time (a readable
+    trainer_state.json, written last by the trainer), so they resume as before. No consent to run a
+    model's code is carried over: such a spec must be started again with --trust-remote-code."""
+    status = read_json(path / "status.json")
+    if not (path.is_dir() and status and status.get("run_id") == path.name and (path / "spec.toml").is_file()):
+        return False
+    run = RunDir(path)
+    try:
+        output = run.output_dir()
+    except Exception:  # noqa: BLE001 - a damaged spec: the run is still listed, and says what is wrong
+        output = path / "output"
+    for checkpoint in _checkpoint_dirs(output).values():
+        if not (checkpoint / CHECKPOINT_MARKER).exists() and read_json(checkpoint / "trainer_state.json"):
+            seal_checkpoint(checkpoint)
+    atomic_write_json(run.marker_path, {"run_id": path.name, "adopted": round(time.time(), 3),
+                                        "trust_remote_code": False})
+    return True
+
+
 def list_runs(runs_root: Path | None = None) -> list[RunDir]:
-    """All runs, newest first."""
+    """All runs, newest first (runs of an older tunewiz are adopted on the way)."""
     root = runs_root or locations.runs_dir()
-    runs = [RunDir(p) for p in root.iterdir() if is_run_dir(p)]
+    runs = [RunDir(p) for p in root.iterdir() if is_run_dir(p) or adopt_legacy_run(p)]
     return sorted(runs, key=lambda r: r.run_id, reverse=True)
 
 

@@ -280,3 +280,26 @@ def test_disk_trouble_is_told_from_the_error_and_the_free_space(error: BaseExcep
     wrapped.__cause__ = error
     assert fileio.disk_trouble(error, tmp_path) == expected
     assert fileio.disk_trouble(wrapped, tmp_path) == expected  # found through the chain of causes
+
+
+def test_runs_of_an_older_tunewiz_are_adopted_with_their_checkpoints(tunewiz_home: Path) -> None:
+    """Run folders made before the marker existed stay runs: listed, found, resumable from their checkpoints."""
+    from engine import locations, spec as spec_mod
+
+    root = locations.runs_dir()
+    old = root / "20261101-120000-demo-ab12"
+    (old / "output" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    spec_mod.save(spec_mod.loads('name = "demo"\n[dataset]\npreset = "demo"\n'), old / "spec.toml")
+    (old / "status.json").write_text(json.dumps({"run_id": old.name, "state": "cancelled"}))
+    (old / "output" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    (old / "output" / "checkpoints" / "checkpoint-6").mkdir()  # torn: no trainer_state.json
+    stranger = root / "not-a-run"  # a folder someone put there: its status names another run
+    stranger.mkdir()
+    spec_mod.save(spec_mod.loads('name = "x"\n[dataset]\npreset = "demo"\n'), stranger / "spec.toml")
+    (stranger / "status.json").write_text(json.dumps({"run_id": "something-else"}))
+
+    assert [r.run_id for r in rundir.list_runs()] == [old.name]
+    run = rundir.find(old.name[:15])
+    assert run.marker()["trust_remote_code"] is False
+    assert rundir.latest_checkpoint(run.output_dir()) == (old / "output" / "checkpoints" / "checkpoint-4", 4)
+    assert not rundir.is_run_dir(stranger)

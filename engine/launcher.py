@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 
 from engine.errors import TunewizError
-from engine.rundir import RunDir, acquire_lock
+from engine.rundir import FINAL_STATES, RunDir, acquire_lock
 
 LOCK_FD_ENV = "TUNEWIZ_LOCK_FD"
+ENDING_GRACE_S = 30.0
+"""How long a resume waits for an engine that has recorded its end to exit."""
 
 
 def engine_command(run: RunDir, resume: bool = False) -> list[str]:
@@ -37,6 +39,9 @@ def launch(run: RunDir, resume: bool = False, env: dict[str, str] | None = None)
     """
     if resume:
         check_resumable(run)
+        if run.state() in FINAL_STATES and run.engine_alive():
+            # The last engine has recorded how it ended and is still exiting (closing its log, freeing the GPU).
+            _wait(lambda: not run.engine_alive(), ENDING_GRACE_S)
     lock_fd = acquire_lock(run.lock_path)
     # While we hold the lock we are the only writer. A resumed run's status still says how the last
     # engine ended (`cancelled`, `failed`) or names its dead pid/pgid; mark it live, and forget those

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,14 @@ def tunewiz_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return home
+
+
+@pytest.fixture
+def plain_hints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hints say `tunewiz ...` whatever the environment (snapshots must not depend on where the venv is)."""
+    from engine import hints
+
+    monkeypatch.setattr(hints, "tunewiz_command", lambda: "tunewiz")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -80,3 +89,28 @@ def demo_tokenizer(demo_model: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_model)
+
+
+DEMO_TRAIN_STEPS = 36
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Path) -> tuple[Any, Path]:
+    """One real demo run through the CLI, shared by every test that needs a trained adapter: 36 steps with
+    eval every 12, samples every 18 and partial gradient checkpointing (what the recommender uses)."""
+    import subprocess
+
+    from engine import rundir
+
+    home = tmp_path_factory.mktemp("trained-home")
+    (home / "data").mkdir()
+    (home / "data" / "models").symlink_to(shared_demo_model.parent)
+    result = subprocess.run([PYTHON, "-m", "engine", "train", "demo", "--set", f"training.max_steps={DEMO_TRAIN_STEPS}",
+                             "--set", "training.eval_every=12", "--set", "training.sample_every=18",
+                             "--set", "training.gradient_checkpointing=true", "--set", "training.checkpoint_layers=10"],
+                            capture_output=True, text=True, cwd=ROOT, env=subprocess_env(TUNEWIZ_HOME=str(home)),
+                            timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = rundir.list_runs(home / "state" / "runs")[0]
+    os.environ["TUNEWIZ_HOME"] = str(home)  # the autouse fixture resets it for each test
+    return run, home

@@ -17,12 +17,11 @@ import pytest
 from engine import rundir
 from engine.events import validate
 from tests import demo_eval
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import DEMO_TRAIN_STEPS as TRAIN_STEPS, PYTHON, ROOT, subprocess_env
 from tests.runtools import wait_for
 
 pytestmark = pytest.mark.slow
 
-TRAIN_STEPS = 36
 
 
 def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -37,19 +36,10 @@ def events(run: rundir.RunDir) -> list[dict[str, Any]]:
     return lines
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Path) -> tuple[rundir.RunDir, Path]:
-    """One real demo run, shared by the tests below."""
-    home = tmp_path_factory.mktemp("trained-home")
-    (home / "data").mkdir()
-    (home / "data" / "models").symlink_to(shared_demo_model.parent)
-    os.environ["TUNEWIZ_HOME"] = str(home)  # the autouse fixture resets it for each test
-    result = cli("train", "demo", "--set", f"training.max_steps={TRAIN_STEPS}", "--set", "training.eval_every=12",
-                 "--set", "training.sample_every=18", "--set", "training.gradient_checkpointing=true",
-                 "--set", "training.checkpoint_layers=10")  # partial checkpointing, which the recommender uses
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = rundir.list_runs(home / "state" / "runs")[0]
-    return run, home
+@pytest.fixture
+def trained(trained_demo: tuple[rundir.RunDir, Path]) -> tuple[rundir.RunDir, Path]:
+    """The session's real demo run (tests/conftest.py)."""
+    return trained_demo
 
 
 def test_events_tell_the_whole_story(trained: tuple[rundir.RunDir, Path]) -> None:
@@ -114,24 +104,18 @@ def test_eval_shows_the_real_gain_on_heldout_headlines(trained: tuple[rundir.Run
     assert stored["tuned"] == report["tuned"] and (run.path / "eval" / "report.md").read_text().count("\n| ") >= 20
 
 
-def test_heldout_accuracy_rises_and_merged_export_answers_the_same(trained: tuple[rundir.RunDir, Path]) -> None:
-    from peft import PeftModel
-
+def test_merged_export_answers_as_the_adapter(trained: tuple[rundir.RunDir, Path]) -> None:
     run, home = trained
     os.environ["TUNEWIZ_HOME"] = str(home)
-    prompts = demo_eval.heldout_prompts()
-    model_dir = Path(json.loads((run.output_dir() / "run_card.json").read_text())["base_model"])
-    base, tokenizer = demo_eval.load_base(model_dir)
-    tuned = PeftModel.from_pretrained(base, str(run.output_dir() / "adapter"))
-    adapter_replies = demo_eval.replies(tuned, tokenizer, prompts)
-
-    out = home / "merged"
-    result = cli("export", run.run_id[:15], "--merged", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    merged, merged_tokenizer = demo_eval.load_base(out)  # plain transformers, no peft
-    merged_replies = demo_eval.replies(merged, merged_tokenizer, prompts)
-    agree = sum(a == b for a, b in zip(merged_replies, adapter_replies)) / len(prompts)
-    assert agree >= 0.95, list(zip(merged_replies, adapter_replies))
+    result = cli("export", run.run_id[:15], "--merged", "--verify-limit", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == "", result.stderr  # no library warnings or raw progress bars
+    out = run.path / "exports" / "merged-bf16"
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    card = json.loads((run.output_dir() / "run_card.json").read_text())
+    entry = next(e for e in card["exports"] if e["kind"] == "merged")
+    assert entry["total"] == 20 and entry["identical"] >= 19, entry
+    assert f"{entry['identical']}/20 answers identical to the adapter" in result.stdout
 
 
 def test_sigterm_leaves_a_checkpoint_and_resume_continues(demo_model: Path) -> None:

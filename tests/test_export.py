@@ -18,52 +18,10 @@ from engine.errors import TunewizError
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.runtools import make_run
 
-TRAIN_STEPS = 30
-
-
-def train_adapter(run: rundir.RunDir, steps: int = TRAIN_STEPS) -> None:
-    """A short real LoRA fine-tune of the demo task, in-process (faster than the engine's processes),
-    saved where the trainer saves its adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from engine import models
-    from engine.data.prepare import prepare
-
-    spec = run.load_spec()
-    source = models.converted_folder(models.resolve(spec))
-    tokenizer = models.load_tokenizer(source, spec)
-    data = prepare(spec, tokenizer, stop_ids=models.generation_stop_ids(source))
-    torch.manual_seed(0)
-    base = models.load_model(source, spec, torch.float32, "cpu")
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    model.train()
-    batch = 4
-    for step in range(steps):
-        rows = [data.train[(step * batch + i) % len(data.train)] for i in range(batch)]
-        width = max(len(r.input_ids) for r in rows)
-        ids = torch.tensor([r.input_ids + [tokenizer.pad_token_id] * (width - len(r.input_ids)) for r in rows])
-        labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in rows])
-        mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rows])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(run.output_dir() / "adapter")
-    tokenizer.save_pretrained(run.output_dir() / "adapter")
-    (run.output_dir() / "run_card.json").write_text(json.dumps({"run_id": run.run_id}))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Path) -> tuple[rundir.RunDir, Path]:
-    home = tmp_path_factory.mktemp("export-home")
-    (home / "data").mkdir()
-    (home / "data" / "models").symlink_to(shared_demo_model.parent)
-    os.environ["TUNEWIZ_HOME"] = str(home)  # the autouse fixture resets it for each test
-    run = make_run("demo-export")
-    train_adapter(run)
-    return run, home
+@pytest.fixture
+def trained(trained_demo: tuple[rundir.RunDir, Path]) -> tuple[rundir.RunDir, Path]:
+    """The session's real demo run (tests/conftest.py), trained through the CLI."""
+    return trained_demo
 
 
 @pytest.mark.slow
@@ -74,7 +32,7 @@ def test_demo_gguf_answers_as_the_adapter(gguf_type: str, trained: tuple[rundir.
     lines: list[str] = []
     result = export.export_gguf(run, gguf_type, on_progress=lines.append)
     out = run.path / "exports" / f"gguf-{gguf_type}"
-    assert result.path == out and (out / f"demo-export-{gguf_type}.gguf").exists() and (out / "Modelfile").exists()
+    assert result.path == out and (out / f"demo-{gguf_type}.gguf").exists() and (out / "Modelfile").exists()
     check = result.check
     assert check is not None and check.total == 40, check
     assert check.identical >= 38 and check.tokenization_mismatches == 0 and check.template_stored, check
@@ -85,7 +43,7 @@ def test_demo_gguf_answers_as_the_adapter(gguf_type: str, trained: tuple[rundir.
     entry = next(e for e in card["exports"] if e["type"] == gguf_type)
     assert entry["kind"] == "gguf" and entry["identical"] == check.identical and entry["size_bytes"] > 50e6
     modelfile = (out / "Modelfile").read_text()
-    assert modelfile.startswith(f"FROM ./demo-export-{gguf_type}.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert modelfile.startswith(f"FROM ./demo-{gguf_type}.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
 @pytest.mark.slow
@@ -99,8 +57,8 @@ def test_cli_gguf_export_prints_progress_and_ollama_commands_and_nothing_else(
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr  # no warnings, advisories or raw progress bars
     assert "merging the adapter" in result.stdout and "4/4 answers identical" in result.stdout
-    assert f"ollama create demo-export -f {out / 'Modelfile'}" in result.stdout
-    assert "ollama run demo-export" in result.stdout
+    assert f"ollama create demo -f {out / 'Modelfile'}" in result.stdout
+    assert "ollama run demo" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

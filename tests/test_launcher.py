@@ -165,6 +165,20 @@ def test_resume_after_cancel_continues_steps_and_seq() -> None:
     assert run.state() == "completed"
 
 
+def test_resume_waits_for_an_engine_that_has_recorded_its_end_to_exit() -> None:
+    import threading
+
+    run = make_run()
+    start(run, steps=30, step_s=0.02)
+    _running(run, 4)
+    assert launcher.stop(run, grace_s=10) == "graceful"
+    lingering = rundir.acquire_lock(run.lock_path)  # as an engine still exiting after writing `cancelled`
+    assert run.state() == "cancelled" and run.engine_alive()
+    threading.Timer(1.0, os.close, (lingering,)).start()
+    start(run, resume=True, steps=30, step_s=0.01)  # waits for the lock instead of "already running"
+    assert wait_finished(run)["status"] == "completed"
+
+
 def test_a_second_engine_is_refused_while_the_lock_is_held() -> None:
     run = make_run()
     start(run, steps=500, step_s=0.02)

@@ -25,7 +25,7 @@ from tui.screens.dashboard import DashboardScreen
 from tui.screens.dialogs import ChoiceDialog, MessageDialog, SamplingDialog
 from tui.screens.runs import RunsScreen
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(120)]
 
 ANSWERS = {True: "positive", False: "This headline is about a company that is doing well."}
 

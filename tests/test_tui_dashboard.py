@@ -43,7 +43,7 @@ from tui.screens.welcome import WelcomeScreen
 from tui.services import Services
 from tui.widgets.chart import LineChart
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(180)]
 
 FIXTURES = ROOT / "tests" / "data" / "runs"
 FIXED = Path("/tmp/tunewiz-dashboard-tests")

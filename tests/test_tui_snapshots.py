@@ -30,7 +30,7 @@ from tui.screens.runs import RunsScreen
 from tui.screens.settings import SettingsScreen
 from tui.screens.welcome import WelcomeScreen
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(180)]
 
 # Paths appear on screen, so they must not depend on pytest's tmp_path.
 FIXED = Path("/tmp/tunewiz-snapshots")

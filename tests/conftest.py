@@ -11,6 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Before any test module is imported: huggingface_hub reads these once, when it is first imported (a test
+# module that imports it at collection time would otherwise leave it online, retrying for a minute).
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_name] = "1"
+
 
 @pytest.fixture(autouse=True)
 def tunewiz_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -288,6 +288,7 @@ class ChatScreen(Screen[None]):
 
     def _restart(self) -> None:
         """Drop the conversation and the chat process; start one for `self.checkpoint`."""
+        self.workers.cancel_group(self, "chat")  # first: the old reader must not report its process's end
         if self.client is not None:
             self.client.close(timeout=2.0)
         self.client, self.ready, self.failed = None, None, None

@@ -30,12 +30,19 @@ def loop_seeds(seed: int, dropout_seed: int | None) -> dict[str, int]:
 def run(spec_path: Path, dropout_seed: int | None = None) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from engine import models, spec as spec_mod
-    from engine.data.prepare import prepare
-    from engine.trainer import ExampleDataset, PaddingCollator
+    from tunewiz.engine.config import spec as spec_mod
+    from tunewiz.engine.data.prepare import prepare
+    from tunewiz.engine.training import models
+    from tunewiz.engine.training.trainer import ExampleDataset, PaddingCollator
 
     spec = spec_mod.load(spec_path)
     t = spec.training

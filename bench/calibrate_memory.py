@@ -7,7 +7,7 @@ initialised models shaped like catalog models, with every sequence exactly `seq_
 and appends one row per run: the settings, the GPU, torch's peak reserved/allocated memory and
 NVML's used memory. Then, anywhere:
     python -m bench.calibrate_memory fit tests/data/memory_calibration.jsonl
-fits engine/estimator.py's COEFFICIENTS and prints each row's error.
+fits engine/planning/estimator.py's COEFFICIENTS and prints each row's error.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import estimator, spec as spec_mod
-from engine.catalog import models
-from engine.estimator import ModelArch, Settings
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.catalog import models
+from tunewiz.engine.planning import estimator
+from tunewiz.engine.planning.estimator import ModelArch, Settings
 
 SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 WORDS = ("alpha", "river", "stone", "market", "signal", "garden", "vector", "planet", "copper", "window",
@@ -60,7 +61,7 @@ def measure(spec: spec_mod.RunSpec, work: Path) -> dict[str, Any]:
     spec_path = work / f"{spec.name}.toml"
     spec_mod.save(spec, spec_path)
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "engine", "train", str(spec_path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "tunewiz.engine", "train", str(spec_path)], capture_output=True,
                             text=True, timeout=900)
     runs = sorted((Path(os.environ["TUNEWIZ_HOME"]) / "state" / "runs").iterdir())
     events = [json.loads(line) for line in (runs[-1] / "events.jsonl").read_text().splitlines()]

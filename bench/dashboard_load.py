@@ -6,7 +6,7 @@
    evals, samples, checkpoints, warnings; about 33 MB for 100,000 events) under a scratch TUNEWIZ_HOME.
 2. Attach time, headless: the real TunewizApp in attach mode under Textual's headless driver; the clock
    runs from creating the app to the first frame drawn after the dashboard has folded in every event.
-3. Attach time, in a terminal: `python -m engine attach RUN` in a pseudo-terminal (a fresh interpreter:
+3. Attach time, in a terminal: `python -m tunewiz.engine attach RUN` in a pseudo-terminal (a fresh interpreter:
    imports, the real driver writing escape codes); the clock runs until the header with the last step
    has been written to the terminal.
 4. Following: a writer process holds the engine lock and appends events like a live run (4 steps a
@@ -34,11 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tunewiz.engine.config import presets
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.events import EventWriter
 
-from engine import presets, rundir  # noqa: E402
-from engine.events import EventWriter  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 GPU_EVERY = 20
 EVAL_EVERY = 500
@@ -151,9 +151,9 @@ def writer_main(run_path: Path, rate: float, seconds: float) -> None:
 
 
 async def _attach_headless(run: rundir.RunDir, events: int) -> float:
-    from tui.app import TunewizApp
-    from tui.screens.dashboard import DashboardScreen
-    from tui.services import Services
+    from tunewiz.tui.app import TunewizApp
+    from tunewiz.tui.screens.dashboard import DashboardScreen
+    from tunewiz.tui.services import Services
 
     start = time.perf_counter()
     app = TunewizApp(Services(runs_root=run.path.parent), attach=run)
@@ -169,10 +169,10 @@ async def _attach_headless(run: rundir.RunDir, events: int) -> float:
 
 
 async def _open_from_runs(run: rundir.RunDir, events: int) -> float:
-    from tui.app import TunewizApp
-    from tui.screens.dashboard import DashboardScreen
-    from tui.screens.runs import RunsScreen
-    from tui.services import Services
+    from tunewiz.tui.app import TunewizApp
+    from tunewiz.tui.screens.dashboard import DashboardScreen
+    from tunewiz.tui.screens.runs import RunsScreen
+    from tunewiz.tui.services import Services
 
     app = TunewizApp(Services(runs_root=run.path.parent))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -197,8 +197,8 @@ async def _open_from_runs(run: rundir.RunDir, events: int) -> float:
 
 def open_from_runs(run: rundir.RunDir, events: int) -> float:
     """Seconds from Enter on the run in the Runs screen of a running app to the frame showing all events."""
-    code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r});"
-            f"from bench.dashboard_load import _open_from_runs; from engine import rundir; from pathlib import Path;"
+    code = ("import asyncio; from pathlib import Path; from bench.dashboard_load import _open_from_runs;"
+            "from tunewiz.engine.run import rundir;"
             f"print(asyncio.run(_open_from_runs(rundir.RunDir(Path({str(run.path)!r})), {events})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     if out.returncode:
@@ -208,8 +208,8 @@ def open_from_runs(run: rundir.RunDir, events: int) -> float:
 
 def attach_headless(run: rundir.RunDir, events: int) -> float:
     """Seconds from creating the app to the frame showing all events (in a fresh interpreter)."""
-    code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r});"
-            f"from bench.dashboard_load import _attach_headless; from engine import rundir; from pathlib import Path;"
+    code = ("import asyncio; from pathlib import Path; from bench.dashboard_load import _attach_headless;"
+            "from tunewiz.engine.run import rundir;"
             f"print(asyncio.run(_attach_headless(rundir.RunDir(Path({str(run.path)!r})), {events})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     if out.returncode:
@@ -230,7 +230,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class PtyApp:
-    """`python -m engine attach RUN` in a 120x40 pseudo-terminal whose output is read and thrown away."""
+    """`python -m tunewiz.engine attach RUN` in a 120x40 pseudo-terminal whose output is read and thrown away."""
 
     def __init__(self, run: rundir.RunDir) -> None:
         import fcntl
@@ -240,7 +240,7 @@ class PtyApp:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         self.started = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "-m", "engine", "attach", str(run.path)], stdin=slave,
+        self.process = subprocess.Popen([sys.executable, "-m", "tunewiz.engine", "attach", str(run.path)], stdin=slave,
                                         stdout=slave, stderr=slave, env=_env(), cwd=ROOT, start_new_session=True)
         os.close(slave)
         self.seen = b""
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"attach, headless app (create app -> frame with all {events:,} events), 120x40: median "
                  f"{statistics.median(headless):.2f} s (tries: {', '.join(f'{t:.2f}' for t in headless)})")
     terminal = [attach_in_terminal(run, last_step) for _ in range(args.tries)]
-    lines.append(f"attach in a terminal (`python -m engine attach RUN` started -> last step on screen), 120x40: "
+    lines.append("attach in a terminal (`python -m tunewiz.engine attach RUN` started -> last step on screen), "
+                 "120x40: "
                  f"median {statistics.median(terminal):.2f} s (tries: {', '.join(f'{t:.2f}' for t in terminal)})")
     small, small_events, small_last = make_run(root, 200)
     baseline = [attach_in_terminal(small, small_last) for _ in range(args.tries)]

@@ -2,7 +2,7 @@
 
 `python -m bench.data_check_memory [--mb 200] [--out bench/results/data_check_memory.txt]` writes a
 jsonl file of chat examples of varied length (with a few broken lines and duplicates) to /tmp, runs
-`python -m engine.cli data check FILE --json` on it as a child process with the bundled demo model,
+`python -m tunewiz.engine.cli.main data check FILE --json` on it as a child process with the bundled demo model,
 and reports the child's peak resident memory (getrusage, cross-checked by sampling with psutil).
 """
 
@@ -53,8 +53,9 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
 
 def warm_up() -> None:
     """Convert the bundled demo model once here, so the measured child only loads its tokenizer."""
-    from engine import catalog, models
-    from engine.spec import RunSpec
+    from tunewiz.engine.config import catalog
+    from tunewiz.engine.config.spec import RunSpec
+    from tunewiz.engine.training import models
 
     spec = RunSpec(name="bench")
     spec.model.name = next(name for name, entry in catalog.models().items() if entry.bundled_gguf)
@@ -63,7 +64,7 @@ def warm_up() -> None:
 
 def measure(path: Path) -> dict[str, object]:
     """Run the checker on `path` in a child process and return its peak RSS and what it reported."""
-    command = [sys.executable, "-m", "engine.cli", "data", "check", str(path), "--json"]
+    command = [sys.executable, "-m", "tunewiz.engine.cli.main", "data", "check", str(path), "--json"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

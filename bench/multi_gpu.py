@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.calibrate_memory import run_spec
-from engine import spec as spec_mod
+from tunewiz.engine.config import spec as spec_mod
 
 GIB = 1024**3
 
 
 def _cli(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine", *args], env={**os.environ, "TUNEWIZ_HOME": str(home)},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tunewiz.engine", *args],
+                          env={**os.environ, "TUNEWIZ_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:

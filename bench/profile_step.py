@@ -2,8 +2,8 @@
 
     python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--trace T.json.gz]
 
-It builds the model exactly as the engine's trainer does (engine.models.load_model and
-engine.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
+It builds the model exactly as the engine's trainer does (tunewiz.engine.training.models.load_model and
+tunewiz.engine.training.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
 random tokens under bf16 autocast with fused AdamW, and prints GPU kernel time per step grouped by
 kind (matmuls, attention, fused kernels, 4-bit dequantisation, elementwise and copies, optimiser, ...),
 plus the ten costliest kernels, and the wall time of a synchronised step (its excess over the GPU time
@@ -40,8 +40,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from engine import models, speed, spec as spec_mod
-    from engine.trainer import prepare_trainable
+    from tunewiz.engine.config import spec as spec_mod
+    from tunewiz.engine.training import models
+    from tunewiz.engine.training.trainer import prepare_trainable
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)

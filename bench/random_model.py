@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine import catalog
+from tunewiz.engine.config import catalog
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.calibrate_memory import WORDS, run_spec, write_long_texts
-from engine import recommend
-from engine import spec as spec_mod
-from engine.catalog import models
-from engine.estimator import ModelArch
-from engine.hardware import HardwareReport
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.catalog import models
+from tunewiz.engine.planning import recommend
+from tunewiz.engine.planning.estimator import ModelArch
+from tunewiz.engine.planning.hardware import HardwareReport
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 SEQ_LEN = 2048
@@ -126,10 +126,10 @@ def suite_cases(suite: str) -> list[Case]:
         cases.append(Case("levers", "llama-3.1-8b", "lora", True, "engine_quarter_checkpointing"))
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
+        variants = ("baseline", "engine", "engine_bf16_adapters", "engine_unfused", "engine_no_lean",
+                    "engine_fused_lora", "baseline_other_dropout", "baseline_no_dropout", "engine_no_dropout")
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
-                     learning_rate=1e-4) for variant in ("baseline", "engine", "engine_bf16_adapters", "engine_unfused",
-                                                         "engine_no_lean", "engine_fused_lora", "baseline_other_dropout",
-                                                         "baseline_no_dropout", "engine_no_dropout")]
+                     learning_rate=1e-4) for variant in variants]
     if suite == "fused":  # the fused LoRA blocks against the engine's defaults and the baseline, 8B
         return [Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
                 for variant in ("engine_fused_lora", "engine", "baseline")] + [
@@ -218,7 +218,7 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
         else:
             result = {"status": "completed", **json.loads(result_path.read_text())}
     else:
-        subprocess.run([sys.executable, "-m", "engine", "train", str(spec_path)], env=env, capture_output=True,
+        subprocess.run([sys.executable, "-m", "tunewiz.engine", "train", str(spec_path)], env=env, capture_output=True,
                        text=True, timeout=900)
         runs = sorted((home / "state" / "runs").iterdir()) if (home / "state" / "runs").exists() else []
         result = _engine_result(runs[-1]) if runs else {"status": "failed", "error": "no run directory"}
@@ -231,7 +231,8 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
         return {"stack": "transformers+peft", "lora_dropout": spec.lora.dropout}
     return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
             "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile,
-            "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora, "micro_batch": spec.training.micro_batch_size,
+            "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora,
+            "micro_batch": spec.training.micro_batch_size,
             "gradient_accumulation": spec.training.gradient_accumulation,
             "checkpointing": spec.training.gradient_checkpointing, "checkpoint_layers": spec.training.checkpoint_layers}
 
@@ -394,14 +395,29 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def curve_summary(baseline: list[float], engine: list[float], window: int = 5) -> str:
-    """How far apart two loss curves are: first step, and the worst gap of their moving averages."""
+def curve_gap(baseline: list[float], engine: list[float], window: int = 5) -> float:
+    """The largest relative gap between the two curves' `window`-step moving averages."""
     def smooth(values: list[float]) -> list[float]:
         return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
-    a, b = smooth(baseline), smooth(engine)
-    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    return (f"Loss curve over {min(len(a), len(b))} steps: first step {baseline[0]:.4f} (baseline) vs "
+    return max(abs(x - y) / abs(x) for x, y in zip(smooth(baseline), smooth(engine)))
+
+
+def curve_gaps(rows: list[dict], variant: str, reference: str = "baseline") -> list[float]:
+    """`curve_gap` of `variant` against `reference`, for each session that measured both."""
+    sessions: dict[Any, dict[str, dict]] = {}
+    for r in rows:
+        if r["suite"] == "curve" and r["status"] == "completed":
+            sessions.setdefault(r.get("machine"), {})[r["variant"]] = r
+    return [curve_gap(s[reference]["losses"], s[variant]["losses"]) for s in sessions.values()
+            if reference in s and variant in s]
+
+
+def curve_summary(baseline: list[float], engine: list[float], window: int = 5) -> str:
+    """How far apart two loss curves are: first step, and the worst gap of their moving averages."""
+    worst = curve_gap(baseline, engine, window)
+    steps = min(len(baseline), len(engine))
+    return (f"Loss curve over {steps} steps: first step {baseline[0]:.4f} (baseline) vs "
             f"{engine[0]:.4f} (engine), difference {abs(baseline[0] - engine[0]):.4f}; last step {baseline[-1]:.4f} vs "
             f"{engine[-1]:.4f}; largest gap of the {window}-step moving averages {worst:.2%}.")
 

@@ -8,7 +8,8 @@ compare answer (`tunewiz chat --prompt`, first-token latency and tokens/s from i
 short `tunewiz eval`, and, for the LoRA run, GGUF exports (`tunewiz export --gguf`) with their time,
 size and round-trip line. It also measures the CUDA context: what NVML sees the device
 use once a process has made its first CUDA call, and after its first matrix product (cuBLAS' handle
-and workspace), which the memory estimator adds to every GPU estimate. One JSON row per measurement goes to --out; a table is printed.
+and workspace), which the memory estimator adds to every GPU estimate. One JSON row per measurement goes to
+--out; a table is printed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ print(json.dumps({"context_bytes": context - before, "context_and_cublas_bytes":
 def _tunewiz(*args: str, env: dict[str, str], timeout: float = 900, stdin: str | None = None
              ) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-m", "tunewiz.engine", *args], capture_output=True, text=True, env=env,
                             timeout=timeout, input=stdin)
     return result, time.monotonic() - started
 

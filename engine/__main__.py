@@ -1,7 +1,7 @@
-"""`python -m engine` is the `tunewiz` command."""
+"""`python -m tunewiz.engine` is the `tunewiz` command."""
 
 import sys
 
-from engine.cli import main
+from tunewiz.engine.cli.main import main
 
 sys.exit(main())

@@ -41,3 +41,12 @@ def hint_for(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError):
         return "The machine ran out of RAM. Close other programs, or lower the micro-batch or max sequence length."
     return None
+
+
+# The `tunewiz` command's exit statuses (the README lists them).
+EXIT_FAILED = 1
+"""The run the command trained or followed failed, or the data check found problems."""
+EXIT_ERROR = 2
+"""The command could not do what was asked: a bad command line or input, a missing run, a full disk."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, as shells report SIGINT."""

@@ -12,7 +12,7 @@ from pathlib import Path
 @functools.cache
 def tunewiz_command() -> str:
     """`tunewiz` when it is on PATH; else this environment's script (relative to the current folder when it is
-    under it, as after `make run`: `.venv/bin/tunewiz`); else `python -m engine` with this interpreter."""
+    under it, as after `make run`: `.venv/bin/tunewiz`); else `python -m tunewiz.engine` with this interpreter."""
     script = Path(sys.executable).parent / "tunewiz"
     on_path = shutil.which("tunewiz")
     if on_path and (not script.exists() or Path(on_path).resolve() == script.resolve()):
@@ -22,7 +22,7 @@ def tunewiz_command() -> str:
             return shlex.quote(str(script.relative_to(Path.cwd())))
         except ValueError:
             return shlex.quote(str(script))
-    return f"{shlex.quote(sys.executable)} -m engine"
+    return f"{shlex.quote(sys.executable)} -m tunewiz.engine"
 
 
 def command(args: str) -> str:

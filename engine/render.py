@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from engine.events import Event
+from tunewiz.engine.run.events import Event
 
 
 def duration(seconds: float | None) -> str:

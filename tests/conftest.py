@@ -30,7 +30,7 @@ def tunewiz_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def plain_hints(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hints say `tunewiz ...` whatever the environment (snapshots must not depend on where the venv is)."""
-    from engine import hints
+    from tunewiz.engine import hints
 
     monkeypatch.setattr(hints, "tunewiz_command", lambda: "tunewiz")
 
@@ -55,8 +55,9 @@ SHARED_MODELS = ROOT / ".cache" / "test-models"
 def shared_demo_model() -> Path:
     import fcntl
 
-    from engine import catalog, models
-    from engine.spec import RunSpec
+    from tunewiz.engine.config import catalog
+    from tunewiz.engine.config.spec import RunSpec
+    from tunewiz.engine.training import models
 
     SHARED_MODELS.mkdir(parents=True, exist_ok=True)
     previous = os.environ.get("TUNEWIZ_HOME")
@@ -105,12 +106,13 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Pa
     eval every 12, samples every 18 and partial gradient checkpointing (what the recommender uses)."""
     import subprocess
 
-    from engine import rundir
+    from tunewiz.engine.run import rundir
 
     home = tmp_path_factory.mktemp("trained-home")
     (home / "data").mkdir()
     (home / "data" / "models").symlink_to(shared_demo_model.parent)
-    result = subprocess.run([PYTHON, "-m", "engine", "train", "demo", "--set", f"training.max_steps={DEMO_TRAIN_STEPS}",
+    result = subprocess.run([PYTHON, "-m", "tunewiz.engine", "train", "demo",
+                             "--set", f"training.max_steps={DEMO_TRAIN_STEPS}",
                              "--set", "training.eval_every=12", "--set", "training.sample_every=18",
                              "--set", "training.gradient_checkpointing=true", "--set", "training.checkpoint_layers=10"],
                             capture_output=True, text=True, cwd=ROOT, env=subprocess_env(TUNEWIZ_HOME=str(home)),

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.data.chat import ChatEncoder
-from engine.generate import answer, matches
-from engine.presets import presets_root
+from tunewiz.engine.config.presets import presets_root
+from tunewiz.engine.data.chat import ChatEncoder
+from tunewiz.engine.training.generate import answer, matches
 
 HELDOUT = presets_root() / "datasets" / "demo" / "heldout.jsonl"
 

@@ -1,8 +1,8 @@
-"""Stands in for `accelerate launch` in CPU tests of the multi-GPU supervisor (engine/worker.py).
+"""Stands in for `accelerate launch` in CPU tests of the multi-GPU supervisor (engine/run/worker.py).
 
 `python -m tests.fake_ranks supervise N RUN_DIR` runs the engine's supervisor for RUN_DIR as if the
 machine had N GPUs, with this module's `launch` as its accelerate. `launch N RUN_DIR [--resume]`
-starts N engine ranks (`python -m engine.worker RUN_DIR --rank-worker`) with RANK, LOCAL_RANK and
+starts N engine ranks (`python -m tunewiz.engine.run.worker RUN_DIR --rank-worker`) with RANK, LOCAL_RANK and
 WORLD_SIZE set as accelerate sets them, passes SIGTERM on as torchrun does, and exits with the first
 non-zero exit code. The ranks run the stand-in trainer (TUNEWIZ_TRAINER).
 """
@@ -18,7 +18,7 @@ import time
 
 def launch(world: int, run_dir: str, extra: list[str]) -> int:
     # Sessions of their own, as torchrun starts them: a signal to the engine's group does not reach them.
-    ranks = [subprocess.Popen([sys.executable, "-m", "engine.worker", run_dir, "--rank-worker", *extra],
+    ranks = [subprocess.Popen([sys.executable, "-m", "tunewiz.engine.run.worker", run_dir, "--rank-worker", *extra],
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)},
                               start_new_session=True)
              for r in range(world)]
@@ -28,8 +28,8 @@ def launch(world: int, run_dir: str, extra: list[str]) -> int:
             rank.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
-    while any(rank.poll() is None for rank in ranks):
-        if any(rank.returncode for rank in ranks):  # like torchrun: one rank failed, end the others
+    while None in (codes := [rank.poll() for rank in ranks]):  # poll every rank, each time
+        if any(codes):  # like torchrun: one rank failed, end the others
             forward(signal.SIGTERM, None)
             break
         time.sleep(0.05)
@@ -38,7 +38,8 @@ def launch(world: int, run_dir: str, extra: list[str]) -> int:
 
 
 def supervise(world: int, run_dir: str, extra: list[str]) -> int:
-    from engine import distributed, worker
+    from tunewiz.engine.run import worker
+    from tunewiz.engine.training import distributed
 
     worker._launch_plan = lambda ctx: distributed.LaunchPlan(gpu_ids=list(range(world)))
     distributed.accelerate_command = lambda plan, run, more=None: [

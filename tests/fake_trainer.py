@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from engine.context import EngineContext, TrainOutcome
+from tunewiz.engine.run.context import EngineContext, TrainOutcome
 
 
 def train(ctx: EngineContext) -> TrainOutcome:

@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine import launcher, rundir, spec as spec_mod
-from engine.events import validate
 from tests.conftest import subprocess_env
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.run import launcher, rundir
+from tunewiz.engine.run.events import validate
 
 FAKE_TRAINER = "tests.fake_trainer:train"
 SPEC_TEXT = 'name = "t"\n[dataset]\npreset = "demo"\n'

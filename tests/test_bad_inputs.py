@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import locations, preflight, spec as spec_mod
-from engine.errors import DataError, HardwareError, ModelError
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tunewiz.engine import locations
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.errors import DataError, HardwareError, ModelError
+from tunewiz.engine.run import preflight
 
 
 def spec_for(source: Path | str, **training: object) -> spec_mod.RunSpec:
@@ -98,8 +100,8 @@ def test_qlora_without_cuda(tmp_path: Path) -> None:
 
 
 def test_more_gpus_than_the_machine_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import distributed
-    from engine.errors import TunewizError
+    from tunewiz.engine.errors import TunewizError
+    from tunewiz.engine.training import distributed
 
     monkeypatch.setattr(distributed, "visible_gpu_count", lambda: 2)
     spec = spec_for(write_jsonl(tmp_path / "ok.jsonl", [GOOD]), gpus=4)
@@ -129,7 +131,7 @@ def test_cli_reports_and_creates_no_run(tmp_path: Path, demo_model: Path) -> Non
     data.write_text(json.dumps(GOOD) + "\n{not json\n")
     spec_file = tmp_path / "mine.toml"
     spec_mod.save(spec_for(data), spec_file)
-    result = subprocess.run([PYTHON, "-m", "engine", "train", str(spec_file)], capture_output=True, text=True,
+    result = subprocess.run([PYTHON, "-m", "tunewiz.engine", "train", str(spec_file)], capture_output=True, text=True,
                             cwd=ROOT, env=subprocess_env(), timeout=120)
     assert result.returncode == 2, result.stderr
     assert "broken.jsonl:2: invalid JSON" in result.stderr

@@ -1,4 +1,4 @@
-"""The headless `tunewiz` commands: in-process through engine.cli.main, and as `python -m engine`
+"""The headless `tunewiz` commands: in-process through tunewiz.engine.cli.main.main, and as `python -m tunewiz.engine`
 subprocesses where detaching from the terminal matters. Engines run the stand-in trainer."""
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
-import engine
-from engine import cli, hints, launcher, locations, presets, rundir, spec as spec_mod
-from engine.events import validate
+import tunewiz.engine.run as run_package
 from tests.conftest import PYTHON, ROOT
-from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, types, wait_finished, \
-    wait_for
+from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, types, wait_finished, wait_for
+from tunewiz.engine import hints, locations
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.config import presets
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.run import launcher, rundir
+from tunewiz.engine.run.events import validate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,8 +35,8 @@ def _no_engine_outlives_its_test(tunewiz_home: Path):
 
 
 def tunewiz(*args: str, timeout: float = 30, **fake) -> subprocess.CompletedProcess[str]:
-    """`python -m engine ARGS` in a child process whose engines run the stand-in trainer."""
-    return subprocess.run([PYTHON, "-m", "engine", *args], env=fake_env(**fake), cwd=ROOT, capture_output=True,
+    """`python -m tunewiz.engine ARGS` in a child process whose engines run the stand-in trainer."""
+    return subprocess.run([PYTHON, "-m", "tunewiz.engine", *args], env=fake_env(**fake), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -56,17 +59,17 @@ def cancelled_run() -> rundir.RunDir:
 
 @pytest.fixture()
 def fake_preflight(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Stand in for engine.preflight (being written elsewhere): records the specs it was asked to check."""
+    """Stand in for tunewiz.engine.run.preflight (being written elsewhere): records the specs it was asked to check."""
     checked: list = []
 
     def check(spec: spec_mod.RunSpec, **_kw: object) -> dict:
         checked.append(spec)
         return collections.defaultdict(int)
 
-    module = pytypes.ModuleType("engine.preflight")
+    module = pytypes.ModuleType("tunewiz.engine.run.preflight")
     module.check = check
-    monkeypatch.setitem(sys.modules, "engine.preflight", module)
-    monkeypatch.setattr(engine, "preflight", module, raising=False)
+    monkeypatch.setitem(sys.modules, "tunewiz.engine.run.preflight", module)
+    monkeypatch.setattr(run_package, "preflight", module, raising=False)
     return checked
 
 
@@ -262,7 +265,7 @@ def test_ctrl_c_in_the_foreground_stops_the_run_gracefully(cancelled_run: rundir
     run = cancelled_run
     out_path = tmp_path / "stdout.txt"
     with out_path.open("w") as out_file:
-        process = subprocess.Popen([PYTHON, "-m", "engine", "resume", run.run_id],
+        process = subprocess.Popen([PYTHON, "-m", "tunewiz.engine", "resume", run.run_id],
                                    env=fake_env(steps=500, step_s=0.02), cwd=ROOT, stdout=out_file,
                                    stderr=subprocess.PIPE, text=True)
     try:
@@ -280,12 +283,13 @@ def test_ctrl_c_in_the_foreground_stops_the_run_gracefully(cancelled_run: rundir
     assert types(events(run))[-2:] == ["checkpoint", "finished"]
 
 
-# `tunewiz train` with engine.preflight replaced by a no-op (the real one converts the model and
+# `tunewiz train` with tunewiz.engine.run.preflight replaced by a no-op (the real one converts the model and
 # prepares the data, which is tested on its own), so that only the CLI and the detached engine run.
 TRAIN_WITHOUT_PREFLIGHT = (
-    "import collections, sys, types; stub = types.ModuleType('engine.preflight'); "
+    "import collections, sys, types; stub = types.ModuleType('tunewiz.engine.run.preflight'); "
     "stub.check = lambda spec, **kw: collections.defaultdict(int); "
-    "sys.modules['engine.preflight'] = stub; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    "sys.modules['tunewiz.engine.run.preflight'] = stub\n"
+    "from tunewiz.engine.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -300,8 +304,8 @@ def test_train_detached_returns_at_once_and_the_run_goes_on() -> None:
     pid = wait_for(lambda: run.status().get("pid"), what="the engine's pid", run=run)
     started_line, follow_line = started.stdout.splitlines()[-2:]
     assert started_line == f"run {run.run_id} started (engine pid {pid}); files in {run.path}"
-    # the command works as printed from where the user is: `tunewiz`, the venv's script or `python -m engine`
-    assert re.fullmatch(rf"follow it: (\S*tunewiz|\S+ -m engine) tail {run.run_id} -f    stop it: \1 stop "
+    # the command works as printed from where the user is: `tunewiz`, the venv's script or `python -m tunewiz.engine`
+    assert re.fullmatch(rf"follow it: (\S*tunewiz|\S+ -m tunewiz.engine) tail {run.run_id} -f    stop it: \1 stop "
                         rf"{run.run_id}", follow_line), follow_line
     spec = run.load_spec()
     assert spec.name == "e2e" and spec.training.max_steps == 7 and spec.dataset.preset == "demo"
@@ -322,7 +326,7 @@ def test_train_in_the_foreground_follows_until_the_end() -> None:
 
 
 def test_train_detached_with_the_real_preflight(demo_model: Path) -> None:
-    pytest.importorskip("engine.preflight")
+    pytest.importorskip("tunewiz.engine.run.preflight")
     started = tunewiz("train", "demo", "--detach", steps=5, step_s=0.01, timeout=300)
     assert started.returncode == 0, started.stderr
     [run] = rundir.list_runs()

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from engine.cli import main
-from engine.data import check, sources
-from engine.data.chat import ChatEncoder
-from engine.data.prepare import ExampleReader
-from engine.errors import DataError
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.data import check, sources
+from tunewiz.engine.data.chat import ChatEncoder
+from tunewiz.engine.data.prepare import ExampleReader
+from tunewiz.engine.errors import DataError
 
 
 def chat(user: str, answer: str) -> dict[str, Any]:

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from engine import catalog
-from engine.cli import main
-from engine.data import check, formats, sources
-from engine.data.chat import ChatEncoder
-from engine.data.formats import RowProblem
-from engine.data.prepare import prepare, read_examples
-from engine.spec import RunSpec
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.config import catalog
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.engine.data import check, formats, sources
+from tunewiz.engine.data.chat import ChatEncoder
+from tunewiz.engine.data.formats import RowProblem
+from tunewiz.engine.data.prepare import prepare, read_examples
 
 PRESETS = list(catalog.datasets())
 USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code"}
@@ -117,7 +117,7 @@ def test_hub_presets_resolve_to_their_real_data_and_split() -> None:
 def test_datasets_command_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
-    for name, entry in catalog.datasets().items():
+    for name in catalog.datasets():
         assert name in out
     assert "openai/gsm8k" in out and "CDLA-Sharing-1.0" in out
     assert main(["datasets", "--json"]) == 0
@@ -129,7 +129,8 @@ def test_datasets_command_lists_the_catalog(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_datasets_command_does_not_import_torch() -> None:
-    code = ("import json, sys\nfrom engine.cli import main\nmain(['datasets']); main(['datasets', '--json'])\n"
+    code = ("import json, sys\nfrom tunewiz.engine.cli.main import main\n"
+            "main(['datasets']); main(['datasets', '--json'])\n"
             "print(json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))")
     result = subprocess.run([PYTHON, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
                             timeout=60)

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, distributed, locations, rundir
-from engine.distributed import LaunchPlan, accelerate_command, torchrun_command
-from engine.errors import TunewizError
-from engine.spec import RunSpec
 from tests.conftest import ROOT
 from tests.test_import_hygiene import TRAINING_STACK, _loaded_after_import
+from tunewiz.engine import locations
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.run import rundir
+from tunewiz.engine.training import distributed
+from tunewiz.engine.training.distributed import LaunchPlan, accelerate_command, torchrun_command
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,11 +151,11 @@ def test_accelerate_command_for_two_gpus_with_ddp() -> None:
     assert argv == ACCELERATE + [
         "--num_processes", "2", "--num_machines", "1", "--machine_rank", "0", "--main_process_port", "29500",
         "--gpu_ids", "0,1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-        "--module", "engine.worker", RUN, "--rank-worker"]
+        "--module", "tunewiz.engine.run.worker", RUN, "--rank-worker"]
     args = parse_accelerate(argv)
     assert (args.num_processes, args.num_machines, args.machine_rank, args.gpu_ids) == (2, 1, 0, "0,1")
     assert args.multi_gpu and args.module and not args.use_fsdp
-    assert (args.training_script, args.training_script_args) == ("engine.worker", [RUN, "--rank-worker"])
+    assert (args.training_script, args.training_script_args) == ("tunewiz.engine.run.worker", [RUN, "--rank-worker"])
 
 
 def test_accelerate_command_for_one_gpu_is_a_single_process() -> None:
@@ -227,9 +230,11 @@ def test_accelerate_command_with_shell_variables_parses_once_filled_in() -> None
 def test_torchrun_command() -> None:
     argv = torchrun_command(LaunchPlan(gpu_ids=[0, 1]), RUN)
     assert argv == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node_rank", "0",
-                    "--nproc_per_node", "2", "--master_port", "29500", "-m", "engine.worker", RUN, "--rank-worker"]
+                    "--nproc_per_node", "2", "--master_port", "29500", "-m", "tunewiz.engine.run.worker", RUN,
+                    "--rank-worker"]
     args = parse_torchrun(argv)
-    assert (args.nnodes, args.nproc_per_node, args.module, args.training_script) == ("1", "2", True, "engine.worker")
+    assert (args.nnodes, args.nproc_per_node, args.module, args.training_script) == (
+        "1", "2", True, "tunewiz.engine.run.worker")
     multi = torchrun_command(LaunchPlan(gpu_ids=[0, 1, 2, 3], num_machines=2, main_process_ip="node0").on_machine(1),
                              RUN, ["--resume"])
     args = parse_torchrun(multi)
@@ -365,7 +370,7 @@ def test_cli_print_launch_bad_values(argv: list[str], message: str, capsys: pyte
 
 
 def test_distributed_imports_neither_torch_nor_textual() -> None:
-    loaded = _loaded_after_import("engine.distributed")
+    loaded = _loaded_after_import("tunewiz.engine.training.distributed")
     assert not loaded & {*TRAINING_STACK, "textual"}
 
 

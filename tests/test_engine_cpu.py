@@ -14,18 +14,19 @@ from typing import Any
 
 import pytest
 
-from engine import rundir
-from engine.events import validate
 from tests import demo_eval
-from tests.conftest import DEMO_TRAIN_STEPS as TRAIN_STEPS, PYTHON, ROOT, subprocess_env
+from tests.conftest import DEMO_TRAIN_STEPS as TRAIN_STEPS
+from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.runtools import wait_for
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.events import validate
 
 pytestmark = pytest.mark.slow
 
 
 
 def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "engine", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([PYTHON, "-m", "tunewiz.engine", *args], capture_output=True, text=True, cwd=ROOT,
                           env=subprocess_env(), timeout=timeout)
 
 
@@ -167,7 +168,7 @@ HEADLINES = [e for e in (json.loads(line) for line in demo_eval.HELDOUT.read_tex
 
 
 def _answer(client: Any, messages: list[dict[str, str]], adapter: bool = True, **settings: Any) -> tuple[str, dict]:
-    from engine.chat_client import SamplingSettings
+    from tunewiz.engine.use.chat_client import SamplingSettings
 
     request_id = client.generate(messages, adapter, SamplingSettings(**settings))
     pieces = []
@@ -182,7 +183,7 @@ def _answer(client: Any, messages: list[dict[str, str]], adapter: bool = True, *
 
 
 def test_chat_streams_compares_cancels_and_refuses_a_too_long_prompt(trained: tuple[rundir.RunDir, Path]) -> None:
-    from engine.chat_client import ChatClient
+    from tunewiz.engine.use.chat_client import ChatClient
 
     run, home = trained
     client = ChatClient(run.path, env=subprocess_env(TUNEWIZ_HOME=str(home)))
@@ -227,7 +228,7 @@ def test_chat_command_compares_on_a_checkpoint(trained: tuple[rundir.RunDir, Pat
     os.environ["TUNEWIZ_HOME"] = str(home)
     step = min(rundir.checkpoint_steps(run.output_dir()))
     question = HEADLINES[1]["messages"][0]["content"].replace("\n", " ")
-    result = subprocess.run([PYTHON, "-m", "engine", "chat", run.run_id, "--checkpoint", str(step),
+    result = subprocess.run([PYTHON, "-m", "tunewiz.engine", "chat", run.run_id, "--checkpoint", str(step),
                              "--max-new-tokens", "10"], input=f"/compare\n{question}\n/quit\n", capture_output=True,
                             text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

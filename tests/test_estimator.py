@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.calibrate_memory import row_settings
-from engine import catalog
-from engine.estimator import ModelArch, Settings, adapter_params, estimate
+from tunewiz.engine.config import catalog
+from tunewiz.engine.planning.estimator import ModelArch, Settings, adapter_params, estimate
 
 CALIBRATION = Path(__file__).parent / "data" / "memory_calibration.jsonl"
 ROWS = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import EventReader, EventWriter, validate
+from tunewiz.engine.run.events import EventReader, EventWriter, validate
 
 
 def test_writer_numbers_events_and_validates(tmp_path: Path) -> None:

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from engine import export, rundir
-from engine.cli import main
-from engine.errors import TunewizError
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.runtools import make_run
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.run import rundir
+from tunewiz.engine.use import export
+
 
 @pytest.fixture
 def trained(trained_demo: tuple[rundir.RunDir, Path]) -> tuple[rundir.RunDir, Path]:
@@ -51,9 +53,9 @@ def test_cli_gguf_export_prints_progress_and_ollama_commands_and_nothing_else(
         trained: tuple[rundir.RunDir, Path]) -> None:
     run, home = trained
     out = home / "cli-export"
-    result = subprocess.run([PYTHON, "-m", "engine", "export", str(run.path), "--gguf", "f16", "--out", str(out),
-                             "--verify-limit", "4"], check=False, capture_output=True, text=True, cwd=ROOT,
-                            env=subprocess_env(TUNEWIZ_HOME=str(home)), timeout=900)
+    result = subprocess.run([PYTHON, "-m", "tunewiz.engine", "export", str(run.path), "--gguf", "f16",
+                             "--out", str(out), "--verify-limit", "4"], check=False, capture_output=True,
+                            text=True, cwd=ROOT, env=subprocess_env(TUNEWIZ_HOME=str(home)), timeout=900)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr  # no warnings, advisories or raw progress bars
     assert "merging the adapter" in result.stdout and "4/4 answers identical" in result.stdout
@@ -155,7 +157,7 @@ def test_quiet_libraries_restores_the_settings() -> None:
     ({}, "quantisation"),
 ])
 def test_a_mismatch_names_the_likely_cause(changes: dict[str, Any], cause: str) -> None:
-    from engine.export_check import Check
+    from tunewiz.engine.use.export_check import Check
 
     base: dict[str, Any] = {"differences": [{"prompt": "p", "adapter": "positive", "export": "negative"}]}
     check = Check("GGUF q8_0", "llama.cpp", 30, 40, "held-out file", **{**base, **changes})
@@ -165,7 +167,7 @@ def test_a_mismatch_names_the_likely_cause(changes: dict[str, Any], cause: str) 
 
 
 def test_exports_are_appended_to_the_run_card(tmp_path: Path) -> None:
-    from engine.export_check import record_in_run_card
+    from tunewiz.engine.use.export_check import record_in_run_card
 
     (tmp_path / "run_card.json").write_text(json.dumps({"run_id": "r"}))
     record_in_run_card(tmp_path, {"kind": "gguf", "type": "f16"})

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine import fused_lora, speed
-from engine.spec import RunSpec, apply_overrides
+from tunewiz.engine.config.spec import RunSpec, apply_overrides
+from tunewiz.engine.training import fused_lora, speed
 
 VOCAB = 256
 
@@ -34,11 +34,12 @@ def _model(family: str = "llama", *, fused: bool, lean: bool = False, dropout: f
     """A tiny random model with LoRA on all 7 projections (B not zero), through the trainer's preparation."""
     from transformers import AutoModelForCausalLM
 
-    from engine.trainer import prepare_trainable
+    from tunewiz.engine.training.trainer import prepare_trainable
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(_config(family, **config)).to(dtype)
-    spec = _spec(f"lora.dropout={dropout}", 'lora.target_modules=["all-linear"]', f"speed.lean_lora={str(lean).lower()}",
+    spec = _spec(f"lora.dropout={dropout}", 'lora.target_modules=["all-linear"]',
+                 f"speed.lean_lora={str(lean).lower()}",
                  f"speed.fused_lora={str(fused).lower()}")
     model, _ = prepare_trainable(base, spec, dtype, cuda=False)
     torch.manual_seed(2)
@@ -92,7 +93,8 @@ def test_fused_blocks_give_peft_loss_and_every_gradient(family: str, dropout: fl
     monkeypatch.setattr(Linear, "forward", _refuse)  # every projection goes through a fused block
     loss, grads = _step(fused)
     assert torch.allclose(loss, peft_loss, atol=1e-5)
-    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * 7 * 2 + 1  # A and B x 7 projections x 2 layers, the input
+    # A and B x 7 projections x 2 layers, and the input
+    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * 7 * 2 + 1
     for name, grad in grads.items():
         assert torch.allclose(grad, peft_grads[name], atol=1e-5), name
 
@@ -151,7 +153,8 @@ def test_lever_off_changes_nothing() -> None:
 
 def test_fused_lora_counts_the_blocks_it_patches() -> None:
     model = _model(fused=False)
-    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true")) == (2, 2)  # 2 layers: their MLPs and attention blocks
+    # 2 layers: their MLPs and attention blocks
+    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true")) == (2, 2)
 
 
 def test_disabled_and_merged_adapters_take_peft_path(no_fused: None) -> None:
@@ -232,7 +235,8 @@ def test_q_k_v_in_one_node_and_a_new_input_recomputes() -> None:
     k_other = attention.k_proj(other)  # another input: computed for it, not the pending output for x
     with torch.no_grad():
         lora = attention.k_proj
-        reference = lora.base_layer(other) + lora.lora_B["default"](lora.lora_A["default"](other)) * lora.scaling["default"]
+        adapter = lora.lora_B["default"](lora.lora_A["default"](other)) * lora.scaling["default"]
+        reference = lora.base_layer(other) + adapter
     assert torch.allclose(k_other, reference, atol=1e-6)
 
 
@@ -251,7 +255,7 @@ def test_bf16_autocast_stays_close_to_peft() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_swiglu_kernels_match_torch(dtype: torch.dtype) -> None:
     pytest.importorskip("triton")
-    from engine import swiglu_triton
+    from tunewiz.engine.training import swiglu_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(0)
@@ -270,7 +274,7 @@ def test_triton_swiglu_kernels_match_torch(dtype: torch.dtype) -> None:
                     "(on CUDA the gpu test runs the kernels inside the fused MLP)")
 def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
-    from engine import swiglu_triton
+    from tunewiz.engine.training import swiglu_triton
 
     peft_loss, peft_grads = _step(_model(fused=False, dropout=0.1))
     used: list[bool] = []
@@ -316,7 +320,7 @@ def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any, monkeypatc
             loss.backward()
         return loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
-    from engine import swiglu_triton
+    from tunewiz.engine.training import swiglu_triton
 
     assert fused_lora._kernels_for(torch.empty(1, device="cuda")) is swiglu_triton  # Triton comes with CUDA torch
     peft_loss, peft_grads = run(False)
@@ -353,7 +357,8 @@ def test_4bit_layers_give_peft_loss_and_gradients(dropout: float, monkeypatch: p
         base = AutoModelForCausalLM.from_config(_config("qwen2"))
         _quantize_linears(base)
         base.is_loaded_in_4bit = True  # what transformers sets when it loads a 4-bit model; peft reads it
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                     target_modules="all-linear"))
         torch.manual_seed(2)
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -1,4 +1,4 @@
-"""GGUF files written by engine/gguf_export.py: per architecture, the weights, names and metadata are
+"""GGUF files written by engine/use/gguf_export.py: per architecture, the weights, names and metadata are
 right when transformers' own GGUF loader rebuilds the same model (same logits) from the file."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from engine.errors import TunewizError
-from engine.gguf_export import FAMILIES, family_of, write_gguf
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.use.gguf_export import FAMILIES, family_of, write_gguf
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
@@ -97,7 +97,7 @@ def test_sentencepiece_style_vocabulary_round_trips(tmp_path: Path) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    from engine.gguf_vocab import read_vocab
+    from tunewiz.engine.use.gguf_vocab import read_vocab
 
     tokenizer = sentencepiece_style_tokenizer()
     vocab = read_vocab(tokenizer, len(tokenizer) + 2, None, [])
@@ -107,13 +107,14 @@ def test_sentencepiece_style_vocabulary_round_trips(tmp_path: Path) -> None:
     write_gguf(random_model(tiny_config("llama", len(tokenizer))), tokenizer, None, [], tmp_path / "m.gguf", "f16", "t")
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in ["hello world!", "hello", "world hello é"]:
-        assert back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert back(text, add_special_tokens=False)["input_ids"] == expected
 
 
 def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> None:
     import gguf
 
-    from engine.gguf_vocab import read_vocab
+    from tunewiz.engine.use.gguf_vocab import read_vocab
 
     vocab = read_vocab(demo_tokenizer, len(demo_tokenizer), "TEMPLATE", [2, 0])
     assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")  # the demo's converted tokenizer: plain GPT-2 splitting
@@ -137,13 +138,13 @@ def test_byte_level_vocabulary_special_ids_and_template(demo_tokenizer: Any) -> 
         {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
 ])
 def test_pre_tokenizer_names(pre_tokenizer: dict[str, Any], name: str) -> None:
-    from engine.gguf_vocab import _pre_tokenizer_name
+    from tunewiz.engine.use.gguf_vocab import _pre_tokenizer_name
 
     assert _pre_tokenizer_name({"pre_tokenizer": pre_tokenizer}) == name
 
 
 def test_unknown_pre_tokenizer_is_a_clear_error() -> None:
-    from engine.gguf_vocab import _pre_tokenizer_name
+    from tunewiz.engine.use.gguf_vocab import _pre_tokenizer_name
 
     with pytest.raises(TunewizError, match="pre-tokenizer"):
         _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
@@ -187,7 +188,8 @@ def test_phi3_longrope_writes_both_factor_tensors(demo_tokenizer: Any, tmp_path:
     write_gguf(model, demo_tokenizer, None, [], tmp_path / "m.gguf", "f16", "t")
     reader = GGUFReader(tmp_path / "m.gguf")
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
-    assert np.allclose(tensors["rope_factors_long.weight"], long) and np.allclose(tensors["rope_factors_short.weight"], short)
+    assert np.allclose(tensors["rope_factors_long.weight"], long)
+    assert np.allclose(tensors["rope_factors_short.weight"], short)
     assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 64
     assert reader.fields["phi3.rope.scaling.attn_factor"].contents() > 1.0  # 256 positions over 64
 
@@ -262,8 +264,8 @@ def test_bf16_and_q8_0_files_load_close_to_the_model(gguf_type: str, tolerance: 
 
 def test_the_llama_cpp_check_runs_in_a_child_process(demo_tokenizer: Any, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from engine.data.chat import ChatEncoder
-    from engine.export_check import Prompts, check_gguf
+    from tunewiz.engine.data.chat import ChatEncoder
+    from tunewiz.engine.use.export_check import Prompts, check_gguf
 
     path = tmp_path / "model.gguf"
     write_gguf(random_model(tiny_config("llama", len(demo_tokenizer))), demo_tokenizer, demo_tokenizer.chat_template,
@@ -276,4 +278,5 @@ def test_the_llama_cpp_check_runs_in_a_child_process(demo_tokenizer: Any, tmp_pa
     lines: list[str] = []
     check = check_gguf(path, "GGUF f16", prompts, encoder, demo_tokenizer.chat_template, lines.append)
     assert lines == ["checking the GGUF file in llama.cpp"]
-    assert (check.engine, check.total, check.tokenization_mismatches, check.template_stored) == ("llama.cpp", 2, 0, True)
+    assert (check.engine, check.total, check.tokenization_mismatches, check.template_stored) == (
+        "llama.cpp", 2, 0, True)

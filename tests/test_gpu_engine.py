@@ -7,6 +7,7 @@ Set TUNEWIZ_GPU_RESULTS=path.jsonl to record each run's numbers (bench/results/ 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -14,15 +15,19 @@ from typing import Any
 
 import pytest
 
-from engine import rundir
-from engine.events import validate
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tunewiz.engine.planning.recommend import estimate_spec
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.events import validate
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 STEPS = 24
+MEMORY_TOLERANCE = 0.25
+"""How far the measured peak may be from the estimate on these small shapes: the calibration (±7%) is for
+1B-8B runs at full length; here fixed costs weigh more."""
 CARRIED_TOKENIZER = ROOT / ".devcarry" / "tokenizer"
 
 
@@ -46,7 +51,7 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
 
     model_dir = make(shape, model_root / shape, tokenizer_dir)
     result = subprocess.run(
-        [PYTHON, "-m", "engine", "train", "demo", "--name", f"gpu-{shape}-{method}",
+        [PYTHON, "-m", "tunewiz.engine", "train", "demo", "--name", f"gpu-{shape}-{method}",
          "--set", f"model.name={model_dir}", "--set", f"method={method}",
          "--set", f"training.max_steps={STEPS}", "--set", "training.micro_batch_size=8",
          "--set", "training.gradient_accumulation=2", "--set", "training.gradient_checkpointing=true",
@@ -64,6 +69,15 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
     assert gpu, "no gpu events with devices"
     device = max((e["devices"][0] for e in gpu), key=lambda d: d.get("torch_peak_reserved_bytes", 0))
     assert device["mem_used_bytes"] > 0 and device["torch_peak_allocated_bytes"] > 0
+    losses = [e["loss"] for e in steps]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert losses[-1] < 0.8 * losses[0], f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    data_stats = next(e["stats"] for e in stream if e["type"] == "phase" and e["phase"] == "prepare_data"
+                      and e.get("stats"))
+    estimated = estimate_spec(run.load_spec(), True, data_stats["token_lengths"]["max"]).total
+    measured = device["torch_peak_reserved_bytes"]
+    assert abs(measured / estimated - 1) < MEMORY_TOLERANCE, (
+        f"peak reserved {measured / 2**30:.2f} GiB against an estimate of {estimated / 2**30:.2f} GiB")
     record: dict[str, Any] = {
         "shape": shape, "method": method, "steps": STEPS, "gpu": device.get("name"),
         "micro_batch": 8, "grad_accum": 2, "gradient_checkpointing": True,
@@ -71,6 +85,7 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
         "median_tokens_per_s": sorted(e["tokens_per_s"] for e in steps[1:])[len(steps[1:]) // 2],
         "torch_peak_allocated_gib": round(device["torch_peak_allocated_bytes"] / 2**30, 3),
         "torch_peak_reserved_gib": round(device["torch_peak_reserved_bytes"] / 2**30, 3),
+        "estimated_gib": round(estimated / 2**30, 3),
         "nvml_used_gib": round(max(e["devices"][0]["mem_used_bytes"] for e in gpu) / 2**30, 3),
         "gpu_events": len(gpu),
     }
@@ -87,7 +102,7 @@ def test_two_gpus_through_the_supervisor(tokenizer_dir: Path, model_root: Path) 
 
     model_dir = make("smollm2-135m-demo", model_root / "smollm2-135m-demo", tokenizer_dir)
     result = subprocess.run(
-        [PYTHON, "-m", "engine", "train", "demo", "--name", "gpu-ddp", "--set", f"model.name={model_dir}",
+        [PYTHON, "-m", "tunewiz.engine", "train", "demo", "--name", "gpu-ddp", "--set", f"model.name={model_dir}",
          "--set", "training.max_steps=10", "--set", "training.gpus=2", "--set", "training.eval_every=5"],
         capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
     run = rundir.list_runs()[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,7 @@ def test_probe_measures_close_to_the_estimate(method: str, tmp_path_factory: pyt
 
     model_dir = make("llama-3.2-1b", tmp_path_factory.getbasetemp() / "probe-1b", CARRIED_TOKENIZER)
     result = subprocess.run(
-        [PYTHON, "-m", "engine", "probe", "demo", "--json", "--set", f"model.name={model_dir}",
+        [PYTHON, "-m", "tunewiz.engine", "probe", "demo", "--json", "--set", f"model.name={model_dir}",
          "--set", f"method={method}", "--set", "training.max_seq_length=2048", "--set", "training.micro_batch_size=2",
          "--set", "training.gradient_checkpointing=true"],
         capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)

@@ -1,4 +1,4 @@
-"""Tests for engine.hardware: the real probe (no GPU here) and a faked NVML."""
+"""Tests for tunewiz.engine.planning.hardware: the real probe (no GPU here) and a faked NVML."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from engine import hardware
-from engine.hardware import GpuInfo, GpuProcess, HardwareReport, format_bytes, probe, sample_gpu_metrics
+from tunewiz.engine.planning import devices, host, nvml
+from tunewiz.engine.planning.devices import GpuInfo, GpuProcess, sample_gpu_metrics
+from tunewiz.engine.planning.hardware import HardwareReport, probe
+from tunewiz.engine.render import memory
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -29,11 +31,11 @@ T4_UUID = "GPU-1a2b3c4d-0000-1111-2222-333344445555"
 @pytest.fixture(autouse=True)
 def _fresh_nvml_state(monkeypatch):
     """Each test starts with NVML not yet initialised and a clean CUDA environment."""
-    hardware._reset_nvml_state()
+    nvml.reset_state()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     yield
-    hardware._reset_nvml_state()
+    nvml.reset_state()
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def test_memory_in_use_without_listed_processes_is_reported(monkeypatch):
     gpus[0].used = 30 * GIB  # e.g. another container's job, invisible to NVML here
     FakeNvml(gpus).install(monkeypatch)
     report = probe(check_libraries=False)
-    assert any("30.0 GiB is already in use on GPU 0" in w for w in report.warnings)
+    assert any("30 GiB is already in use on GPU 0" in w for w in report.warnings)
 
 
 def test_process_list_failure_is_not_fatal(fake_nvml, monkeypatch):
@@ -348,7 +350,7 @@ def test_nvml_is_initialised_once_even_across_threads(monkeypatch):
     sample_gpu_metrics()
     assert fake.init_calls == 1
     assert len(results) == 8 and all(len(r.gpus) == 2 for r in results)
-    hardware._reset_nvml_state()
+    nvml.reset_state()
     probe(check_libraries=False)
     assert fake.init_calls == 2
 
@@ -415,7 +417,7 @@ def test_cuda_visible_devices_stops_at_bad_entry_with_warning(fake_nvml, monkeyp
 )
 def test_parse_cuda_visible_devices(value, expected, problem):
     uuids = ["GPU-aaa111", "GPU-bbb222", "GPU-aaa333"]
-    visible, message = hardware._parse_cuda_visible_devices(value, 3, uuids)
+    visible, message = devices.parse_cuda_visible_devices(value, 3, uuids)
     assert visible == expected
     assert (message is not None) == problem
 
@@ -469,7 +471,7 @@ def test_probe_never_raises_even_on_internal_bug(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(hardware, "_ensure_nvml", boom)
+    monkeypatch.setattr(nvml, "ensure", boom)
     report = probe()
     assert isinstance(report, HardwareReport)
     assert report.warnings and "bug" in report.warnings[0]
@@ -541,7 +543,8 @@ def test_libraries_warnings_with_gpu(tmp_path, monkeypatch, hide_real_libraries,
     empty = tmp_path / "empty"
     empty.mkdir()
     # Only our fake directory and the stdlib: torch and bitsandbytes are "not installed".
-    monkeypatch.setattr(sys, "path", [str(empty)] + [p for p in sys.path if not p.endswith(("site-packages", "dist-packages"))])
+    outside = [p for p in sys.path if not p.endswith(("site-packages", "dist-packages"))]
+    monkeypatch.setattr(sys, "path", [str(empty), *outside])
     report = probe()
     assert report.torch_version is None and report.torch_cuda is None and report.bitsandbytes is None
     assert any(w.startswith("PyTorch is not installed") for w in report.warnings)
@@ -580,13 +583,13 @@ def test_no_library_warnings_without_gpu_or_check(tmp_path, monkeypatch, hide_re
 
 
 def test_import_and_probe_in_fresh_process_load_no_heavy_modules(tmp_path):
-    """Importing engine.hardware and probing (libraries included) must not import torch & co."""
+    """Importing tunewiz.engine.planning.hardware and probing (libraries included) must not import torch & co."""
     fake = make_fake_torch(tmp_path, "cuda: Optional[str] = '12.6'")
     code = textwrap.dedent(
         """
         import json, sys, time
         t0 = time.perf_counter()
-        import engine.hardware as hw
+        import tunewiz.engine.planning.hardware as hw
         imported = time.perf_counter() - t0
         heavy = ("torch", "textual", "transformers", "bitsandbytes")
         after_import = [m for m in heavy if m in sys.modules]
@@ -620,23 +623,24 @@ def test_import_and_probe_in_fresh_process_load_no_heavy_modules(tmp_path):
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(None, "unknown"), (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (13207024435, "12.3 GiB"),
-     (5 * GIB, "5.0 GiB"), (3 * 1024**4, "3.0 TiB"), (5000 * 1024**4, "5000.0 TiB"), (-2 * GIB, "-2.0 GiB")],
+    [(None, "?"), (0, "0 MiB"), (270 * 2**20, "270 MiB"), (5 * GIB, "5.0 GiB"), (13207024435, "12 GiB"),
+     (24 * GIB, "24 GiB")],
 )
-def test_format_bytes(n, text):
-    assert format_bytes(n) == text
+def test_memory_is_written_in_one_binary_unit(n, text):
+    """The hardware advice writes sizes as everything else does (render.memory): GiB, never GB."""
+    assert memory(n) == text
 
 
 def test_low_disk_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "_disk", lambda output_dir: (str(tmp_path), 12 * GIB))
+    monkeypatch.setattr(host, "disk", lambda output_dir: (str(tmp_path), 12 * GIB))
     report = probe(tmp_path, check_libraries=False)
-    assert any(w.startswith("Only 12.0 GiB free") and str(tmp_path) in w for w in report.warnings)
-    monkeypatch.setattr(hardware, "_disk", lambda output_dir: (str(tmp_path), 200 * GIB))
+    assert any(w.startswith("Only 12 GiB free") and str(tmp_path) in w for w in report.warnings)
+    monkeypatch.setattr(host, "disk", lambda output_dir: (str(tmp_path), 200 * GIB))
     assert not any(w.startswith("Only") for w in probe(tmp_path, check_libraries=False).warnings)
 
 
 def test_disk_measures_nearest_existing_parent(tmp_path):
-    path, free = hardware._disk(tmp_path / "a" / "b" / "c")
+    path, free = host.disk(tmp_path / "a" / "b" / "c")
     assert path == str(tmp_path) and free is not None and free > 0
 
 
@@ -644,9 +648,9 @@ def test_cgroup_v2_limit(tmp_path):
     (tmp_path / "memory.max").write_text("8589934592\n")
     (tmp_path / "memory.current").write_text(str(3 * GIB))
     (tmp_path / "memory.stat").write_text(f"anon 123\ninactive_file {1 * GIB}\nactive_file 5\n")
-    assert hardware._cgroup_memory(tmp_path) == (8 * GIB, 2 * GIB)
+    assert host.cgroup_memory(tmp_path) == (8 * GIB, 2 * GIB)
     (tmp_path / "memory.max").write_text("max\n")
-    assert hardware._cgroup_memory(tmp_path) == (None, None)
+    assert host.cgroup_memory(tmp_path) == (None, None)
 
 
 def test_cgroup_v1_limit(tmp_path):
@@ -654,15 +658,15 @@ def test_cgroup_v1_limit(tmp_path):
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(16 * GIB))
     (tmp_path / "memory" / "memory.usage_in_bytes").write_text(str(4 * GIB))
     (tmp_path / "memory" / "memory.stat").write_text(f"inactive_file 1\ntotal_inactive_file {GIB}\n")
-    assert hardware._cgroup_memory(tmp_path) == (16 * GIB, 3 * GIB)
+    assert host.cgroup_memory(tmp_path) == (16 * GIB, 3 * GIB)
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
-    assert hardware._cgroup_memory(tmp_path) == (None, None)
-    assert hardware._cgroup_memory(tmp_path / "missing") == (None, None)
+    assert host.cgroup_memory(tmp_path) == (None, None)
+    assert host.cgroup_memory(tmp_path / "missing") == (None, None)
 
 
 def test_container_memory_limit_lowers_ram(monkeypatch):
-    monkeypatch.setattr(hardware, "_cgroup_memory", lambda: (4 * GIB, 1 * GIB))
-    total, available = hardware._memory()
+    monkeypatch.setattr(host, "cgroup_memory", lambda: (4 * GIB, 1 * GIB))
+    total, available = host.memory()
     assert total == 4 * GIB and available is not None and available <= 3 * GIB
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import hints
-from tui.app import keeps_going
+from tunewiz.engine import hints
+from tunewiz.tui.app import keeps_going
 
 
 @pytest.fixture(autouse=True)
@@ -46,4 +46,4 @@ def test_without_a_script_python_runs_the_engine(monkeypatch: pytest.MonkeyPatch
     python = tmp_path / "bin" / "python"
     monkeypatch.setattr(sys, "executable", str(python))
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    assert hints.command("runs") == f"{python} -m engine runs"
+    assert hints.command("runs") == f"{python} -m tunewiz.engine runs"

@@ -16,12 +16,15 @@ import pytest
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 TRAINING_STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes")
-TORCH_FREE = ("engine.cli", "engine.rundir", "engine.events", "engine.launcher", "engine.presets", "engine.spec",
-              "engine.hardware")
+TORCH_FREE = ("tunewiz.engine.cli.main", "tunewiz.engine.run.rundir", "tunewiz.engine.run.events",
+              "tunewiz.engine.run.launcher", "tunewiz.engine.config.presets", "tunewiz.engine.config.spec",
+              "tunewiz.engine.planning.hardware", "tunewiz.engine.planning.estimator",
+              "tunewiz.engine.planning.recommend", "tunewiz.engine.use.chat_client")
 
 
 def _modules(package: str) -> list[str]:
-    """Every module of `package` found on disk (without importing anything), minus `__main__`s."""
+    """Every module of the folder `package`, named as installed (`tunewiz.…`), found on disk without
+    importing anything, minus `__main__`s."""
     root = ROOT / package
     names = []
     for path in sorted(root.rglob("*.py")):
@@ -30,7 +33,7 @@ def _modules(package: str) -> list[str]:
             continue
         if parts[-1] == "__init__":
             parts.pop()
-        names.append(".".join(parts))
+        names.append(".".join(["tunewiz", *parts]))
     return names
 
 
@@ -51,9 +54,10 @@ def _loaded_after_import(module: str) -> set[str]:
 
 def test_module_discovery_sees_the_packages() -> None:
     engine_modules = _modules("engine")
-    assert {"engine", "engine.cli", "engine.worker", "engine.data"} <= set(engine_modules)
-    assert "engine.__main__" not in engine_modules
-    assert "tui" in _modules("tui")
+    assert {"tunewiz.engine", "tunewiz.engine.cli.main", "tunewiz.engine.run.worker",
+            "tunewiz.engine.data"} <= set(engine_modules)
+    assert "tunewiz.engine.__main__" not in engine_modules
+    assert "tunewiz.tui" in _modules("tui")
     assert "textual" in _loaded_after_import("textual.app")  # the probe does see imports
 
 
@@ -77,7 +81,7 @@ def test_light_engine_modules_do_not_import_torch(module: str) -> None:
 
 HEADLESS = """
 import json, sys
-from engine.cli import main
+from tunewiz.engine.cli.main import main
 for argv in (["runs"], ["runs", "--json"], ["presets"], ["locate"], ["tail", "nosuchrun"], ["stop", "nosuchrun"]):
     main(argv)
 print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))

@@ -1,6 +1,6 @@
 """The engine process for real: detached launch, the lock, graceful stop, signals, failure and resume.
 
-Every test starts `python -m engine.worker` through `engine.launcher` with the stand-in trainer
+Every test starts `python -m tunewiz.engine.run.worker` through `tunewiz.engine.run.launcher` with the stand-in trainer
 (tests/fake_trainer.py, or a stubborn one written below), and checks what the run directory says.
 """
 
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher, rundir
-from engine.rundir import RunDir
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, types, wait_finished, \
-    wait_for
+from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, types, wait_finished, wait_for
+from tunewiz.engine.run import launcher, rundir
+from tunewiz.engine.run.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,8 +43,8 @@ def _assert_seqs(evs: list[dict]) -> None:
 LAUNCH_AND_EXIT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from engine import launcher
-    from engine.rundir import RunDir
+    from tunewiz.engine.run import launcher
+    from tunewiz.engine.run.rundir import RunDir
     print(launcher.launch(RunDir(Path(sys.argv[1])), env=json.loads(sys.argv[2])))
 """)
 
@@ -185,7 +184,7 @@ def test_a_second_engine_is_refused_while_the_lock_is_held() -> None:
     _running(run)
     with pytest.raises(BlockingIOError):
         launcher.launch(run, env=fake_env())
-    direct = subprocess.run([PYTHON, "-m", "engine.worker", str(run.path)], env=fake_env(), cwd=ROOT,
+    direct = subprocess.run([PYTHON, "-m", "tunewiz.engine.run.worker", str(run.path)], env=fake_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=20)
     assert direct.returncode != 0 and "already has a live engine" in direct.stderr
     assert run.engine_alive() and run.state() == "running"
@@ -197,7 +196,7 @@ def test_a_second_engine_is_refused_while_the_lock_is_held() -> None:
 # A stand-in that ignores the stop file (it only notices SIGTERM), and one that ignores everything.
 STUBBORN = textwrap.dedent("""
     import time
-    from engine.context import TrainOutcome
+    from tunewiz.engine.run.context import TrainOutcome
 
     def _steps(ctx, until):
         step = 0

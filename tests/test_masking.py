@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from engine.data import formats
-from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded
+from tunewiz.engine.data import formats
+from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded
 
 
 def supervised_text(tokenizer: Any, encoded: Encoded) -> list[str]:
@@ -78,7 +78,7 @@ def test_template_without_eos_gets_one(demo_tokenizer: Any) -> None:
 
 
 def test_named_chatml_template_on_a_model(demo_tokenizer: Any) -> None:
-    from engine.data.chat import resolve_template
+    from tunewiz.engine.data.chat import resolve_template
 
     encoder = ChatEncoder(demo_tokenizer, resolve_template("chatml", demo_tokenizer))
     encoded = encoder.encode(formats.normalise(ROWS["alpaca"], "alpaca", {}))

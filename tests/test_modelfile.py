@@ -1,7 +1,7 @@
 """The Modelfile's TEMPLATE renders conversations exactly as the tokenizer's chat template does.
 
 The Go template is run with real Go text/template when `go` is on PATH, else with a small Python
-evaluator of exactly the subset engine/modelfile.py emits (so a CI without Go still checks it)."""
+evaluator of exactly the subset engine/use/modelfile.py emits (so a CI without Go still checks it)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from engine.data.chat import NAMED_TEMPLATES
-from engine.errors import TunewizError
-from engine.modelfile import modelfile_text, write_modelfile
+from tunewiz.engine.data.chat import NAMED_TEMPLATES
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.use.modelfile import modelfile_text, write_modelfile
 
 GO_MAIN = """package main
 
@@ -73,14 +73,15 @@ def render_go(template: str, conversations: list[list[dict[str, str]]], tmp_path
     (tmp_path / "t.tmpl").write_text(template)
     (tmp_path / "c.json").write_text(json.dumps(conversations))
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
-    result = subprocess.run([go, "run", "main.go", "t.tmpl", "c.json"], cwd=tmp_path, capture_output=True, text=True, check=False,
+    result = subprocess.run([go, "run", "main.go", "t.tmpl", "c.json"], cwd=tmp_path, capture_output=True, text=True,
+                            check=False,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 class PythonGoSubset:
-    """Go text/template, only as far as engine/modelfile.py writes it: string literals, .Content,
+    """Go text/template, only as far as engine/use/modelfile.py writes it: string literals, .Content,
     range .Messages, if/else if eq .Role "x", if ne (index .Messages 0).Role "x", end, and {{- trims."""
 
     ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)

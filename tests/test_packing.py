@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from engine.data import formats
-from engine.data.chat import ChatEncoder
+from tunewiz.engine.data import formats
+from tunewiz.engine.data.chat import ChatEncoder
 
 
 def test_packed_loss_equals_padded_loss(demo_model: Path, demo_tokenizer: Any) -> None:
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    from engine.trainer import PaddingCollator
+    from tunewiz.engine.training.trainer import PaddingCollator
 
     model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False  # as the engine loads it: packed sequences are only recognised without a cache

@@ -1,4 +1,4 @@
-"""docs/run-protocol.md stays true: its event tables match engine.events.SCHEMA field for field, its
+"""docs/run-protocol.md stays true: its event tables match tunewiz.engine.run.events.SCHEMA field for field, its
 status.json table names every key the engine writes, and its example client works."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import SCHEMA
 from tests.conftest import PYTHON, ROOT
 from tests.runtools import kill_leftovers, make_run, start, wait_finished
+from tunewiz.engine.run.events import SCHEMA
 
 DOC = ROOT / "docs" / "run-protocol.md"
 ROW = re.compile(r"^\| `([A-Za-z_]+)` \| ([^|]+?) \| (?:(yes|no) \| )?")

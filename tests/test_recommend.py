@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import catalog, spec as spec_mod
-from engine.cli import main
-from engine.hardware import GpuInfo, GpuProcess, HardwareReport
-from engine.recommend import MARGIN, choice_for, recommend
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.config import catalog
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.planning.devices import GpuInfo, GpuProcess
+from tunewiz.engine.planning.hardware import HardwareReport
+from tunewiz.engine.planning.recommend import MARGIN, choice_for, recommend
 
 GB = 10**9
 
@@ -197,8 +199,8 @@ def test_gated_models_come_after_open_ones_of_the_same_kind() -> None:
 
 
 def test_estimate_of_exactly_a_spec() -> None:
-    from engine.estimator import Settings, estimate
-    from engine.recommend import arch_for, estimate_spec
+    from tunewiz.engine.planning.estimator import Settings, estimate
+    from tunewiz.engine.planning.recommend import arch_for, estimate_spec
 
     spec = spec_mod.loads('name = "x"\nmethod = "qlora"\n[model]\nname = "llama-3.1-8b"\n[dataset]\npreset = "demo"\n'
                           '[training]\nmicro_batch_size = 1\nmax_seq_length = 4096\n')
@@ -210,8 +212,8 @@ def test_a_missing_folder_is_named_as_such_without_asking_the_hub(monkeypatch: p
                                                                  tmp_path: Path) -> None:
     import huggingface_hub
 
-    from engine.errors import ModelError
-    from engine.recommend import arch_for
+    from tunewiz.engine.errors import ModelError
+    from tunewiz.engine.planning.recommend import arch_for
 
     def hub(*args: object, **kwargs: object) -> None:
         raise AssertionError("asked the hub")
@@ -227,14 +229,14 @@ def test_a_missing_folder_is_named_as_such_without_asking_the_hub(monkeypatch: p
 def test_recommend_prints_a_command_that_trains_what_the_table_assumed(capsys: pytest.CaptureFixture[str]) -> None:
     import shlex
 
-    from engine import presets
+    from tunewiz.engine.config import presets
 
     assert main(["recommend", "--vram", "24", "--top", "20"]) == 0
     out = capsys.readouterr().out
     assert "too_big" not in out and " lora " not in out and "LORA" not in out
     assert "llama-3.1-8b         LoRA" in out and "GiB" in out and " GB" not in out
     command = out.split("Train the first one on ultrachat:\n")[1].strip().splitlines()[0]
-    from engine import hints
+    from tunewiz.engine import hints
 
     assert command.startswith(hints.command("train demo") + " --set ")
     words = shlex.split(command)
@@ -271,8 +273,8 @@ def test_models_lists_the_ungated_mirror_with_its_licence(capsys: pytest.Capture
 def test_a_gated_model_without_a_token_stops_before_any_download(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
-    from engine import models
-    from engine.errors import ModelError
+    from tunewiz.engine.errors import ModelError
+    from tunewiz.engine.training import models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     token: list[str | None] = [None]
@@ -297,7 +299,7 @@ def test_a_gated_model_without_a_token_stops_before_any_download(monkeypatch: py
 
 def test_doctor_on_a_cpu_box_says_gpu_only_libraries_are_not_needed(capsys: pytest.CaptureFixture[str],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import cli_hw
+    from tunewiz.engine.cli import hardware as cli_hw
 
     versions = {name: "1.0" for name in cli_hw.LIBRARIES}
     versions["liger-kernel"] = None

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
-from engine import hardware, spec as spec_mod
-from engine.cli import main
-from engine.estimator import Settings, estimate
-from engine.recommend import EFFECTIVE_BATCH, MARGIN, arch_for, choice_for, estimate_spec, recommend
 from tests.test_recommend import NO_GPU, gpu, machine
-
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.planning import hardware
+from tunewiz.engine.planning.estimator import Settings, estimate
+from tunewiz.engine.planning.recommend import EFFECTIVE_BATCH, MARGIN, arch_for, choice_for, estimate_spec, recommend
 
 
 def cards(count: int, total_gb: float, name: str = "NVIDIA Test GPU") -> list:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import spec as spec_mod
-from engine.spec import RunSpec, SpecError
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.spec import RunSpec, SpecError
 
 
 def full_spec() -> RunSpec:
@@ -53,7 +53,7 @@ def test_defaults_round_trip_and_unset_values_are_omitted() -> None:
 
 
 def test_builtin_demo_preset_is_canonical() -> None:
-    from engine.presets import builtin_dir
+    from tunewiz.engine.config.presets import builtin_dir
 
     spec = spec_mod.load(builtin_dir() / "demo.toml")
     assert spec.name == "demo" and spec.dataset.preset == "demo"
@@ -175,10 +175,10 @@ def test_every_field_is_documented() -> None:
 
 
 def test_spec_doc_is_current() -> None:
-    from engine.spec_doc import render
+    from tunewiz.engine.config.spec_doc import render
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "run-spec.md"
-    assert doc.read_text() == render(), "regenerate with: python -m engine.spec_doc > docs/run-spec.md"
+    assert doc.read_text() == render(), "regenerate with: python -m tunewiz.engine.config.spec_doc > docs/run-spec.md"
 
 
 def test_gpus_takes_a_count_or_a_list_of_indices() -> None:

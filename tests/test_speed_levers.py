@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from bench import speed as bench_speed
-from engine import ranks, speed
-from engine.catalog import models
-from engine.estimator import ModelArch
-from engine.spec import RunSpec, apply_overrides
+from tunewiz.engine.config.catalog import models
+from tunewiz.engine.config.spec import RunSpec, apply_overrides
+from tunewiz.engine.planning.estimator import ModelArch
+from tunewiz.engine.run import ranks
+from tunewiz.engine.training import speed
 
 
 def _spec(*overrides: str) -> RunSpec:
@@ -132,7 +133,7 @@ def test_benchmark_table_compares_within_one_suite_and_card() -> None:
 def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) -> None:
     import json
 
-    from engine import recommend
+    from tunewiz.engine.planning import recommend
 
     folder = tmp_path / "llama-3.1-8b"
     folder.mkdir()
@@ -197,7 +198,7 @@ def _tiny_llama(layers: int = 4) -> Any:
 def test_partial_checkpointing_keeps_the_maths(layers: int | None) -> None:
     import torch
 
-    from engine.trainer import limit_checkpointing
+    from tunewiz.engine.training.trainer import limit_checkpointing
 
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     grads = []
@@ -217,12 +218,13 @@ def _lora_llama(lean: bool, dropout: float = 0.0, dtype: Any = None) -> Any:
     """The tiny llama with a LoRA adapter whose B is not zero (so the adapter shows in every output)."""
     import torch
 
-    from engine.trainer import prepare_trainable
+    from tunewiz.engine.training.trainer import prepare_trainable
 
     base = _tiny_llama(2)
     if dtype is not None:
         base = base.to(dtype)
-    spec = _spec(f"lora.dropout={dropout}", f"speed.lean_lora={str(lean).lower()}", 'lora.target_modules=["all-linear"]')
+    spec = _spec(f"lora.dropout={dropout}", f"speed.lean_lora={str(lean).lower()}",
+                 'lora.target_modules=["all-linear"]')
     model, prepared = prepare_trainable(base, spec, dtype or torch.float32, cuda=False)
     torch.manual_seed(2)
     for name, param in model.named_parameters():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher
-from engine.rundir import RunDir
 from tests.runtools import events, fake_env, kill_leftovers, make_run, steps_seen, types, wait_finished, wait_for
+from tunewiz.engine.run import launcher
+from tunewiz.engine.run.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,6 +63,7 @@ def test_a_failing_rank_fails_the_run_with_its_own_error() -> None:
     assert finished["status"] == "failed", types(evs)
     assert len(errors) == 1 and errors[0]["message"].startswith("rank 1: CUDA out of memory"), errors
     assert types(evs).count("finished") == 1  # rank 0 was stopped, but the run ends once, as failed
+    assert max((e["step"] for e in evs if e["type"] == "step"), default=0) < 400  # rank 0 did not train on
     assert "batch" in (errors[0]["hint"] or "")  # rank 1's own hint travels with its error
     status = run.status()
     assert status["state"] == "failed" and status["error"]["message"].startswith("rank 1:")

@@ -1,6 +1,6 @@
 """The Chat screen and the dashboard's next steps, driven with Pilot and a stand-in chat process.
 
-The stand-in speaks the chat protocol (engine/chat_server.py) from a thread: tests of the real process
+The stand-in speaks the chat protocol (engine/use/chat_server.py) from a thread: tests of the real process
 are in tests/test_engine_cpu.py. Snapshots at 80x24; update after an intended change with
 `pytest tests/test_tui_chat.py -k snapshot --snapshot-update` and look at the SVGs first.
 """
@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from textual.widgets import Input, OptionList
 
-from engine import rundir
-from engine.chat_client import Reply, SamplingSettings
 from tests.test_tui_dashboard import FIXED, make_services, place, shown, text_of, wait_until
-from tui.app import TunewizApp
-from tui.screens.chat import ChatScreen
-from tui.screens.dashboard import DashboardScreen
-from tui.screens.dialogs import ChoiceDialog, MessageDialog, SamplingDialog
-from tui.screens.runs import RunsScreen
+from tunewiz.engine.run import rundir
+from tunewiz.engine.use.chat_client import Reply, SamplingSettings
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.dialogs import ChoiceDialog, MessageDialog, SamplingDialog
+from tunewiz.tui.screens.chat import ChatScreen
+from tunewiz.tui.screens.dashboard import DashboardScreen
+from tunewiz.tui.screens.runs import RunsScreen
 
 pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(120)]
 

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,20 +27,20 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from engine import rundir
-from engine.events import EventReader
-from engine.worktime import LossScan
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.tui_fakes import FakeServices, no_gpu_report
-from tui.app import TunewizApp
-from tui.runmodel import BulkEventReader, RunModel, Series
-from tui.screens.dashboard import DashboardScreen
-from tui.screens.dialogs import ConfirmDialog, ExportDialog, MessageDialog
-from tui.screens.runs import RunsScreen
-from tui.screens.settings import SettingsScreen
-from tui.screens.welcome import WelcomeScreen
-from tui.services import Services
-from tui.widgets.chart import LineChart
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.events import EventReader
+from tunewiz.engine.run.worktime import LossScan
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.dialogs import ConfirmDialog, ExportDialog, MessageDialog
+from tunewiz.tui.runmodel import BulkEventReader, RunModel, Series
+from tunewiz.tui.screens.dashboard import DashboardScreen
+from tunewiz.tui.screens.runs import RunsScreen
+from tunewiz.tui.screens.settings import SettingsScreen
+from tunewiz.tui.screens.welcome import WelcomeScreen
+from tunewiz.tui.services import Services
+from tunewiz.tui.widgets.chart import LineChart
 
 pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(180)]
 
@@ -193,10 +192,10 @@ def _write_resumed_run(path: Path) -> None:
     import itertools
     from unittest import mock
 
-    from engine.events import EventWriter
+    from tunewiz.engine.run.events import EventWriter
 
     clock = itertools.count(1_000_000.0, 0.25)
-    with mock.patch("engine.events.time.time", side_effect=lambda: next(clock)):
+    with mock.patch("tunewiz.engine.run.events.time.time", side_effect=lambda: next(clock)):
         _write_lives(EventWriter(path))
 
 
@@ -463,8 +462,8 @@ async def test_export_offers_adapter_merged_or_gguf_and_runs_in_a_worker(tmp_pat
 
 
 def test_the_default_export_runs_the_export_command(tmp_path: Path) -> None:
-    """The real service: `python -m engine export` in a child; its error comes back as a ServiceError."""
-    from tui.services import ServiceError, default_export
+    """The real service: `python -m tunewiz.engine export` in a child; its error comes back as a ServiceError."""
+    from tunewiz.tui.services import ServiceError, default_export
 
     run = place(tmp_path / "runs", "cancelled").runs["cancelled"]
     progress: list[str] = []
@@ -592,14 +591,14 @@ async def test_runs_open_resume_relaunch_and_delete(tmp_path: Path, placed_runs:
 
 ATTACH_HEADLESS = """
 import json, sys
-from engine.cli import main
+from tunewiz.engine.cli.main import main
 code = main(["attach", "nosuchrun"])
 print(json.dumps({"code": code, "textual": "textual" in sys.modules}))
 """
 
 
 def test_attach_is_a_command_that_loads_the_app_only_when_run(tunewiz_home: Path) -> None:
-    from engine.cli import build_parser
+    from tunewiz.engine.cli.main import build_parser
 
     args = build_parser().parse_args(["attach", "last"])
     assert args.func.__name__ == "cmd_attach"
@@ -689,10 +688,10 @@ import asyncio, sys
 from pathlib import Path
 from tests.tui_fakes import FakeServices, no_gpu_report
 from textual.widgets import Input
-from tui.app import TunewizApp
-from tui.screens.dashboard import DashboardScreen
-from tui.screens.settings import SettingsScreen
-from tui.services import Services
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.screens.dashboard import DashboardScreen
+from tunewiz.tui.screens.settings import SettingsScreen
+from tunewiz.tui.services import Services
 
 SETTINGS = {"f-training--max_steps": "4", "f-training--sample_prompts": "1", "f-training--eval_every": "4",
             "f-training--save_every": "2"}
@@ -814,7 +813,7 @@ def test_attach_exits_cleanly_when_the_terminal_goes_away(tmp_path: Path, placed
     run = placed.runs["running"]
     master, slave = pty.openpty()
     env = subprocess_env(TERM="xterm-256color", COLUMNS="80", LINES="24")
-    process = subprocess.Popen([PYTHON, "-m", "engine", "attach", str(run.path)], stdin=slave, stdout=slave,
+    process = subprocess.Popen([PYTHON, "-m", "tunewiz.engine", "attach", str(run.path)], stdin=slave, stdout=slave,
                                stderr=slave, env=env, cwd=ROOT, start_new_session=True, close_fds=True,
                                preexec_fn=_take_terminal)
     os.close(slave)
@@ -844,7 +843,7 @@ def test_attach_exits_cleanly_when_the_terminal_goes_away(tmp_path: Path, placed
 
 def test_gpu_readings_become_gauges_with_peaks_and_history() -> None:
     """No GPU run was recorded here: a `gpu` event in the engine's format, for two GPUs."""
-    from tui.screens.dashboard import resources_text
+    from tunewiz.tui.screens.dashboard import resources_text
 
     def device(index: int, used: float, util: int) -> dict[str, Any]:
         return {"index": index, "name": "NVIDIA H100 80GB HBM3", "mem_used_bytes": used, "mem_total_bytes": 85e9,
@@ -853,7 +852,8 @@ def test_gpu_readings_become_gauges_with_peaks_and_history() -> None:
 
     model = RunModel("g")
     model.apply_raw([{"type": "started", "time": 1.0, "pid": 1},
-                     *({"type": "gpu", "time": 2.0 + t, "devices": [device(0, 30e9 + t * 0.2e9, 90), device(1, 20e9, 50)],
+                     *({"type": "gpu", "time": 2.0 + t,
+                        "devices": [device(0, 30e9 + t * 0.2e9, 90), device(1, 20e9, 50)],
                         "process": {"rss_bytes": 6e9, "cpu_pct": 101.0, "cpu_count": 16}} for t in range(130))])
     view = model.view("running")
     assert len(view.gpus) == 2 and len(view.gpus[0].history["mem"]) == 120  # the last 10 minutes

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from engine import recommend as rec
 from tests.test_tui_wizard import make_app, on_screen, text_of, to_model_step, wait_until
 from tests.test_tui_wizard_multi_gpu import choices_text, to_review, to_settings
 from tests.tui_fakes import gpu24_report, no_gpu_report
-from tui import wizard
-from tui.screens.model import choice_prompt
-from tui.screens.review import ReviewScreen, better_choice
+from tunewiz.engine.planning import recommend as rec
+from tunewiz.tui import wizard
+from tunewiz.tui.screens.model import choice_prompt
+from tunewiz.tui.screens.review import ReviewScreen, better_choice
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +44,7 @@ async def test_review_estimates_the_spec_about_to_launch_without_cuda_context_on
 
 
 def test_the_cpu_demo_estimate_is_the_one_number_everywhere() -> None:
-    from engine import presets
+    from tunewiz.engine.config import presets
 
     demo = presets.resolve("demo")[0]
     report = no_gpu_report()
@@ -94,8 +94,9 @@ async def test_review_offers_the_first_choice_at_the_datas_length_and_r_switches
 def test_the_model_step_states_the_mirror_and_its_licence() -> None:
     choice = rec.choice_for("llama-3.1-8b", gpu24_report())
     prompt = choice_prompt(choice, 1, gpu24_report())
-    from rich.console import Console
     import io
+
+    from rich.console import Console
 
     console = Console(width=300, file=io.StringIO(), color_system=None)
     console.print(prompt)
@@ -111,8 +112,10 @@ def test_the_model_step_states_the_mirror_and_its_licence() -> None:
 
 
 def test_user_presets_never_shadow_builtins_and_can_be_renamed_and_deleted(capsys: pytest.CaptureFixture[str]) -> None:
-    from engine import cli, locations, presets
-    from engine.spec import SpecError
+    from tunewiz.engine import locations
+    from tunewiz.engine.cli import main as cli
+    from tunewiz.engine.config import presets
+    from tunewiz.engine.config.spec import SpecError
 
     spec = presets.resolve("demo")[0]
     with pytest.raises(SpecError, match="'demo' is a built-in preset.*e.g. 'demo-2'"):
@@ -136,7 +139,9 @@ def test_user_presets_never_shadow_builtins_and_can_be_renamed_and_deleted(capsy
 
 
 def test_presets_save_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from engine import cli, presets, rundir
+    from tunewiz.engine.cli import main as cli
+    from tunewiz.engine.config import presets
+    from tunewiz.engine.run import rundir
 
     spec = presets.resolve("demo")[0]
     run = rundir.create(spec)
@@ -148,10 +153,11 @@ def test_presets_save_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.asyncio
 async def test_saved_presets_screen_survives_duplicates_and_broken_files(tmp_path: Path) -> None:
-    from engine import locations, presets
-    from tui.screens.dialogs import ConfirmDialog, MessageDialog, NameDialog
-    from tui.screens.presets import PresetsScreen
-    from tui.screens.welcome import WelcomeScreen
+    from tunewiz.engine import locations
+    from tunewiz.engine.config import presets
+    from tunewiz.tui.dialogs import ConfirmDialog, MessageDialog, NameDialog
+    from tunewiz.tui.screens.presets import PresetsScreen
+    from tunewiz.tui.screens.welcome import WelcomeScreen
 
     folder = locations.user_presets_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,8 +200,8 @@ async def test_saved_presets_screen_survives_duplicates_and_broken_files(tmp_pat
 
 async def _to_dashboard_from_past_runs(pilot: Any, fakes: Any) -> None:
     from tests.test_tui_wizard import launch_from_review
-    from tui.screens.runs import RunsScreen
-    from tui.screens.dashboard import DashboardScreen
+    from tunewiz.tui.screens.dashboard import DashboardScreen
+    from tunewiz.tui.screens.runs import RunsScreen
 
     await to_model_step(pilot)
     await to_review(pilot)
@@ -210,7 +216,7 @@ async def _to_dashboard_from_past_runs(pilot: Any, fakes: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_detach_from_a_dashboard_opened_from_past_runs_returns_there(tmp_path: Path) -> None:
-    from tui.screens.runs import RunsScreen
+    from tunewiz.tui.screens.runs import RunsScreen
 
     app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
     async with app.run_test(size=(100, 30)) as pilot:
@@ -249,8 +255,8 @@ async def test_q_types_in_a_text_field_and_ctrl_c_does_not_quit(tmp_path: Path) 
 
 @pytest.mark.asyncio
 async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path) -> None:
-    from tui.keys import keys_help
-    from tui.screens.dialogs import MessageDialog
+    from tunewiz.tui.dialogs import MessageDialog
+    from tunewiz.tui.keys import keys_help
 
     app, fakes = make_app(no_gpu_report(), tmp_path, fixed_run_id="20260101-120000-demo-ab12")
     async with app.run_test(size=(100, 30)) as pilot:
@@ -271,7 +277,7 @@ async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path
         await pilot.press("escape")
         await on_screen(pilot, ReviewScreen)
         await pilot.press("l")
-        from tui.screens.dashboard import DashboardScreen
+        from tunewiz.tui.screens.dashboard import DashboardScreen
 
         await on_screen(pilot, DashboardScreen)
         dashboard = keys_help(app.screen)
@@ -281,8 +287,8 @@ async def test_help_lists_exactly_the_keys_of_the_screen_in_front(tmp_path: Path
 
 @pytest.mark.asyncio
 async def test_below_the_smallest_size_the_app_says_so(tmp_path: Path) -> None:
-    from tui.app import TooSmallScreen
-    from tui.screens.welcome import WelcomeScreen
+    from tunewiz.tui.app import TooSmallScreen
+    from tunewiz.tui.screens.welcome import WelcomeScreen
 
     app, _fakes = make_app(no_gpu_report(), tmp_path)
     async with app.run_test(size=(50, 15)) as pilot:
@@ -314,7 +320,7 @@ def _support_csv(folder: Path) -> Path:
 async def test_a_csv_with_its_own_column_names_is_mapped_in_the_app(tmp_path: Path) -> None:
     from textual.widgets import Input, Select
 
-    from tui.screens.dataset import DatasetScreen
+    from tunewiz.tui.screens.dataset import DatasetScreen
 
     csv_path = _support_csv(tmp_path)
     app, _fakes = make_app(no_gpu_report(), tmp_path)
@@ -336,8 +342,9 @@ async def test_a_csv_with_its_own_column_names_is_mapped_in_the_app(tmp_path: Pa
 
 
 def test_that_mapping_trains(tmp_path: Path, demo_tokenizer: Any) -> None:
-    from engine import presets, spec as spec_mod
-    from engine.data.prepare import prepare
+    from tunewiz.engine.config import presets
+    from tunewiz.engine.config import spec as spec_mod
+    from tunewiz.engine.data.prepare import prepare
 
     csv_path = _support_csv(tmp_path)
     spec = presets.resolve("demo", [f"dataset.source={csv_path}", "dataset.preset=", "dataset.format=alpaca",
@@ -348,7 +355,7 @@ def test_that_mapping_trains(tmp_path: Path, demo_tokenizer: Any) -> None:
 
 
 def test_the_demo_states_its_measured_time() -> None:
-    from engine import presets
+    from tunewiz.engine.config import presets
 
     # measured 2026-12-02: 72 steps in 14m36s of training time on this project's shared 2-core CPU (docs/tui.md)
     assert "15 minutes measured on a shared 2-core CPU" in presets.resolve("demo")[0].description

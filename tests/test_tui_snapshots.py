@@ -18,17 +18,17 @@ from textual.widgets import Input
 
 from tests.test_tui_wizard import on_screen, wait_until
 from tests.tui_fakes import FakeServices, gpu24_report, gpu80_report, gpu80x2_report, no_gpu_report
-from tui.app import TunewizApp
-from tui.screens.dataset import DatasetScreen
-from tui.screens.dialogs import ConfirmDialog, MessageDialog
-from tui.screens.hardware import HardwareScreen
-from tui.screens.model import ModelScreen
-from tui.screens.presets import PresetsScreen
-from tui.screens.review import ReviewScreen
-from tui.screens.run_view import RunViewScreen
-from tui.screens.runs import RunsScreen
-from tui.screens.settings import SettingsScreen
-from tui.screens.welcome import WelcomeScreen
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.dialogs import ConfirmDialog, MessageDialog
+from tunewiz.tui.screens.dashboard import DashboardScreen
+from tunewiz.tui.screens.dataset import DatasetScreen
+from tunewiz.tui.screens.hardware import HardwareScreen
+from tunewiz.tui.screens.model import ModelScreen
+from tunewiz.tui.screens.presets import PresetsScreen
+from tunewiz.tui.screens.review import ReviewScreen
+from tunewiz.tui.screens.runs import RunsScreen
+from tunewiz.tui.screens.settings import SettingsScreen
+from tunewiz.tui.screens.welcome import WelcomeScreen
 
 pytestmark = [pytest.mark.usefixtures("plain_hints"), pytest.mark.timeout(180)]
 
@@ -132,7 +132,7 @@ async def review(pilot: Any) -> None:
 async def launched(pilot: Any) -> None:
     await review(pilot)
     await pilot.press("l")
-    await on_screen(pilot, RunViewScreen)
+    await on_screen(pilot, DashboardScreen)
     await wait_until(pilot, lambda: pilot.app.screen.view is not None and pilot.app.screen.view.step == 2, "the events")
 
 

@@ -1,7 +1,8 @@
 """The wizard driven with key presses (Textual's Pilot) on simulated hardware, asserting the spec that is launched.
 
 The services are fakes (tests/tui_fakes.py): no GPU / 24 GiB / 80 GiB hardware, a recommender following the
-engine.recommend contract, a canned data check, and a launcher that records the spec instead of training.
+tunewiz.engine.planning.recommend contract, a canned data check, and a launcher that records the spec instead of
+training.
 """
 
 from __future__ import annotations
@@ -22,24 +23,33 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from engine import presets, rundir, spec as spec_mod
-from engine.spec import SpecError
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.tui_fakes import (FakeServices, demo_check_report, fake_choice_for, fake_recommend, gpu24_report,
-                             gpu80_report, no_gpu_report)
-from tui import wizard
-from tui.app import TunewizApp
-from tui.screens.dataset import DatasetScreen
-from tui.screens.dialogs import ConfirmDialog, MessageDialog, NameDialog
-from tui.screens.hardware import HardwareScreen
-from tui.screens.model import ModelScreen
-from tui.screens.presets import PresetsScreen
-from tui.screens.review import ReviewScreen
-from tui.screens.run_view import RunViewScreen
-from tui.screens.runs import RunsScreen
-from tui.screens.settings import SettingsScreen
-from tui.screens.welcome import WelcomeScreen
-from tui.services import Services
+from tests.tui_fakes import (
+    FakeServices,
+    demo_check_report,
+    fake_choice_for,
+    fake_recommend,
+    gpu24_report,
+    gpu80_report,
+    no_gpu_report,
+)
+from tunewiz.engine.config import presets
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.spec import SpecError
+from tunewiz.engine.run import rundir
+from tunewiz.tui import wizard
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.dialogs import ConfirmDialog, MessageDialog, NameDialog
+from tunewiz.tui.screens.dashboard import DashboardScreen
+from tunewiz.tui.screens.dataset import DatasetScreen
+from tunewiz.tui.screens.hardware import HardwareScreen
+from tunewiz.tui.screens.model import ModelScreen
+from tunewiz.tui.screens.presets import PresetsScreen
+from tunewiz.tui.screens.review import ReviewScreen
+from tunewiz.tui.screens.runs import RunsScreen
+from tunewiz.tui.screens.settings import SettingsScreen
+from tunewiz.tui.screens.welcome import WelcomeScreen
+from tunewiz.tui.services import Services
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,7 +91,7 @@ async def launch_from_review(pilot: Any, fakes: FakeServices) -> None:
     await on_screen(pilot, ReviewScreen)
     await pilot.press("l")
     await wait_until(pilot, lambda: fakes.launched, "the launch")
-    await on_screen(pilot, RunViewScreen)
+    await on_screen(pilot, DashboardScreen)
 
 
 def demo_preset_text() -> str:
@@ -146,7 +156,7 @@ def test_check_request_argv_matches_the_data_check_command() -> None:
 
 
 def test_memory_verdict_uses_free_ram_without_a_gpu() -> None:
-    from tui.widgets.memory import verdict
+    from tunewiz.tui.widgets.memory import verdict
 
     big = fake_choice_for("llama-3.1-8b", gpu24_report())  # the recommender's verdict is about the GPU
     assert verdict(big, gpu24_report())[1:] == ("fits", "free")
@@ -156,8 +166,8 @@ def test_memory_verdict_uses_free_ram_without_a_gpu() -> None:
 
 
 def test_no_cuda_context_is_counted_on_a_cpu() -> None:
-    from engine.recommend import choice_for
-    from tui.widgets.memory import estimate_breakdown, estimate_total
+    from tunewiz.engine.planning.recommend import choice_for
+    from tunewiz.tui.widgets.memory import estimate_breakdown, estimate_total
 
     choice = choice_for("llama-3.1-8b", gpu24_report())
     assert estimate_total(choice, gpu24_report()) == choice.needed_bytes
@@ -167,7 +177,7 @@ def test_no_cuda_context_is_counted_on_a_cpu() -> None:
 
 
 def test_peek_reads_columns_and_guesses_a_mapping(tmp_path: Path) -> None:
-    from tui.datafile import guess_mapping, peek
+    from tunewiz.tui.datafile import guess_mapping, peek
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('\n{"Question": "q", "Answer": "a"}\n')
@@ -203,7 +213,7 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
         await enter_to_review(pilot)
         await pilot.press("enter")  # the Launch button has the focus
         await wait_until(pilot, lambda: fakes.launched, "the launch")
-        await on_screen(pilot, RunViewScreen)
+        await on_screen(pilot, DashboardScreen)
         assert [type(s).__name__ for s in app.screen_stack[1:]] == ["WelcomeScreen", "DashboardScreen"]
     assert len(fakes.launched) == 1 and fakes.trusted == [False]
     assert spec_mod.dumps(fakes.launched[0]) == demo_preset_text()
@@ -212,7 +222,7 @@ async def test_no_gpu_pressing_enter_all_the_way_launches_the_demo_preset(tmp_pa
 
 @pytest.mark.asyncio
 async def test_a_spec_that_runs_model_code_is_launched_only_after_the_user_says_so(tmp_path: Path) -> None:
-    from tui.screens.dialogs import ConfirmDialog
+    from tunewiz.tui.dialogs import ConfirmDialog
 
     app, fakes = make_app(no_gpu_report(), tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -235,7 +245,7 @@ async def test_a_spec_that_runs_model_code_is_launched_only_after_the_user_says_
 @pytest.mark.parametrize("make_report", [no_gpu_report, gpu24_report, gpu80_report], ids=["no-gpu", "24gb", "80gb"])
 @pytest.mark.asyncio
 async def test_with_the_real_recommender_the_defaults_launch_its_first_choice(tmp_path: Path, make_report: Any) -> None:
-    recommend = pytest.importorskip("engine.recommend")
+    recommend = pytest.importorskip("tunewiz.engine.planning.recommend")
     report = make_report()
     first = recommend.recommend(report, seq_len=wizard.RECOMMEND_SEQ_LEN).choices[0]
     fakes = FakeServices(report, tmp_path / "runs")
@@ -484,7 +494,7 @@ async def test_past_runs_are_listed_and_open_in_the_run_view(tmp_path: Path) -> 
         await on_screen(pilot, RunsScreen)
         await wait_until(pilot, lambda: len(app.screen.rows) == 1, "the run in the list")
         await pilot.press("enter")
-        await on_screen(pilot, RunViewScreen)
+        await on_screen(pilot, DashboardScreen)
         assert app.screen.run.run_id == rundir.list_runs(tmp_path / "runs")[0].run_id
 
 
@@ -504,7 +514,7 @@ async def test_a_failing_worker_becomes_a_dialog(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_a_failed_data_check_is_shown_and_asks_before_going_on(tmp_path: Path) -> None:
-    from tui.services import ServiceError
+    from tunewiz.tui.services import ServiceError
 
     def failing_check(request: Any, is_cancelled: Any) -> dict[str, Any]:
         raise ServiceError("dataset file /nowhere.jsonl does not exist", "check dataset.source")
@@ -552,8 +562,8 @@ async def test_demo_check_report_reaches_review(tmp_path: Path) -> None:
 STARTUP = """
 import json, time
 wall, cpu = time.perf_counter(), time.process_time()
-import tui.app
-app = tui.app.TunewizApp()
+import tunewiz.tui.app
+app = tunewiz.tui.app.TunewizApp()
 print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
 """
 
@@ -580,7 +590,7 @@ def test_app_starts_fast(tunewiz_home: Path) -> None:
 HANGUP_APP = """
 import sys
 from tests.tui_fakes import FakeServices, no_gpu_report
-from tui.app import run_app
+from tunewiz.tui.app import run_app
 from pathlib import Path
 sys.exit(run_app(FakeServices(no_gpu_report(), Path(sys.argv[1])).services()))
 """
@@ -656,7 +666,7 @@ async def test_end_to_end_the_wizard_launches_a_real_engine_process(tmp_path: Pa
             for screen in (WelcomeScreen, HardwareScreen, ModelScreen, DatasetScreen, SettingsScreen, ReviewScreen):
                 await on_screen(pilot, screen)
                 await pilot.press("enter")
-            await on_screen(pilot, RunViewScreen)
+            await on_screen(pilot, DashboardScreen)
             run = app.launched[0]
             assert run.path.parent == tmp_path / "runs"
             spec = run.load_spec()

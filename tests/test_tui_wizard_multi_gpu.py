@@ -9,17 +9,16 @@ from typing import Any
 
 import pytest
 
-from engine import spec as spec_mod
-from engine.errors import TunewizError
 from tests.test_tui_wizard import launch_from_review, make_app, on_screen, text_of, to_model_step, wait_until
 from tests.tui_fakes import FakeServices, gpu24_report, gpu80_report, gpu80x2_report, no_gpu_report
-from tui import wizard
-from tui.app import TunewizApp
-from tui.screens.dataset import DatasetScreen
-from tui.screens.model import ModelScreen
-from tui.screens.review import ReviewScreen
-from tui.screens.settings import SettingsScreen
-from tui.services import Services
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.errors import TunewizError
+from tunewiz.tui import wizard
+from tunewiz.tui.app import TunewizApp
+from tunewiz.tui.screens.dataset import DatasetScreen
+from tunewiz.tui.screens.review import ReviewScreen
+from tunewiz.tui.screens.settings import SettingsScreen
+from tunewiz.tui.services import Services
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,7 +160,7 @@ async def test_one_gpu_offers_no_switch(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_with_the_real_recommender_two_gpus_train_with_ddp(tmp_path: Path) -> None:
-    from engine import recommend
+    from tunewiz.engine.planning import recommend
 
     report = gpu24_report()
     report.gpus.append(dataclasses.replace(report.gpus[0], index=1, cuda_index=1))

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from engine import chat_server, evaluate, rundir, spec as spec_mod
-from engine.chat_client import SamplingSettings
-from engine.cli import main
-from engine.errors import TunewizError
-from engine.inference import Generation, adapter_path
 from tests.runtools import make_run
-
+from tunewiz.engine.cli.main import main
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.run import rundir
+from tunewiz.engine.use import chat_server, evaluate
+from tunewiz.engine.use.chat_client import SamplingSettings
+from tunewiz.engine.use.inference import Generation, adapter_path
 
 # ---------------------------------------------------------------------------------------------- scores
 
@@ -107,7 +108,7 @@ def test_bad_settings_and_eval_arguments(capsys: pytest.CaptureFixture[str], tmp
 # ---------------------------------------------------------------------------------------------- protocol
 
 class FakeLoaded:
-    """Stands in for engine.inference.RunModel: streams the prompt back word by word."""
+    """Stands in for tunewiz.engine.use.inference.RunModel: streams the prompt back word by word."""
 
     label, checkpoint, device, system_prompt, context_length, notes = "fake", None, "cpu", None, 100, []
 

@@ -7,11 +7,13 @@ import json
 
 import pytest
 
-from engine import cli, presets, rundir
-from engine.context import EngineContext
-from engine.events import EventWriter
-from engine.worktime import LossScan, training_time
-from tui.runmodel import RunModel
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.config import presets
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.context import EngineContext
+from tunewiz.engine.run.events import EventWriter
+from tunewiz.engine.run.worktime import LossScan, training_time
+from tunewiz.tui.runmodel import RunModel
 
 
 def test_training_time_adds_up_the_lives() -> None:

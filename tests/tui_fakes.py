@@ -1,5 +1,5 @@
 """Fakes for the wizard's services: simulated hardware (no GPU, 24 GiB, 80 GiB), a recommender that follows the
-engine.recommend contract, a canned data checker and a launcher that records the spec it was given."""
+tunewiz.engine.planning.recommend contract, a canned data checker and a launcher that records the spec it was given."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import rundir
-from engine.errors import ModelError
-from engine.hardware import GpuInfo, GpuProcess, HardwareReport
-from engine.spec import RunSpec
-from tui.services import Services
-from tui.wizard import CheckRequest
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.engine.errors import ModelError
+from tunewiz.engine.planning.devices import GpuInfo, GpuProcess
+from tunewiz.engine.planning.hardware import HardwareReport
+from tunewiz.engine.run import rundir
+from tunewiz.tui.services import Services
+from tunewiz.tui.wizard import CheckRequest
 
 GB = 10**9
 GIB = 1024**3
@@ -220,7 +221,7 @@ class FakeServices:
             path = (runs_root or self.runs_root) / self.fixed_run_id
             path.mkdir(parents=True, exist_ok=True)
             run = rundir.RunDir(path)
-            from engine import spec as spec_mod
+            from tunewiz.engine.config import spec as spec_mod
 
             spec_mod.save(spec, run.spec_path)
             run.marker_path.write_text(json.dumps({"run_id": run.run_id}) + "\n")  # a run tunewiz made

@@ -253,7 +253,9 @@ def check_disjoint(train, heldout):
     assert len(set(HELDOUT_COMPANIES)) == len(HELDOUT_COMPANIES) == 15
     assert not set(TRAIN_COMPANIES) & set(HELDOUT_COMPANIES), "company overlap"
     # Distinctive first words must differ too (e.g. no "Norvale X" in both).
-    first = lambda names: {n.split()[0].lower() for n in names}
+    def first(names: list[str]) -> set[str]:
+        return {n.split()[0].lower() for n in names}
+
     assert not first(TRAIN_COMPANIES) & first(HELDOUT_COMPANIES), "company stem overlap"
     assert not set(TRAIN_FIRMS) & set(HELDOUT_FIRMS), "analyst firm overlap"
 
@@ -297,7 +299,9 @@ def main() -> None:
     check_disjoint(train, heldout)
 
     # No headline may occur in both splits.
-    headline = lambda e: re.match(r"Headline: (.*)\n", e["record"]["messages"][0]["content"]).group(1)
+    def headline(example: dict) -> str:
+        return re.match(r"Headline: (.*)\n", example["record"]["messages"][0]["content"]).group(1)
+
     assert not {headline(e) for e in train} & {headline(e) for e in heldout}
 
     for name, examples, expected in (("train", train, N_TRAIN),

@@ -24,13 +24,15 @@ from textual.signal import Signal
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from engine import hints
-from engine.errors import TunewizError
-from engine.spec import RunSpec, SpecError
-from tui import wizard
-from tui.messages import DataChecked, HardwareProbed, ModelEstimated, ReviewEstimated, RunLaunched
-from tui.services import ServiceError, Services
-from tui.wizard import CheckRequest, CheckResult, WizardState
+from tunewiz.engine import hints
+from tunewiz.engine.config.spec import RunSpec, SpecError
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.run.rundir import LIVE_STATES
+from tunewiz.tui import wizard
+from tunewiz.tui.messages import DataChecked, HardwareProbed, ModelEstimated, ReviewEstimated, RunLaunched
+from tunewiz.tui.navigation import Place, next_place, place_of, screen_for
+from tunewiz.tui.services import ServiceError, Services
+from tunewiz.tui.wizard import CheckRequest, CheckResult, WizardState
 
 TTY_CHECK_S = 2.0
 
@@ -78,8 +80,8 @@ class TunewizApp(App[int]):
     TITLE = "tunewiz"
     ENABLE_COMMAND_PALETTE = False
     # classes on every screen for tunewiz.tcss: narrower and shorter than 80x24 get tighter layouts
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (80, "-wide")]
-    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (24, "-tall")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (80, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (24, "-tall")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", tooltip="runs keep training", priority=True),
         Binding("q", "quit", "Quit", tooltip="runs keep training", show=False),  # a text field
@@ -104,7 +106,7 @@ class TunewizApp(App[int]):
         """The run to open at once (`tunewiz attach RUN`): its dashboard; Esc leads to the welcome screen."""
         self._prefetch = None
         if attach is not None:  # read its history while the app starts
-            from tui.runmodel import Prefetch
+            from tunewiz.tui.runmodel import Prefetch
 
             self._prefetch = Prefetch(attach.run_id, attach.events_path, attach.status())
         self.hung_up = False
@@ -115,16 +117,12 @@ class TunewizApp(App[int]):
     # ---------------------------------------------------------------- start and stop
 
     def on_mount(self) -> None:
-        from tui.screens.welcome import WelcomeScreen
-
         if self.attach is not None:
-            from tui.screens.dashboard import DashboardScreen
-
             # Only the dashboard: Esc swaps in the welcome screen, and the wizard probes the hardware when used.
-            self.push_screen(DashboardScreen(self.attach, self._prefetch))
+            self.go(Place.DASHBOARD, self.attach, self._prefetch)
             self._prefetch = None
         else:
-            self.push_screen(WelcomeScreen())
+            self.go(Place.WELCOME)
             self.probe_hardware()
         if self._watch_terminal:
             loop = asyncio.get_running_loop()
@@ -135,7 +133,7 @@ class TunewizApp(App[int]):
     def _check_terminal(self) -> None:
         """Dolphie's guard: a terminal that vanished without SIGHUP leaves stdin no longer a tty."""
         try:
-            alive = os.isatty(sys.__stdin__.fileno())
+            alive = sys.__stdin__ is not None and os.isatty(sys.__stdin__.fileno())
         except (OSError, ValueError, AttributeError):
             alive = False
         if not alive:
@@ -172,10 +170,31 @@ class TunewizApp(App[int]):
 
     def action_help(self) -> None:
         """The keys of the screen in front (the dashboard adds how to read its charts)."""
-        from tui.keys import keys_help
-        from tui.screens.dialogs import MessageDialog
+        from tunewiz.tui.dialogs import MessageDialog
+        from tunewiz.tui.keys import keys_help
 
         self.push_screen(MessageDialog("Keys", keys_help(self.screen)))
+
+    # ---------------------------------------------------------------- navigation (tui/navigation.py)
+
+    def go(self, place: Place, *args: Any, **kwargs: Any) -> None:
+        """Open the screen of `place` on top of this one."""
+        self.push_screen(screen_for(place, *args, **kwargs))
+
+    def go_next(self, screen: Screen[Any]) -> None:
+        """Open the wizard step after `screen`'s."""
+        place = place_of(screen)
+        if place is None:
+            raise ValueError(f"{type(screen).__name__} is not a step of the wizard")
+        self.go(next_place(place))
+
+    def go_instead(self, place: Place, *args: Any, **kwargs: Any) -> None:
+        """Put the screen of `place` where the one in front is."""
+        self.switch_screen(screen_for(place, *args, **kwargs))
+
+    def place_behind(self) -> Place | None:
+        """The place of the screen under the one in front, if any."""
+        return place_of(self.screen_stack[-2]) if len(self.screen_stack) > 2 else None
 
     # ---------------------------------------------------------------- errors
 
@@ -185,10 +204,10 @@ class TunewizApp(App[int]):
             return
         error = event.worker.error
         title = WORKER_TITLES.get(event.worker.group, "Something went wrong")
-        self.show_error(title, error)
+        self.show_error(title, error if error is not None else "the task failed without saying why")
 
     def show_error(self, title: str, error: BaseException | str, hint: str | None = None) -> None:
-        from tui.screens.dialogs import MessageDialog
+        from tunewiz.tui.dialogs import MessageDialog
 
         if isinstance(error, SpecError):
             message = error.render()
@@ -316,13 +335,10 @@ class TunewizApp(App[int]):
 
     @on(RunLaunched)
     def _launched(self, message: RunLaunched) -> None:
-        from tui.screens.dashboard import DashboardScreen
-        from tui.screens.welcome import WelcomeScreen
-
         self.launched.append(message.run)
-        while len(self.screen_stack) > 2 and not isinstance(self.screen, WelcomeScreen):
+        while len(self.screen_stack) > 2 and place_of(self.screen) != Place.WELCOME:
             self.pop_screen()
-        self.push_screen(DashboardScreen(message.run))
+        self.go(Place.DASHBOARD, message.run)
 
 
 def keeps_going(run_id: str) -> str:
@@ -343,7 +359,7 @@ def run_app(services: Services | None = None, attach: Any = None) -> int:
         return 0
     for run in dict.fromkeys([*app.launched, *app.watched]):
         try:
-            if run.state() in ("starting", "running", "stopping"):
+            if run.state() in LIVE_STATES:
                 print(keeps_going(run.run_id))
         except OSError:
             break

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 GENERIC = ("Focus Next", "Focus Previous", "Copy selected text")
 """Textual's keys on every screen: listed after the screen's own."""
 

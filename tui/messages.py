@@ -7,7 +7,7 @@ from typing import Any
 
 from textual.message import Message
 
-from tui.wizard import CheckResult
+from tunewiz.tui.wizard import CheckResult
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DataChecked(Message):
 class RunLaunched(Message):
     """The engine started on a new run directory."""
 
-    run: Any  # engine.rundir.RunDir
+    run: Any  # tunewiz.engine.run.rundir.RunDir
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RunsListed(Message):
 
 @dataclass
 class DataFilePeeked(Message):
-    """The first row of a local data file was read (tui.datafile.Peek)."""
+    """The first row of a local data file was read (tunewiz.tui.datafile.Peek)."""
 
     source: str
     peek: Any
@@ -81,7 +81,7 @@ class DataFilePeeked(Message):
 
 @dataclass
 class RunSnapshot(Message):
-    """A fresh picture of the followed run (tui.runmodel.RunView); a newer one replaces an unhandled one."""
+    """A fresh picture of the followed run (tunewiz.tui.runmodel.RunView); a newer one replaces an unhandled one."""
 
     view: Any
     engine_log: str | None = None
@@ -104,7 +104,7 @@ class RunActionDone(Message):
 
 @dataclass
 class ChatReply(Message):
-    """A line from the chat process (engine/chat_server.py): loading, ready, token, done or error;
+    """A line from the chat process (engine/use/chat_server.py): loading, ready, token, done or error;
     `ended` when the process is gone."""
 
     type: str

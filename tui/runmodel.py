@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.events import Event, EventReader, is_valid
-from engine.worktime import finite as _num, training_time
+from tunewiz.engine.run.events import Event, EventReader, is_valid
+from tunewiz.engine.run.rundir import LIVE_STATES
+from tunewiz.engine.run.worktime import finite as _num
+from tunewiz.engine.run.worktime import training_time
 
 SERIES_POINTS = 512
 """Points kept per chart series; a longer run is merged two points into one, again and again."""
@@ -29,7 +31,6 @@ RESOURCE_POINTS = 120
 LOG_LINES = 400
 SMOOTHING = 0.8
 """Weight of the debiased exponential moving average drawn over the training loss (TensorBoard's slider)."""
-ACTIVE_STATES = ("starting", "running", "stopping")
 _finite = math.isfinite
 _lt = operator.lt
 _NUMBER = rb"(-?[0-9][0-9.eE+-]*|null)"
@@ -45,7 +46,7 @@ _DRAWN = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
 
 
 def decode_object(line: bytes) -> dict[str, Any] | None:
-    """A valid event as a dict, or None (engine.events.is_valid decides, as for every reader)."""
+    """A valid event as a dict, or None (tunewiz.engine.run.events.is_valid decides, as for every reader)."""
     try:
         obj = json.loads(line)
     except ValueError:
@@ -202,7 +203,7 @@ class RunView:
     skipped: int
     first_time: float | None
     lives: tuple[tuple[float, float], ...]
-    """[start, last event time] of each engine life (engine.worktime.training_time adds them up)."""
+    """[start, last event time] of each engine life (tunewiz.engine.run.worktime.training_time adds them up)."""
     live_since: float | None
     """Start of the current engine life while it runs (elapsed goes on from its last event to now)."""
     last_time: float | None
@@ -249,7 +250,7 @@ class RunView:
 
     @property
     def live(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state in LIVE_STATES
 
     def elapsed(self, now: float) -> float | None:
         """Seconds the engine has worked on this run (gaps between stop and resume not counted)."""
@@ -314,7 +315,7 @@ class RunModel:
     # ------------------------------------------------------------------ folding events
 
     def apply(self, events: Iterable[Event]) -> None:
-        """Fold in decoded events (engine.events.Event)."""
+        """Fold in decoded events (tunewiz.engine.run.events.Event)."""
         self.apply_raw([{"type": e.type, "time": e.time, "seq": e.seq, **e.data} for e in events])
 
     def apply_raw(self, events: Iterable[dict[str, Any]]) -> None:
@@ -338,7 +339,7 @@ class RunModel:
         Step lines in the engine's own layout (the trainer writes its fields in one order) are read by one
         regular expression over the whole chunk, and each run of consecutive step lines is converted column
         by column (map(float, ...)), without a dict per line; every other line, and any step line in another
-        layout, is decoded as JSON and checked as engine.events.EventReader does. The result is the same as
+        layout, is decoded as JSON and checked as tunewiz.engine.run.events.EventReader does. The result is the same as
         `apply_raw` on the decoded events (tests/test_tui_dashboard.py checks it on every fixture).
         """
         self._buffer = ([], [], [], [], [], [], [], [])
@@ -497,8 +498,9 @@ class RunModel:
                           "cpu_count": _num(process.get("cpu_count"))}
                 self.process = values
                 for key in ("rss", "cpu"):
-                    if values[key] is not None:
-                        self.process_history.setdefault(key, deque(maxlen=RESOURCE_POINTS)).append(values[key])
+                    value = values[key]
+                    if value is not None:
+                        self.process_history.setdefault(key, deque(maxlen=RESOURCE_POINTS)).append(value)
                 self.peak_rss = max(self.peak_rss, values["rss"] or 0.0)
         elif kind == "eval":
             value = _num(d.get("eval_loss"))
@@ -523,7 +525,7 @@ class RunModel:
             self.checkpoint_step = d.get("step")
             self._log(when, "checkpoint", f"checkpoint saved at step {d.get('step')}")
         elif kind == "log":
-            level = d.get("level") if d.get("level") in ("debug", "info", "warning", "error") else "info"
+            level = str(d.get("level")) if d.get("level") in ("debug", "info", "warning", "error") else "info"
             if level != "debug":
                 self._log(when, level, str(d.get("message")))
         elif kind == "error":
@@ -546,7 +548,7 @@ class RunModel:
         lr_xs, lr_ys = self.lr.points()
         grad_xs, grad_ys = self.grad.points()
         tok_xs, tok_ys = self.tok.points()
-        live = state in ACTIVE_STATES
+        live = state in LIVE_STATES
         return RunView(
             run_id=self.run_id, state=state, name=self.name, model=self.model, method=self.method,
             version=self.version, events=self.events, skipped=self.skipped, first_time=self.first_time,
@@ -577,7 +579,7 @@ class RunModel:
 
 
 class BulkEventReader(EventReader):
-    """engine.events.EventReader that hands back plain dicts and decodes each chunk with one json.loads.
+    """tunewiz.engine.run.events.EventReader that hands back plain dicts and decodes each chunk with one json.loads.
 
     The offset, partial-line and reset rules are EventReader's (its poll_bytes). Decoding a chunk as one
     JSON array skips the per-line call and Event object overhead: about twice as fast, which is what lets
@@ -621,7 +623,7 @@ class BulkEventReader(EventReader):
                     objects.append(json.loads(line))
                 except ValueError:
                     objects.append(None)
-        events = []
+        events: list[dict[str, Any]] = []
         append = events.append
         for obj in objects:
             if is_valid(obj):

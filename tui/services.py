@@ -1,7 +1,7 @@
 """What the app asks of the outside world, passed to the App so tests can hand in fakes.
 
 The defaults call the engine: the hardware probe and the recommender in-process (both torch-free),
-the data check as a subprocess (`python -m engine data check ... --json`, which loads a tokenizer),
+the data check as a subprocess (`python -m tunewiz.engine data check ... --json`, which loads a tokenizer),
 and the launcher, which starts the engine detached in its own session.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.spec import RunSpec
-from tui.wizard import CheckRequest
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.tui.wizard import CheckRequest
 
 DATA_CHECK_TIMEOUT_S = 600.0
 
@@ -37,29 +37,29 @@ class ServiceError(Exception):
 
 
 def default_probe() -> Any:
-    from engine import hardware
+    from tunewiz.engine.planning import hardware
 
     return hardware.probe()
 
 
 # ---------------------------------------------------------------------------------------------
-# Recommender (engine.recommend: torch-free, so the app imports it directly)
+# Recommender (tunewiz.engine.planning.recommend: torch-free, so the app imports it directly)
 
 
 def default_recommend(report: Any, seq_len: int, gpus: int | None = None) -> Any:
-    from engine import recommend
+    from tunewiz.engine.planning import recommend
 
     return recommend.recommend(report, seq_len=seq_len, gpus=gpus)
 
 
 def default_choice_for(model: str, report: Any, seq_len: int, gpus: int | None = None) -> Any:
-    from engine import recommend
+    from tunewiz.engine.planning import recommend
 
     return recommend.choice_for(model, report, seq_len=seq_len, gpus=gpus)
 
 
 def default_spec_choice(spec: RunSpec, report: Any, longest: int | None = None) -> Any:
-    from engine import recommend
+    from tunewiz.engine.planning import recommend
 
     return recommend.spec_choice(spec, report, longest)
 
@@ -69,10 +69,8 @@ def default_spec_choice(spec: RunSpec, report: Any, longest: int | None = None) 
 
 
 def _engine_env() -> dict[str, str]:
-    """The child's environment: this checkout importable, wherever the app was started from."""
-    root = str(Path(__file__).resolve().parent.parent)
+    """The child's environment: the app's own, without download progress bars in its stderr."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TQDM_DISABLE", "1")
     return env
 
@@ -89,7 +87,7 @@ def _error_from_stderr(stderr: str, returncode: int, what: str = "the data check
 def default_check_data(request: CheckRequest, is_cancelled: Callable[[], bool]) -> dict[str, Any]:
     """Run the data checker and return its JSON report; raise ServiceError with its message."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine", *request.argv()], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "tunewiz.engine", *request.argv()], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=_engine_env(), start_new_session=True,
     )
     waited = 0.0
@@ -118,9 +116,9 @@ def default_check_data(request: CheckRequest, is_cancelled: Callable[[], bool]) 
 
 
 def default_launch(spec: RunSpec, runs_root: Path | None, trust_remote_code: bool = False) -> Any:
-    """Create the run directory and start the engine detached; return the engine.rundir.RunDir.
+    """Create the run directory and start the engine detached; return the tunewiz.engine.run.rundir.RunDir.
     `trust_remote_code` is the user's answer to the app's question (a spec alone cannot imply it)."""
-    from engine import launcher, rundir
+    from tunewiz.engine.run import launcher, rundir
 
     run = rundir.create(spec, runs_root, trust_remote_code=trust_remote_code)
     launcher.launch(run)
@@ -129,14 +127,14 @@ def default_launch(spec: RunSpec, runs_root: Path | None, trust_remote_code: boo
 
 def default_stop(run: Any, on_progress: Callable[[str], None]) -> str:
     """Stop a run gracefully (request, then SIGTERM, then SIGKILL); returns how it ended."""
-    from engine import launcher
+    from tunewiz.engine.run import launcher
 
     return launcher.stop(run, on_progress=on_progress)
 
 
 def default_resume(run: Any) -> int:
     """Start a new engine on a stopped, failed or dead run; it continues from the newest checkpoint."""
-    from engine import launcher
+    from tunewiz.engine.run import launcher
 
     return launcher.launch(run, resume=True)
 
@@ -161,9 +159,9 @@ def _stream(command: list[str], on_progress: Callable[[str], None], timeout: flo
 
 
 def default_export(run: Any, kind: str, on_progress: Callable[[str], None]) -> str:
-    """Run `python -m engine export RUN [--merged | --gguf TYPE]` (kind: adapter, merged or gguf-TYPE) and
+    """Run `python -m tunewiz.engine export RUN [--merged | --gguf TYPE]` (kind: adapter, merged or gguf-TYPE) and
     return what it said at the end: where the export went and how its check came out."""
-    command = [sys.executable, "-m", "engine", "export", str(run.path)]
+    command = [sys.executable, "-m", "tunewiz.engine", "export", str(run.path)]
     if kind == "merged":
         command.append("--merged")
     elif kind.startswith("gguf-"):
@@ -177,7 +175,7 @@ def default_export(run: Any, kind: str, on_progress: Callable[[str], None]) -> s
 
 def default_chat(run: Any, checkpoint: int | None) -> Any:
     """A chat client for the run (not started): the model loads in its own process."""
-    from engine.chat_client import ChatClient
+    from tunewiz.engine.use.chat_client import ChatClient
 
     return ChatClient(run.path, checkpoint, env=_engine_env())
 
@@ -186,8 +184,8 @@ EVAL_TIMEOUT_S = 3600.0
 
 
 def default_evaluate(run: Any, on_progress: Callable[[str], None]) -> dict[str, Any]:
-    """Run `python -m engine eval RUN --json`, passing its progress lines on; return its results."""
-    process = subprocess.Popen([sys.executable, "-m", "engine", "eval", str(run.path), "--json"],
+    """Run `python -m tunewiz.engine eval RUN --json`, passing its progress lines on; return its results."""
+    process = subprocess.Popen([sys.executable, "-m", "tunewiz.engine", "eval", str(run.path), "--json"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=_engine_env(), start_new_session=True)
     assert process.stderr is not None and process.stdout is not None
@@ -211,21 +209,22 @@ class Services:
     """Everything the app needs from outside; every field has a working default."""
 
     probe: Callable[[], Any] = default_probe
-    """() -> engine.hardware.HardwareReport"""
+    """() -> tunewiz.engine.planning.hardware.HardwareReport"""
     recommend: Callable[..., Any] = default_recommend
-    """(report, seq_len[, gpus=1]) -> engine.recommend.Recommendation; `gpus=1` only where the first answer
-    trains on several GPUs (the advice for one)"""
+    """(report, seq_len[, gpus=1]) -> tunewiz.engine.planning.recommend.Recommendation; `gpus=1` only where the
+    first answer trains on several GPUs (the advice for one)"""
     choice_for: Callable[..., Any] = default_choice_for
-    """(model name or path, report, seq_len[, gpus=N]) -> engine.recommend.Choice; raises for unknown models.
-    `gpus` only on machines with several GPUs."""
+    """(model name or path, report, seq_len[, gpus=N]) -> tunewiz.engine.planning.recommend.Choice; raises for
+    unknown models. `gpus` only on machines with several GPUs."""
     spec_choice: Callable[..., Any] = default_spec_choice
-    """(spec, report[, longest]) -> engine.recommend.Choice: the estimate of exactly the spec about to launch."""
+    """(spec, report[, longest]) -> tunewiz.engine.planning.recommend.Choice: the estimate of exactly the spec
+    about to launch."""
     check_data: Callable[[CheckRequest, Callable[[], bool]], dict[str, Any]] = default_check_data
     """(request, is_cancelled) -> the checker's JSON report ({} when cancelled)"""
     launch: Callable[..., Any] = default_launch
-    """(validated spec, runs root, trust_remote_code=False) -> engine.rundir.RunDir of the started run"""
+    """(validated spec, runs root, trust_remote_code=False) -> tunewiz.engine.run.rundir.RunDir of the started run"""
     runs_root: Path | None = None
-    """Where run directories go (None: engine.locations.runs_dir())."""
+    """Where run directories go (None: tunewiz.engine.locations.runs_dir())."""
     stop: Callable[[Any, Callable[[str], None]], str] = default_stop
     """(run, on_progress) -> how it stopped: graceful, terminated, killed or not running"""
     resume: Callable[[Any], int] = default_resume
@@ -233,15 +232,15 @@ class Services:
     export: Callable[[Any, str, Callable[[str], None]], str] = default_export
     """(run, kind: adapter | merged | gguf-TYPE, on_progress) -> the export's last lines (where, and its check)"""
     evaluate: Callable[[Any, Callable[[str], None]], dict[str, Any]] = default_evaluate
-    """(run, on_progress) -> the before/after results (engine/evaluate.py's results.json)"""
+    """(run, on_progress) -> the before/after results (engine/use/evaluate.py's results.json)"""
     chat: Callable[[Any, int | None], Any] = default_chat
-    """(run, checkpoint or None) -> an engine.chat_client.ChatClient, not yet started"""
+    """(run, checkpoint or None) -> an tunewiz.engine.use.chat_client.ChatClient, not yet started"""
     clock: Callable[[], float] = time.time
     """Now, in Unix seconds: live runs' elapsed time and ETA (tests fix it so snapshots do not move)."""
 
     def runs_dir(self) -> Path:
         if self.runs_root is not None:
             return self.runs_root
-        from engine import locations
+        from tunewiz.engine import locations
 
         return locations.runs_dir()

@@ -2,7 +2,7 @@
 
 No Textual here, so every rule is unit-testable. The spec starts as the demo preset; the model step
 applies the recommender's choice, the dataset step the data, the settings step single keys. Each step
-returns a new spec (specs are never changed in place), validated with engine.spec.
+returns a new spec (specs are never changed in place), validated with tunewiz.engine.config.spec.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine import presets, spec as spec_mod
-from engine.distributed import keep_effective_batch, resolve_gpus
-from engine.spec import Problem, RunSpec, SpecError
+from tunewiz.engine.config import presets
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.spec import DataFormat, Problem, RunSpec, SpecError
+from tunewiz.engine.training.distributed import keep_effective_batch, resolve_gpus
 
 if TYPE_CHECKING:
-    from engine.recommend import Choice
+    from tunewiz.engine.planning.recommend import Choice
 
 DEMO_PRESET = "demo"
 RECOMMEND_SEQ_LEN = 2048
@@ -43,7 +44,7 @@ class DatasetSelection:
 
     preset: str | None = None
     source: str | None = None
-    format: str = "auto"
+    format: DataFormat = "auto"
     columns: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -67,7 +68,7 @@ class CheckRequest:
     limit: int | None = CHECK_ROW_LIMIT
 
     def argv(self) -> list[str]:
-        """Arguments after `python -m engine`."""
+        """Arguments after `python -m tunewiz.engine`."""
         args = ["data", "check", self.target, "--model", self.model, "--max-seq-len", str(self.max_seq_len),
                 "--json"]
         if self.format != "auto":
@@ -94,8 +95,8 @@ class WizardState:
     """Everything the screens share. Only message handlers on the App and screens change it."""
 
     spec: RunSpec
-    report: Any = None  # engine.hardware.HardwareReport once probed
-    recommendation: Any = None  # engine.recommend.Recommendation (on all the GPUs a run can use)
+    report: Any = None  # tunewiz.engine.planning.hardware.HardwareReport once probed
+    recommendation: Any = None  # tunewiz.engine.planning.recommend.Recommendation (on all the GPUs a run can use)
     recommendation_one: Any = None  # the same for one GPU, where the recommendation uses several
     recommend_error: str | None = None
     use_all_gpus: bool = True  # the model step's switch: every GPU the recommendation uses, or one
@@ -171,7 +172,7 @@ def apply_choice(spec: RunSpec, choice: Choice, base: RunSpec) -> RunSpec:
 def apply_dataset(spec: RunSpec, selection: DatasetSelection, base: RunSpec,
                   choice: Choice | None = None) -> RunSpec:
     """The dataset step: the data, and the preset's length and epochs where memory allows."""
-    from engine import catalog
+    from tunewiz.engine.config import catalog
 
     new = copy.deepcopy(spec)
     ds = new.dataset
@@ -197,7 +198,7 @@ STRATEGY_WORDS = {
 
 def gpu_plan(spec: RunSpec, report: Any, offered: int = 1) -> tuple[int, str, str] | None:
     """What the review step says about the GPUs: how many, which ones and how they share the work, and the
-    effective batch line the engine will log (engine.distributed.keep_effective_batch).
+    effective batch line the engine will log (tunewiz.engine.training.distributed.keep_effective_batch).
 
     None where there is nothing to choose (one GPU, or the CPU, and the spec asks for no more). `offered` is how
     many GPUs the recommendation uses. Raises TunewizError when the spec asks for GPUs that are not there.
@@ -221,7 +222,7 @@ def gpu_plan(spec: RunSpec, report: Any, offered: int = 1) -> tuple[int, str, st
 
 
 def validated(spec: RunSpec) -> RunSpec:
-    """A fresh copy that went through engine.spec's validation (raises SpecError)."""
+    """A fresh copy that went through tunewiz.engine.config.spec's validation (raises SpecError)."""
     return spec_mod.from_dict(spec_mod.to_dict(spec), source="wizard")
 
 
@@ -253,7 +254,7 @@ def _describe_fields() -> list[FieldInfo]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
                 continue
             key = f"{prefix}{f.name}"

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.data.formats import Example
-from engine.errors import DataError
+from tunewiz.engine.data.formats import Example
+from tunewiz.engine.errors import DataError
 
 IGNORE_INDEX = -100
 

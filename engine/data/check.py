@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data import sources
-from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded
-from engine.data.formats import Example, RowProblem
-from engine.data.prepare import ExampleReader, percentiles, trim
-from engine.errors import DataError
+from tunewiz.engine.data import sources
+from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded
+from tunewiz.engine.data.formats import Example, RowProblem
+from tunewiz.engine.data.prepare import ExampleReader, percentiles, trim
+from tunewiz.engine.errors import DataError
 
 LISTED_PROBLEMS = 1000  # problems kept with their line; the counts always cover every row
 LENGTH_SAMPLE = 200_000  # lengths kept for percentiles (exact below this many examples)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import locations
-from engine.data import formats, sources
-from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
-from engine.data.formats import Example, RowProblem
-from engine.errors import DataError
-from engine.spec import RunSpec
+from tunewiz.engine import locations
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.engine.data import formats, sources
+from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from tunewiz.engine.data.formats import Example, RowProblem
+from tunewiz.engine.errors import DataError
 
 CACHE_VERSION = 2
 MAX_REPORTED_PROBLEMS = 20
@@ -164,7 +164,7 @@ def trim(encoded: Encoded, limit: int) -> tuple[Encoded, bool, str | None]:
 
 
 def _sample_prompts(examples: list[Example], count: int) -> list[SamplePrompt]:
-    samples = []
+    samples: list[SamplePrompt] = []
     for example in examples:
         if len(samples) >= count:
             break

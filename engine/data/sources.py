@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import catalog
-from engine.errors import DataError
-from engine.spec import DatasetSpec
+from tunewiz.engine.config import catalog
+from tunewiz.engine.config.spec import DatasetSpec
+from tunewiz.engine.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one example per line; a longer line is refused before it fills memory
@@ -69,11 +69,12 @@ def resolve(ds: DatasetSpec, offline_sample: bool = False) -> DataSource:
         columns = tuple(sorted({**entry.columns, **ds.columns}.items()))
         fmt = ds.format if ds.format != "auto" else entry.format
         heldout = str(entry.heldout_path) if entry.heldout_path else None
-        extra = {"system_prompt": entry.system_prompt, "label_names": entry.label_names}
         if entry.bundled or offline_sample:
-            return DataSource("file", str(entry.sample_path), format=fmt, columns=columns, heldout=heldout, **extra)
+            return DataSource("file", str(entry.sample_path), format=fmt, columns=columns, heldout=heldout,
+                              system_prompt=entry.system_prompt, label_names=entry.label_names)
         split = ds.split if ds.split != "train" else entry.split
-        return DataSource("hub", entry.hub_id, entry.subset, split, fmt, columns, heldout, **extra)
+        return DataSource("hub", entry.hub_id, entry.subset, split, fmt, columns, heldout,
+                          system_prompt=entry.system_prompt, label_names=entry.label_names)
     assert ds.source is not None
     source = ds.source.strip()
     path = Path(source).expanduser()

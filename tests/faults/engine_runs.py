@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from engine import launcher, presets, rundir
 from tests.conftest import subprocess_env
 from tests.runtools import events, wait_for
+from tunewiz.engine.config import presets
+from tunewiz.engine.run import launcher, rundir
 
 FAULT_TRAINER = "tests.faults.fault_trainer:train"
 TINY = ["training.max_steps=2", "training.save_every=1", "dataset.max_rows=8", "dataset.eval_fraction=0.0",

@@ -19,8 +19,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from engine import models, trainer
-from engine.context import EngineContext, TrainOutcome
+from tunewiz.engine.run.context import EngineContext, TrainOutcome
+from tunewiz.engine.training import models, trainer
 
 FAULT_ENV = "TUNEWIZ_FAULT"
 FILLER_ENV = "FAULT_FILLER"

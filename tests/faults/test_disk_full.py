@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import rundir
 from tests.faults.engine_runs import engine_life, of_type, small_disk, tiny_run
+from tunewiz.engine.run import rundir
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,7 @@ def test_a_disk_that_fills_up_mid_run_fails_the_run_plainly_and_resume_continues
         assert life[-1]["status"] == "completed" and run.state() == "completed"
         assert rundir.latest_checkpoint(run.output_dir())[1] == 2
         assert oct(run.path.stat().st_mode & 0o777) == "0o700"
-        private = [run.events_path, run.log_path, run.status_path, run.output_dir() / "adapter" / "adapter_model.safetensors"]
+        private = [run.events_path, run.log_path, run.status_path,
+                   run.output_dir() / "adapter" / "adapter_model.safetensors"]
         assert {oct(p.stat().st_mode & 0o777) for p in private} == {"0o600"}
         assert os.listdir(run.output_dir()) and not list(run.path.rglob("*.tmp"))

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, launcher, locations, preflight, rundir, spec as spec_mod
-from engine.data import sources
-from engine.errors import DataError
-from engine.events import EventWriter
 from tests.conftest import PYTHON, ROOT
 from tests.runtools import events, fake_env, kill_leftovers, make_run, start, steps_seen, wait_finished, wait_for
+from tunewiz.engine import locations
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.data import sources
+from tunewiz.engine.errors import DataError
+from tunewiz.engine.run import launcher, preflight, rundir
+from tunewiz.engine.run.events import EventWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,8 +118,9 @@ def test_the_second_ctrl_c_detaches_and_the_run_goes_on(tmp_path: Path) -> None:
     assert launcher.stop(run, grace_s=10) == "graceful"
     out_path = tmp_path / "out.txt"
     with out_path.open("w") as out_file:
-        process = subprocess.Popen([PYTHON, "-m", "engine", "resume", run.run_id], env=fake_env(steps=400, step_s=0.8),
-                                   cwd=ROOT, stdout=out_file, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen([PYTHON, "-m", "tunewiz.engine", "resume", run.run_id],
+                                   env=fake_env(steps=400, step_s=0.8), cwd=ROOT, stdout=out_file,
+                                   stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: "step " in out_path.read_text(), what="the command to print a step", run=run)
         process.send_signal(signal.SIGINT)
@@ -168,5 +172,6 @@ def test_files_and_folders_are_private_to_the_user(tunewiz_home: Path) -> None:
         os.umask(previous)
     mode = lambda p: oct(p.stat().st_mode & 0o777)  # noqa: E731
     assert {mode(p) for p in (tunewiz_home, locations.runs_dir(), locations.cache_dir(), run.path)} == {"0o700"}
-    files = [run.events_path, run.status_path, run.spec_path, run.marker_path, run.log_path, run.lock_path, run.pid_path]
+    files = [run.events_path, run.status_path, run.spec_path, run.marker_path, run.log_path, run.lock_path,
+             run.pid_path]
     assert {p.name: mode(p) for p in files} == {p.name: "0o600" for p in files}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, rundir
-from engine.events import EventReader
 from tests.faults.engine_runs import engine_life, of_type, tiny_run
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.events import EventReader
 
 pytestmark = pytest.mark.slow
 

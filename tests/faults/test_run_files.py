@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, launcher, rundir
-from engine.data.chat import Encoded
-from engine.data.prepare import PreparedData, SamplePrompt, load_cache, save_cache
-from engine.events import EventReader, EventWriter, decode_line
-from engine.fileio import atomic_write_json
 from tests.faults.engine_runs import small_disk
 from tests.faults.fault_trainer import fill_disk
 from tests.runtools import kill_leftovers, make_run, start, steps_seen, wait_finished, wait_for
+from tunewiz.engine.cli import main as cli
+from tunewiz.engine.data.chat import Encoded
+from tunewiz.engine.data.prepare import PreparedData, SamplePrompt, load_cache, save_cache
+from tunewiz.engine.fileio import atomic_write_json
+from tunewiz.engine.run import launcher, rundir
+from tunewiz.engine.run.events import EventReader, EventWriter, decode_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,7 +86,7 @@ def test_a_failed_write_leaves_no_half_line(tmp_path: Path, monkeypatch: pytest.
 ])
 def test_schema_invalid_events_are_skipped_by_every_reader(line: bytes, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from tui.runmodel import decode_object
+    from tunewiz.tui.runmodel import decode_object
 
     assert decode_line(line) is None and decode_object(line) is None
     run = make_run()
@@ -198,7 +199,8 @@ def test_a_checkpoint_being_written_again_stops_counting_at_once(tmp_path: Path)
 
 def test_full_disk_under_events_status_and_cache(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", "1m") as disk:
-        run = rundir.create(__import__("engine.spec", fromlist=["loads"]).loads('[dataset]\npreset = "demo"\n'),
+        spec_module = __import__("tunewiz.engine.config.spec", fromlist=["loads"])
+        run = rundir.create(spec_module.loads('[dataset]\npreset = "demo"\n'),
                             runs_root=disk / "runs")
         writer = EventWriter(run.events_path)
         writer.emit("log", level="info", message="before")
@@ -273,7 +275,7 @@ def test_a_cache_that_does_not_match_its_fingerprint_or_checksum_is_ignored(tmp_
 def test_disk_trouble_is_told_from_the_error_and_the_free_space(error: BaseException, free: int, expected: str | None,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
-    from engine import fileio
+    from tunewiz.engine import fileio
 
     monkeypatch.setattr(fileio, "free_bytes", lambda _path: free)
     wrapped = RuntimeError("the trainer failed")
@@ -284,7 +286,8 @@ def test_disk_trouble_is_told_from_the_error_and_the_free_space(error: BaseExcep
 
 def test_runs_of_an_older_tunewiz_are_adopted_with_their_checkpoints(tunewiz_home: Path) -> None:
     """Run folders made before the marker existed stay runs: listed, found, resumable from their checkpoints."""
-    from engine import locations, spec as spec_mod
+    from tunewiz.engine import locations
+    from tunewiz.engine.config import spec as spec_mod
 
     root = locations.runs_dir()
     old = root / "20261101-120000-demo-ab12"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual import on
 from textual.app import ComposeResult
@@ -12,14 +12,22 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Select, Static
 from textual.worker import Worker
 
-from tui.widgets.steps import StepBar
+from tunewiz.tui.widgets.steps import StepBar
 
 if TYPE_CHECKING:
-    from tui.app import TunewizApp
-    from tui.wizard import WizardState
+    from tunewiz.tui.app import TunewizApp
+    from tunewiz.tui.wizard import WizardState
 
 
-class WizardScreen(Screen[None]):
+class TunewizScreen(Screen[None]):
+    """A screen of this app, with the app typed as `tw` (services, navigation, the error dialog)."""
+
+    @property
+    def tw(self) -> TunewizApp:
+        return cast("TunewizApp", self.app)
+
+
+class WizardScreen(TunewizScreen):
     """A step of the wizard. Subclasses set STEP and EXPLANATION and write compose_body and action_next."""
 
     STEP: ClassVar[str] = ""
@@ -30,10 +38,6 @@ class WizardScreen(Screen[None]):
         Binding("escape", "back", "Back"),
         Binding("ctrl+n", "next", "Next", priority=True),
     ]
-
-    @property
-    def tw(self) -> TunewizApp:
-        return self.app  # type: ignore[return-value]
 
     @property
     def state(self) -> WizardState:

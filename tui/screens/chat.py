@@ -1,6 +1,6 @@
 """Talk to a run's tuned model, or compare it with the base model side by side.
 
-The model lives in a chat process (engine/chat_server.py) that the services start; a worker reads
+The model lives in a chat process (engine/use/chat_server.py) that the services start; a worker reads
 its replies and posts them as messages, and the handlers here change the transcript. The screen
 stays responsive while the model loads and answers; Esc stops an answer, and leaves when idle.
 """
@@ -15,12 +15,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.chat_client import Conversation, SamplingSettings, stats_line
-from tui.messages import ChatReply
+from tunewiz.engine.use.chat_client import Conversation, SamplingSettings, stats_line
+from tunewiz.tui.messages import ChatReply
+from tunewiz.tui.screens.base import TunewizScreen
 
 SIDES = {False: "base", True: "tuned"}
 
@@ -50,7 +50,7 @@ class Answer:
         return out
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(TunewizScreen):
     """A conversation with the run's model; ctrl+b answers with the base model too, side by side."""
 
     DEFAULT_CSS = """
@@ -116,7 +116,7 @@ class ChatScreen(Screen[None]):
     def converse(self) -> None:
         """Start the chat process and pass on everything it says until it ends."""
         worker = get_current_worker()
-        client = self.app.services.chat(self.run, self.checkpoint)  # type: ignore[attr-defined]
+        client = self.tw.services.chat(self.run, self.checkpoint)
         self.client = client
         client.start()
         for reply in client.replies():
@@ -176,7 +176,7 @@ class ChatScreen(Screen[None]):
         self.failed = message
         self.query_one("#chat-input", Input).disabled = True
         self._status(Text(f"the model could not be loaded: {message}", style="bold red"))
-        self.app.show_error("Could not start the chat", message, hint)  # type: ignore[attr-defined]
+        self.tw.show_error("Could not start the chat", message, hint)
 
     # ------------------------------------------------------------------ drawing
 
@@ -251,7 +251,7 @@ class ChatScreen(Screen[None]):
         self.notify("New conversation.")
 
     def action_settings(self) -> None:
-        from tui.screens.dialogs import SamplingDialog
+        from tunewiz.tui.dialogs import SamplingDialog
 
         def chosen(settings: SamplingSettings | None) -> None:
             if settings is not None:
@@ -262,8 +262,8 @@ class ChatScreen(Screen[None]):
 
     def action_checkpoint(self) -> None:
         """Chat with another checkpoint of the run: a new chat process loads it."""
-        from engine.rundir import checkpoint_steps
-        from tui.screens.dialogs import ChoiceDialog
+        from tunewiz.engine.run.rundir import checkpoint_steps
+        from tunewiz.tui.dialogs import ChoiceDialog
 
         if self.busy:
             self.notify("Wait for the answer, or press Esc to stop it.")
@@ -303,5 +303,5 @@ class ChatScreen(Screen[None]):
 
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:
-        self.app.report_worker_error(event)  # type: ignore[attr-defined]
+        self.tw.report_worker_error(event)
 

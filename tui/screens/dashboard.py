@@ -1,6 +1,6 @@
 """The run dashboard: one run, live or finished, fed only by its run directory.
 
-A thread worker follows `events.jsonl` by byte offset (engine.events.EventReader), folds every batch into a
+A thread worker follows `events.jsonl` by byte offset (tunewiz.engine.run.events.EventReader), folds every batch into a
 `RunModel` it owns, and posts an immutable `RunView` at most twice a second; `@on(RunSnapshot)` redraws.
 Charts redraw only when their data changed; the header ticks once a second for elapsed time and ETA.
 Stop, resume and export run in workers through the app's services. Leaving the screen, detaching or
@@ -20,15 +20,19 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane
 from textual.worker import Worker, get_current_worker
 
-from engine import hints
-from engine.render import GIB, duration, memory as gb
-from tui.messages import RunActionDone, RunSnapshot
-from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
-from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
+from tunewiz.engine import hints
+from tunewiz.engine.render import GIB, duration
+from tunewiz.engine.render import memory as gb
+from tunewiz.engine.run.rundir import LIVE_STATES
+from tunewiz.tui.messages import RunActionDone, RunSnapshot
+from tunewiz.tui.navigation import Place
+from tunewiz.tui.runmodel import BulkEventReader, LogLine, RunModel, RunView
+from tunewiz.tui.screens.base import TunewizScreen
+from tunewiz.tui.styles import STATE_MARKS, STATE_STYLES
+from tunewiz.tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
 
 POLL_S = 1.0
 """How often a live run's files are looked at, and so at most one redraw a second."""
@@ -42,10 +46,6 @@ TRACEBACK_LINES_SHOWN = 4
 TALL = 32
 """Rows from which a failure shows its traceback tail and the small charts stay beside a long alert."""
 
-STATE_STYLES = {"running": "bold green", "starting": "bold yellow", "stopping": "bold yellow",
-                "completed": "bold green", "failed": "bold red", "cancelled": "bold yellow", "dead": "bold red"}
-STATE_MARKS = {"running": "●", "starting": "◌", "stopping": "◍", "completed": "✓", "failed": "✗", "cancelled": "■",
-               "dead": "✗"}
 LEVEL_STYLES = {"warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
                 "finished": "bold", "sample": "", "info": ""}
 STOP_OUTCOMES = {
@@ -177,14 +177,15 @@ def alert_text(view: RunView | None, tall: bool = True) -> Text | None:
     if state == "stopping":
         return Text("Stopping: the engine finishes its step and saves a checkpoint…", style="bold yellow")
     if state == "completed":
-        return Text.assemble(("Training completed", "bold green"), ". Next: ", ("c", "bold"), " chat with your model · ",
+        return Text.assemble(("Training completed", "bold green"), ". Next: ", ("c", "bold"),
+                             " chat with your model · ",
                              ("b", "bold"), " compare it with the base model · ", ("v", "bold"),
                              " evaluate before/after · ", ("e", "bold"), " export (adapter, merged, GGUF for Ollama)")
     return None
 
 
 def evaluation_text(summary: dict[str, Any] | None) -> Text | None:
-    """One line on the stored before/after evaluation (engine/evaluate.py's results.json)."""
+    """One line on the stored before/after evaluation (engine/use/evaluate.py's results.json)."""
     if not summary or not isinstance(summary.get("base"), dict) or not isinstance(summary.get("tuned"), dict):
         return None
     key = summary.get("headline", "normalised")
@@ -275,8 +276,8 @@ def samples_renderable(view: RunView | None) -> RenderableType:
         prompt = str(sample.get("prompt", ""))
         now = by_prompt.get(prompt, {})
         head, _, rest = prompt.strip().partition("\n")
-        cells: list[RenderableType] = [Text(head + (" …" if rest.strip() else "")), Text(str(sample.get("reference", "")), style="dim"),
-                                       _answer(sample)]
+        cells: list[RenderableType] = [Text(head + (" …" if rest.strip() else "")),
+                                       Text(str(sample.get("reference", "")), style="dim"), _answer(sample)]
         if not same:
             cells.append(_answer(now) if now else Text("-", style="dim"))
         table.add_row(*cells)
@@ -298,7 +299,7 @@ def log_line(line: LogLine) -> Text:
     return Text.assemble((clock_text(line.time) + " ", "dim"), (line.text, LEVEL_STYLES.get(line.level, "")))
 
 
-class DashboardScreen(Screen[None]):
+class DashboardScreen(TunewizScreen):
     """Watch one run: header, charts, resources, samples and log; stop, resume, export, detach."""
 
     DEFAULT_CSS = """
@@ -341,7 +342,7 @@ class DashboardScreen(Screen[None]):
         super().__init__()
         self.run = run
         self._prefetch = prefetch
-        """A tui.runmodel.Prefetch already reading this run's history (from `tunewiz attach`)."""
+        """A tunewiz.tui.runmodel.Prefetch already reading this run's history (from `tunewiz attach`)."""
         self.view: RunView | None = None
         self.engine_log: str | None = None
         self._log_shown = 0
@@ -425,6 +426,7 @@ class DashboardScreen(Screen[None]):
         if self._reader is None:
             self._reader, self._model = BulkEventReader(run.events_path), RunModel(run.run_id, run.status())
         reader, model = self._reader, self._model
+        assert reader is not None and model is not None  # set just above
         last_state: str | None = None
         last_version = -1
         while not worker.is_cancelled:
@@ -444,7 +446,7 @@ class DashboardScreen(Screen[None]):
                     model.name, model.model, model.method = _names(run)
                 self.post_message(RunSnapshot(model.view(state), engine_log))
                 last_version, last_state = model.version, state
-            if state not in ACTIVE_STATES:
+            if state not in LIVE_STATES:
                 # The engine is gone and this read got its last events; a timer watches for a resume.
                 self._ended_stamp = stamp  # read by the UI thread only after the message below
                 self.eval_summary = _evaluation(run)
@@ -572,8 +574,8 @@ class DashboardScreen(Screen[None]):
         return True
 
     def _has_adapter(self) -> bool:
-        from engine.inference import adapter_path
-        from engine.errors import TunewizError
+        from tunewiz.engine.errors import TunewizError
+        from tunewiz.engine.use.inference import adapter_path
 
         try:
             adapter_path(self.run)
@@ -582,9 +584,7 @@ class DashboardScreen(Screen[None]):
         return True
 
     def action_chat(self, compare: bool = False) -> None:
-        from tui.screens.chat import ChatScreen
-
-        self.app.push_screen(ChatScreen(self.run, compare=compare))
+        self.tw.go(Place.CHAT, self.run, compare=compare)
 
     def action_compare(self) -> None:
         self.action_chat(compare=True)
@@ -597,13 +597,13 @@ class DashboardScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="evaluate", exit_on_error=False)
     def evaluate_run(self) -> None:
-        from tui.services import ServiceError
+        from tunewiz.tui.services import ServiceError
 
         def progress(message: str) -> None:
             self.post_message(RunActionDone("progress-eval", self.run.run_id, message))
 
         try:
-            summary = self.app.services.evaluate(self.run, progress)  # type: ignore[attr-defined]
+            summary = self.tw.services.evaluate(self.run, progress)
         except ServiceError as exc:
             self.post_message(RunActionDone("evaluate", self.run.run_id, error=str(exc), hint=exc.hint))
             return
@@ -620,29 +620,25 @@ class DashboardScreen(Screen[None]):
         if len(self.app.screen_stack) > 2:
             self.app.pop_screen()
         else:  # attached directly (`tunewiz attach`): nothing behind, so the welcome screen takes our place
-            from tui.screens.welcome import WelcomeScreen
-
-            self.app.switch_screen(WelcomeScreen())
+            self.tw.go_instead(Place.WELCOME)
 
     def action_detach(self) -> None:
         """Leave the run to train on: back to Past runs when opened from there, else out of the app."""
-        from tui.screens.runs import RunsScreen
-
-        if len(self.app.screen_stack) > 2 and isinstance(self.app.screen_stack[-2], RunsScreen):
+        if self.tw.place_behind() == Place.RUNS:
             self.app.pop_screen()
             self.notify(f"Detached: {self.run.run_id} goes on training.")
         else:
             self.app.exit(0)
 
     def action_help(self) -> None:
-        from tui.keys import keys_help
-        from tui.screens.dialogs import MessageDialog
+        from tunewiz.tui.dialogs import MessageDialog
+        from tunewiz.tui.keys import keys_help
 
         back = f"Come back to this run after detaching: {hints.command(f'attach {self.run.run_id}')}"
         self.app.push_screen(MessageDialog("Keys and charts", f"{keys_help(self)}\n\n{back}\n\n{HELP}"))
 
     def action_stop(self) -> None:
-        from tui.screens.dialogs import ConfirmDialog
+        from tunewiz.tui.dialogs import ConfirmDialog
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -660,7 +656,7 @@ class DashboardScreen(Screen[None]):
         def progress(message: str) -> None:
             self.post_message(RunActionDone("progress", self.run.run_id, message))
 
-        outcome = self.app.services.stop(self.run, progress)  # type: ignore[attr-defined]
+        outcome = self.tw.services.stop(self.run, progress)
         self.post_message(RunActionDone("stop", self.run.run_id, outcome))
 
     def action_resume(self) -> None:
@@ -672,7 +668,7 @@ class DashboardScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="resume", exit_on_error=False)
     def resume_run(self) -> None:
         try:
-            pid = self.app.services.resume(self.run)  # type: ignore[attr-defined]
+            pid = self.tw.services.resume(self.run)
         except BlockingIOError:
             self.post_message(RunActionDone("resume", self.run.run_id, error="another engine is already running "
                                             "on this run"))
@@ -686,7 +682,7 @@ class DashboardScreen(Screen[None]):
             self.follow()
 
     def action_export(self) -> None:
-        from tui.screens.dialogs import ExportDialog
+        from tunewiz.tui.dialogs import ExportDialog
 
         def chosen(kind: str | None) -> None:
             if kind:
@@ -699,13 +695,13 @@ class DashboardScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
     def export_run(self, kind: str) -> None:
-        from tui.services import ServiceError
+        from tunewiz.tui.services import ServiceError
 
         def progress(message: str) -> None:
             self.post_message(RunActionDone("progress-export", self.run.run_id, message))
 
         try:
-            result = self.app.services.export(self.run, kind, progress)  # type: ignore[attr-defined]
+            result = self.tw.services.export(self.run, kind, progress)
         except ServiceError as exc:
             self.post_message(RunActionDone("export", self.run.run_id, error=str(exc), hint=exc.hint))
             return
@@ -734,14 +730,14 @@ class DashboardScreen(Screen[None]):
             self.refresh_bindings()
             self._draw_alert()
         if message.error:
-            show_error = self.app.show_error  # type: ignore[attr-defined]
+            show_error = self.tw.show_error
             show_error(f"Could not {message.action} the run", message.error, message.hint)
             if message.action == "resume":
                 self._resuming = False
                 self.refresh_bindings()
             return
         if message.action in ("evaluate", "export"):
-            from tui.screens.dialogs import MessageDialog
+            from tunewiz.tui.dialogs import MessageDialog
 
             if message.action == "evaluate":
                 self.app.push_screen(MessageDialog("Before and after", str(message.result),
@@ -758,11 +754,11 @@ class DashboardScreen(Screen[None]):
 
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:
-        self.app.report_worker_error(event)  # type: ignore[attr-defined]
+        self.tw.report_worker_error(event)
 
 
 def _evaluation(run: Any) -> dict[str, Any] | None:
-    from engine.evaluate import latest_summary
+    from tunewiz.engine.use.evaluate import latest_summary
 
     try:
         return latest_summary(run)

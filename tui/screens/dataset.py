@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from rich.console import Group
 from rich.text import Text
@@ -14,14 +14,14 @@ from textual.timer import Timer
 from textual.widgets import Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from engine import catalog
-from engine.data.formats import FORMATS
-from engine.spec import RunSpec, SpecError
-from tui import wizard
-from tui.datafile import Peek, fields_of, format_fields_text, guess_mapping, peek
-from tui.messages import DataFilePeeked
-from tui.screens.base import WizardScreen
-from tui.wizard import CUSTOM, CheckResult, DatasetSelection
+from tunewiz.engine.config import catalog
+from tunewiz.engine.config.spec import DataFormat, RunSpec, SpecError
+from tunewiz.engine.data.formats import FORMATS
+from tunewiz.tui import wizard
+from tunewiz.tui.datafile import Peek, fields_of, format_fields_text, guess_mapping, peek
+from tunewiz.tui.messages import DataFilePeeked
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.wizard import CUSTOM, CheckResult, DatasetSelection
 
 CHECK_DELAY_S = 0.5
 PREVIEW_CHARS = 1500
@@ -163,9 +163,9 @@ class DatasetScreen(WizardScreen):
                 pairs.append((name, value))
         return tuple(sorted(pairs))
 
-    def _format(self) -> str:
-        value = self.query_one("#format", Select).value
-        return value if isinstance(value, str) else "auto"
+    def _format(self) -> DataFormat:
+        value = self.query_one("#format", Select).value  # its options are the formats' names
+        return cast(DataFormat, value) if isinstance(value, str) else "auto"
 
     def selection(self) -> DatasetSelection | None:
         highlighted = self._highlighted_id()
@@ -332,7 +332,7 @@ class DatasetScreen(WizardScreen):
         else:
             problem = None
         if problem:
-            from tui.screens.dialogs import ConfirmDialog
+            from tunewiz.tui.dialogs import ConfirmDialog
 
             def answered(yes: bool | None) -> None:
                 if yes:
@@ -344,9 +344,7 @@ class DatasetScreen(WizardScreen):
         self._go(selection, spec)
 
     def _go(self, selection: DatasetSelection, spec: RunSpec) -> None:
-        from tui.screens.settings import SettingsScreen
-
         self.state.dataset = selection
         self.state.spec = spec
-        self.app.push_screen(SettingsScreen())
+        self.tw.go_next(self)
 

@@ -12,8 +12,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from tui.widgets.memory import gb
-from tui.screens.base import WizardScreen
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.widgets.memory import gb
 
 
 def _gpu_rows(report: Any) -> list[tuple[str, Text]]:
@@ -95,9 +95,7 @@ class HardwareScreen(WizardScreen):
         self.tw.probe_hardware()
 
     def action_next(self) -> None:
-        from tui.screens.model import ModelScreen
-
         if self.state.report is None:
             self.notify("Still checking the hardware; a moment, please.")
             return
-        self.app.push_screen(ModelScreen())
+        self.tw.go_next(self)

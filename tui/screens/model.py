@@ -14,12 +14,12 @@ from textual.containers import Horizontal
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from engine import catalog
-from engine.recommend import method_name
-from engine.spec import SpecError
-from tui import wizard
-from tui.screens.base import WizardScreen
-from tui.widgets.memory import estimate_total, fit_text, memory_bar, verdict
+from tunewiz.engine.config import catalog
+from tunewiz.engine.config.spec import SpecError
+from tunewiz.engine.planning.recommend import method_name
+from tunewiz.tui import wizard
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.widgets.memory import estimate_total, fit_text, memory_bar, verdict
 
 METHODS = (
     "LoRA trains a small add-on (an adapter) on the model's 16-bit weights; QLoRA trains it on a 4-bit copy: "
@@ -182,7 +182,7 @@ class ModelScreen(WizardScreen):
             return
         problem = qlora_problem(choice, self.state.report)
         if problem or verdict(choice, self.state.report)[1] == "too_big":
-            from tui.screens.dialogs import ConfirmDialog
+            from tunewiz.tui.dialogs import ConfirmDialog
 
             def answered(yes: bool | None) -> None:
                 if yes:
@@ -192,14 +192,13 @@ class ModelScreen(WizardScreen):
                 title, message = "This cannot run here yet", f"{problem}\n\nThe run would stop at once. Pick it anyway?"
             else:
                 title = "This probably does not fit"
-                message = f"{choice.reason}\n\nTraining would most likely stop with an out-of-memory error. Pick it anyway?"
+                message = (f"{choice.reason}\n\nTraining would most likely stop with an out-of-memory error. "
+                           "Pick it anyway?")
             self.app.push_screen(ConfirmDialog(title, message, yes="Pick it anyway", no="Choose another"), answered)
             return
         self._pick(choice)
 
     def _pick(self, choice: Any) -> None:
-        from tui.screens.dataset import DatasetScreen
-
         try:
             spec = wizard.apply_choice(self.state.spec, choice, self.tw.base)
         except SpecError as exc:
@@ -207,4 +206,4 @@ class ModelScreen(WizardScreen):
             return
         self.state.choice = choice
         self.state.spec = spec
-        self.app.push_screen(DatasetScreen())
+        self.tw.go_next(self)

@@ -14,9 +14,9 @@ from textual.binding import Binding, BindingType
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from engine import presets
-from engine.spec import SpecError
-from tui.screens.base import WizardScreen
+from tunewiz.engine.config import presets
+from tunewiz.engine.config.spec import SpecError
+from tunewiz.tui.screens.base import WizardScreen
 
 
 def preset_prompt(info: presets.PresetInfo) -> Group:
@@ -84,8 +84,6 @@ class PresetsScreen(WizardScreen):
         self.query_one("#presets", OptionList).action_select()
 
     def _open(self, info: presets.PresetInfo) -> None:
-        from tui.screens.review import ReviewScreen
-
         if info.error:
             self.tw.show_error(f"The preset {info.name!r} cannot be used", info.error,
                                f"fix or delete {info.path}" + (" (d deletes it)" if info.origin == "user" else ""))
@@ -99,10 +97,10 @@ class PresetsScreen(WizardScreen):
         spec.name = info.name  # its runs carry the preset's name
         self.state.spec = spec
         self.state.relaunch_of = info.name
-        self.app.push_screen(ReviewScreen())
+        self.tw.go_next(self)
 
     def action_rename(self) -> None:
-        from tui.screens.dialogs import NameDialog
+        from tunewiz.tui.dialogs import NameDialog
 
         info = self._highlighted()
         if info is None or info.origin != "user":
@@ -123,7 +121,7 @@ class PresetsScreen(WizardScreen):
                                         "'_' or '-'):", value=info.name), named)
 
     def action_delete(self) -> None:
-        from tui.screens.dialogs import ConfirmDialog
+        from tunewiz.tui.dialogs import ConfirmDialog
 
         info = self._highlighted()
         if info is None or info.origin != "user":

@@ -13,15 +13,17 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Static
 
-from engine import hints, presets, spec as spec_mod
-from engine.errors import TunewizError
-from engine.recommend import method_name
-from engine.render import memory as gb
-from engine.spec import RunSpec, SpecError
-from tui import wizard
-from tui.screens.base import WizardScreen
-from tui.services import ServiceError
-from tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar, verdict
+from tunewiz.engine import hints
+from tunewiz.engine.config import presets
+from tunewiz.engine.config import spec as spec_mod
+from tunewiz.engine.config.spec import RunSpec, SpecError
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.planning.recommend import method_name
+from tunewiz.engine.render import memory as gb
+from tunewiz.tui import wizard
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.services import ServiceError
+from tunewiz.tui.widgets.memory import estimate_breakdown, estimate_total, fit_text, memory_bar, verdict
 
 
 def longest_example(state: wizard.WizardState, spec: RunSpec) -> int | None:
@@ -189,7 +191,7 @@ class ReviewScreen(WizardScreen):
 
     def _ask_remote_code(self, spec: RunSpec) -> None:
         """Running code shipped with a model is the user's explicit choice, never the spec's alone."""
-        from tui.screens.dialogs import ConfirmDialog
+        from tunewiz.tui.dialogs import ConfirmDialog
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -232,7 +234,7 @@ class ReviewScreen(WizardScreen):
 
     @on(Button.Pressed, "#save")
     def action_save(self) -> None:
-        from tui.screens.dialogs import NameDialog
+        from tunewiz.tui.dialogs import NameDialog
 
         spec = self.state.spec
         self.app.push_screen(NameDialog(
@@ -242,7 +244,7 @@ class ReviewScreen(WizardScreen):
             "Name it (letters, digits, '.', '_' or '-'):", value=presets.free_name(spec.name)), self._save_named)
 
     def _save_named(self, name: str | None, overwrite: bool = False) -> None:
-        from tui.screens.dialogs import ConfirmDialog
+        from tunewiz.tui.dialogs import ConfirmDialog
 
         if not name:
             return

@@ -2,7 +2,7 @@
 name, start, duration and last/best loss. Open or attach, relaunch in the wizard, resume, delete.
 
 The list refreshes itself every 2 seconds in a worker; the losses are read incrementally from each run's
-events (engine.worktime.LossScan), so a refresh costs only the bytes written since the last one.
+events (tunewiz.engine.run.worktime.LossScan), so a refresh costs only the bytes written since the last one.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
-from engine import rundir
-from engine.render import duration
-from engine.spec import SpecError
-from engine.worktime import LossScan
-from tui.messages import RunActionDone, RunsListed
-from tui.runmodel import ACTIVE_STATES
-from tui.screens.base import WizardScreen
-from tui.screens.dashboard import STATE_MARKS, STATE_STYLES
+from tunewiz.engine.config.spec import SpecError
+from tunewiz.engine.render import duration
+from tunewiz.engine.run import rundir
+from tunewiz.engine.run.rundir import LIVE_STATES
+from tunewiz.engine.run.worktime import LossScan
+from tunewiz.tui.messages import RunActionDone, RunsListed
+from tunewiz.tui.navigation import Place
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.styles import STATE_MARKS, STATE_STYLES
 
 REFRESH_S = 2.0
 COLUMNS = (("name", "Name · model"), ("state", "State"), ("step", "Step"), ("duration", "Time"), ("loss", "Loss"),
@@ -40,10 +41,7 @@ def run_row(run: rundir.RunDir, now: float, scan: LossScan | None = None) -> dic
     state = run.state()
     created = status.get("created")
     started = status.get("started") or created
-    if state in ACTIVE_STATES:
-        end = now
-    else:
-        end = status.get("finished") or status.get("updated")
+    end: float | None = now if state in LIVE_STATES else (status.get("finished") or status.get("updated"))
     worked = None
     if scan is not None:
         scan.update()
@@ -87,14 +85,14 @@ def detail_text(row: dict[str, Any] | None) -> Text:
         return Text("")
     state = row["state"]
     keys = ["enter open"]
-    if state in ACTIVE_STATES:
+    if state in LIVE_STATES:
         keys.append("a attach")
     if state in ("cancelled", "failed", "dead"):
         keys.append("r resume")
     keys.append("l relaunch (edit first)")
     if state in ("completed", "cancelled"):
         keys.append("c chat")
-    if state not in ACTIVE_STATES:
+    if state not in LIVE_STATES:
         keys.append("x delete")
     text = Text.assemble((row["run_id"], "bold"), (f"  {row['path']}", "dim"), "\n", (" · ".join(keys), "dim"))
     if row.get("error") and state == "failed":
@@ -210,11 +208,9 @@ class RunsScreen(WizardScreen):
     # ------------------------------------------------------------------ actions
 
     def action_open(self) -> None:
-        from tui.screens.dashboard import DashboardScreen
-
         row = self.selected_row()
         if row is not None:
-            self.app.push_screen(DashboardScreen(self._run(row)))
+            self.tw.go(Place.DASHBOARD, self._run(row))
 
     def action_next(self) -> None:
         self.action_open()
@@ -223,14 +219,12 @@ class RunsScreen(WizardScreen):
         row = self.selected_row()
         if row is None:
             return
-        if row["state"] not in ACTIVE_STATES:
+        if row["state"] not in LIVE_STATES:
             self.notify(f"That run is {row['state']}, not running: Enter shows its history.")
             return
         self.action_open()
 
     def action_relaunch(self) -> None:
-        from tui.screens.settings import SettingsScreen
-
         row = self.selected_row()
         if row is None:
             return
@@ -243,7 +237,7 @@ class RunsScreen(WizardScreen):
         self.state.spec = spec
         self.state.relaunch_of = row["run_id"]
         self.tw.state_signal.publish(None)
-        self.app.push_screen(SettingsScreen())
+        self.tw.go(Place.SETTINGS)
         self.notify("The run's settings, ready to edit: ctrl+n goes on to the review and launch.")
 
     def action_resume(self) -> None:
@@ -254,7 +248,7 @@ class RunsScreen(WizardScreen):
         if state == "completed":
             self.notify("That run completed; press l to relaunch it (a new run with the same settings).")
             return
-        if state in ACTIVE_STATES:
+        if state in LIVE_STATES:
             self.notify(f"That run is {state}; there is nothing to resume. Enter follows it.")
             return
         self.resume_run(self._run(row))
@@ -269,10 +263,8 @@ class RunsScreen(WizardScreen):
         self.post_message(RunActionDone("resume", run.run_id, f"engine pid {pid}"))
 
     def action_chat(self) -> None:
-        from engine.errors import TunewizError
-        from engine.inference import adapter_path
-        from tui.screens.chat import ChatScreen
-
+        from tunewiz.engine.errors import TunewizError
+        from tunewiz.engine.use.inference import adapter_path
         row = self.selected_row()
         if row is None:
             return
@@ -282,15 +274,15 @@ class RunsScreen(WizardScreen):
         except TunewizError as exc:
             self.notify(f"{exc}: nothing to chat with yet.", severity="warning")
             return
-        self.app.push_screen(ChatScreen(run))
+        self.tw.go(Place.CHAT, run)
 
     def action_delete(self) -> None:
-        from tui.screens.dialogs import ConfirmDialog
+        from tunewiz.tui.dialogs import ConfirmDialog
 
         row = self.selected_row()
         if row is None:
             return
-        if row["state"] in ACTIVE_STATES:
+        if row["state"] in LIVE_STATES:
             self.notify("That run is still going: stop it first (open it, then s).", severity="warning")
             return
         run = self._run(row)
@@ -321,11 +313,9 @@ class RunsScreen(WizardScreen):
         self.notify(f"{message.run_id}: {message.result}")
         self.action_reload()
         if message.action == "resume":
-            from tui.screens.dashboard import DashboardScreen
-
             row = next((r for r in self.rows if r["run_id"] == message.run_id), None)
             if row is not None:
-                self.app.push_screen(DashboardScreen(self._run(row)))
+                self.tw.go(Place.DASHBOARD, self._run(row))
 
 
 def _folder_size(path: Path) -> int:

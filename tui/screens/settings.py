@@ -1,6 +1,6 @@
 """Step 5: training settings, from the recommendation; a basic view and every key of the spec (ctrl+t).
 
-Every change is validated by engine.spec as you type; a wrong value says why next to its box.
+Every change is validated by tunewiz.engine.config.spec as you type; a wrong value says why next to its box.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Input, Select, Static
 
-from engine.errors import TunewizError
-from engine.recommend import method_name
-from engine.spec import SECTIONS, RunSpec, SpecError
-from tui import wizard
-from tui.screens.base import WizardScreen
-from tui.wizard import BASIC_KEYS, FIELDS, FieldInfo
+from tunewiz.engine.config.spec import SECTIONS, RunSpec, SpecError
+from tunewiz.engine.errors import TunewizError
+from tunewiz.engine.planning.recommend import method_name
+from tunewiz.tui import wizard
+from tunewiz.tui.screens.base import WizardScreen
+from tunewiz.tui.wizard import BASIC_KEYS, FIELDS, FieldInfo
 
 FRIENDLY = {
     "name": ("Run name", "Names the run and its folder: letters, digits, '.', '_' or '-'."),
@@ -159,8 +159,6 @@ class SettingsScreen(WizardScreen):
             self._set(key, value)
 
     def action_next(self) -> None:
-        from tui.screens.review import ReviewScreen
-
         if self.errors:
             key = next(iter(self.errors))
             if key not in BASIC_KEYS and not self.advanced:
@@ -169,4 +167,4 @@ class SettingsScreen(WizardScreen):
             self.notify(f"Fix {key} first: {self.errors[key]}", severity="error")
             return
         self.state.spec = self.working
-        self.app.push_screen(ReviewScreen())
+        self.tw.go_next(self)

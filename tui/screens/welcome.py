@@ -13,7 +13,8 @@ from textual.binding import Binding, BindingType
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from tui.screens.base import WizardScreen
+from tunewiz.tui.navigation import Place
+from tunewiz.tui.screens.base import WizardScreen
 
 INTRO = (
     "tunewiz teaches a language model new behaviour from your examples (\"fine-tuning\"). It checks your "
@@ -61,17 +62,11 @@ class WelcomeScreen(WizardScreen):
         self.action_new()
 
     def action_new(self) -> None:
-        from tui.screens.hardware import HardwareScreen
-
         self.tw.reset_wizard()
-        self.app.push_screen(HardwareScreen())
+        self.tw.go_next(self)
 
     def action_presets(self) -> None:
-        from tui.screens.presets import PresetsScreen
-
-        self.app.push_screen(PresetsScreen())
+        self.tw.go(Place.PRESETS)
 
     def action_runs(self) -> None:
-        from tui.screens.runs import RunsScreen
-
-        self.app.push_screen(RunsScreen())
+        self.tw.go(Place.RUNS)

@@ -150,7 +150,8 @@ def render_chart(series: Sequence[ChartSeries], width: int, height: int,
     for r in range(plot_h):
         text.append(label_rows.get(r, "").rjust(label_w), style="dim")
         text.append("┤" if r in label_rows else "│", style="dim")
-        run_style, run = None, []
+        run_style: str | None = None
+        run: list[str] = []
         for c in range(plot_w):
             bits = cells[r][c]
             char = chr(0x2800 + bits) if bits else " "

@@ -6,9 +6,9 @@ from typing import Any
 
 from rich.text import Text
 
-from engine.recommend import FIT_WORDS as FIT_LABELS
-from engine.render import GIB, memory as gb
-
+from tunewiz.engine.planning.recommend import FIT_WORDS as FIT_LABELS
+from tunewiz.engine.render import GIB
+from tunewiz.engine.render import memory as gb
 
 FIT_STYLES = {"fits": "bold green", "tight": "bold yellow", "too_big": "bold red"}
 FIT_MARKS = {"fits": "OK", "tight": "!!", "too_big": "XX"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.wizard import STEPS
+from tunewiz.tui.wizard import STEPS
 
 
 def steps_text(current: str, width: int | None = None) -> Text:

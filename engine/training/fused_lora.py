@@ -1,0 +1,390 @@
+"""Fused LoRA blocks (`speed.fused_lora`): one autograd node per MLP and per attention projection group.
+
+peft runs each adapted projection as about five autograd nodes (dropout, A, B, scale, add), and
+autograd keeps every intermediate they produce. Here a Llama-like MLP (gate and up projections,
+SwiGLU, down projection) is one `torch.autograd.Function`, and so are the attention's Q/K/V
+projections together (they read the same input) and its O projection. Each computes base + scaled
+LoRA with `addmm` and has a hand-derived backward that keeps only what it needs:
+
+- the block's input and the rank-r products `X @ A^T` (a few columns each);
+- in the MLP, the gate and up outputs; SiLU, the SwiGLU product and the down projection's input are
+  recomputed in the backward (elementwise) instead of being stored, as autograd would;
+- no dropout masks: each LoRA dropout draws its mask in the forward (on the input of A only, as peft
+  does), and the backward draws the same masks again from the random state saved at the forward.
+
+The frozen weights get no gradient. bitsandbytes 4-bit weights (QLoRA) are dequantised once per use
+through `bitsandbytes.functional.dequantize_4bit`, on CUDA into buffers reused across layers (no
+buffer on a CPU, where bitsandbytes cannot fill one). Anything else (adapters disabled or merged,
+several adapters, DoRA and other variants, LoRA bias, another MLP, 8-bit layers)
+takes the forward the module had before (peft's, or the engine's lean forward). In fp32 the loss and
+every gradient equal peft's (tests/test_fused_lora.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunewiz.engine.training import swiglu_triton
+
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
+LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+SWIGLU_ACTIVATIONS = frozenset({"silu", "swish"})
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+# Dequantised 4-bit weights by (shape, dtype, device): one buffer per shape, reused by every layer.
+_DEQUANT_BUFFERS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One LoRA projection's frozen part and settings for one call (its A and B travel as tensors)."""
+
+    base: torch.nn.Module
+    scaling: float
+    dropout: float
+
+
+def _is_4bit(base: torch.nn.Module) -> bool:
+    return type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("bitsandbytes")
+
+
+def _linear_lora(module: torch.nn.Module) -> bool:
+    """A peft LoRA layer on a plain or 4-bit linear layer (what the fused blocks can compute)."""
+    kind = type(module)
+    if not (kind.__module__.startswith("peft.tuners.lora") and kind.__name__ in ("Linear", "Linear4bit")):
+        return False
+    base = module.get_base_layer()
+    return type(base) is torch.nn.Linear or _is_4bit(base)
+
+
+def _operands(layer: Any, x: torch.Tensor) -> tuple[_Projection, torch.Tensor, torch.Tensor] | None:
+    """(settings, A, B) of `layer`'s one active plain LoRA adapter, or None where peft's path must run."""
+    adapters = layer.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A or name in layer.lora_variant
+            or layer.lora_B[name].bias is not None or getattr(layer, "fan_in_fan_out", False)):
+        return None
+    base = layer.get_base_layer()
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Dropout):
+        p = dropout.p if dropout.training else 0.0
+    elif isinstance(dropout, torch.nn.Identity):
+        p = 0.0
+    else:
+        return None
+    return _Projection(base, float(layer.scaling[name]), p), layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def _weight_dtype(base: torch.nn.Module) -> torch.dtype:
+    return base.weight.quant_state.dtype if _is_4bit(base) else base.weight.dtype
+
+
+def _compute_dtype(x: torch.Tensor, projections: list[_Projection], adapters: list[torch.Tensor]) -> torch.dtype | None:
+    """The autocast dtype, or without autocast the one dtype every operand shares (else None: peft's path)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    dtypes = {x.dtype, *(_weight_dtype(p.base) for p in projections), *(t.dtype for t in adapters)}
+    return x.dtype if len(dtypes) == 1 else None
+
+
+def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight in `dtype`; a 4-bit one dequantised (on CUDA into the shared buffer of its shape).
+
+    The buffer is overwritten by the next layer's dequantisation: callers use it at once and never
+    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). bitsandbytes
+    dequantises into a given buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
+    """
+    weight = base.weight
+    if not _is_4bit(base):
+        return weight.to(dtype)
+    import bitsandbytes.functional as bnb_functional
+
+    state = weight.quant_state
+    if not weight.is_cuda:
+        return bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
+    key = (tuple(state.shape), state.dtype, weight.device)
+    buffer = _DEQUANT_BUFFERS.get(key)
+    if buffer is None:
+        buffer = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
+    return bnb_functional.dequantize_4bit(weight.data, state, out=buffer).to(dtype)
+
+
+def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    weight = _frozen_weight(base, dtype)
+    if base.bias is None:
+        return inputs @ weight.t()
+    return torch.addmm(base.bias.to(dtype), inputs, weight.t())
+
+
+def _noise(shape: tuple[int, ...], like: torch.Tensor, p: float) -> torch.Tensor | None:
+    """A dropout mask of zeros and ones, drawn as torch's CPU dropout draws it (same random stream).
+
+    The 1 / (1 - p) scale is applied to the rank-r products instead: exact in any dtype, where a bf16
+    mask holding 1 / (1 - p) would round it (1.0547 for p = 0.05).
+    """
+    if p == 0.0:
+        return None
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _rng_replayed(device: torch.device, state: torch.Tensor) -> Iterator[None]:
+    """Run with the random state `state`, then put the current one back (the forward's masks, redrawn)."""
+    current = _rng_state(device)
+    setter: Callable[..., None] = (functools.partial(torch.cuda.set_rng_state, device=device)
+                                   if device.type == "cuda" else torch.set_rng_state)
+    setter(state)
+    try:
+        yield
+    finally:
+        setter(current)
+
+
+def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
+                  noise: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base(inputs) + scaling * B A dropout(inputs), A dropout(inputs)) for 2-D `inputs` in `dtype`."""
+    inputs_a = (inputs if noise is None else inputs * noise) @ a.to(dtype).t()
+    if noise is not None:
+        inputs_a.mul_(1 / (1 - projection.dropout))
+    out = _base_forward(inputs, projection.base, dtype)
+    return out.addmm_(inputs_a, b.to(dtype).t(), alpha=projection.scaling), inputs_a
+
+
+def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Tensor, projection: _Projection,
+                   a: torch.Tensor, b: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype,
+                   need_input: bool, into: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output, in `dtype`; the inputs'
+    gradient is added to `into` where given (another projection's of the same inputs)."""
+    a, b, s = a.to(dtype), b.to(dtype), projection.scaling
+    grad_b = (grad.t() @ inputs_a).mul_(s)
+    # the gradient reaching A's output, times the dropout's 1 / (1 - p)
+    grad_a_out = (grad @ b).mul_(s if noise is None else s / (1 - projection.dropout))
+    grad_a = grad_a_out.t() @ (inputs if noise is None else inputs * noise)
+    if not need_input:
+        return None, grad_a, grad_b
+    weight = _frozen_weight(projection.base, dtype)
+    grad_inputs = grad @ weight if into is None else into.addmm_(grad, weight)
+    if noise is None:
+        grad_inputs.addmm_(grad_a_out, a)
+    else:
+        grad_inputs.add_((grad_a_out @ a).mul_(noise))
+    return grad_inputs, grad_a, grad_b
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+class LoraProjections(torch.autograd.Function):
+    """Several LoRA projections of one input (Q, K and V; or O alone) as one autograd node.
+
+    apply(x, projections, dtype, A0, B0, A1, B1, ...) returns one output per projection.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projections: list[_Projection], dtype: torch.dtype,
+                *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = _flat(x, dtype)
+        ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
+        outputs, products = [], []
+        with torch.autocast(x.device.type, enabled=False):
+            for index, projection in enumerate(projections):
+                noise = _noise(flat.shape, flat, projection.dropout)
+                out, inputs_a = _lora_forward(flat, projection, *adapters[2 * index:2 * index + 2], noise, dtype)
+                outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
+                products.append(inputs_a)
+        ctx.save_for_backward(x, *adapters, *products)
+        ctx.projections, ctx.dtype = projections, dtype
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *saved = ctx.saved_tensors
+        projections, dtype = ctx.projections, ctx.dtype
+        adapters, products = saved[:2 * len(projections)], saved[2 * len(projections):]
+        flat = _flat(x, dtype)
+        noises = _redraw(ctx.rng, x.device, [(flat.shape, p.dropout) for p in projections], flat)
+        grad_x, adapter_grads = None, []
+        with torch.autocast(x.device.type, enabled=False):
+            for index, projection in enumerate(projections):
+                a, b = adapters[2 * index:2 * index + 2]
+                grad_x, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
+                                                        a, b, noises[index], dtype, ctx.needs_input_grad[0], grad_x)
+                adapter_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
+        grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
+        return (grad_x, None, None, *adapter_grads)
+
+
+def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[tuple[int, ...], float]],
+            like: torch.Tensor) -> list[torch.Tensor | None]:
+    """The forward's dropout masks, in the forward's order, from its saved random state."""
+    if state is None:
+        return [None] * len(draws)
+    with _rng_replayed(device, state):
+        return [_noise(shape, like, p) for shape, p in draws]
+
+
+def _kernels_for(tensor: torch.Tensor) -> Any:
+    """The Triton SwiGLU kernels for a CUDA tensor where Triton is installed; None: torch's operations."""
+    return swiglu_triton if tensor.is_cuda and swiglu_triton.AVAILABLE else None
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    kernels = _kernels_for(gate)
+    return kernels.forward(gate, up) if kernels else F.silu(gate).mul_(up)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
+                    spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gate, grad of up) of silu(gate) * up, written into `grad` and `spare` (both consumed)."""
+    kernels = _kernels_for(gate)
+    if kernels:
+        return kernels.backward(gate, up, grad, spare)
+    sigmoid = torch.sigmoid(gate)
+    grad_up = torch.mul(gate, sigmoid, out=spare).mul_(grad)  # d/d up = silu(gate)
+    # d/d gate = up * silu'(gate), silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    derivative = torch.sub(1, sigmoid).mul_(gate).add_(1).mul_(sigmoid)
+    del sigmoid
+    return grad.mul_(up).mul_(derivative), grad_up
+
+
+class LoraSwiGLU(torch.autograd.Function):
+    """A Llama-like MLP, down(silu(gate(x)) * up(x)), each projection with LoRA, as one autograd node.
+
+    apply(x, (gate, up, down), dtype, A_gate, B_gate, A_up, B_up, A_down, B_down).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projections: tuple[_Projection, _Projection, _Projection],
+                dtype: torch.dtype, *adapters: torch.Tensor) -> torch.Tensor:
+        gate, up, down = projections
+        flat = _flat(x, dtype)
+        ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
+        with torch.autocast(x.device.type, enabled=False):
+            # the masks are drawn in peft's order: gate's, up's, then down's
+            gate_out, gate_a = _lora_forward(flat, gate, *adapters[0:2], _noise(flat.shape, flat, gate.dropout), dtype)
+            up_out, up_a = _lora_forward(flat, up, *adapters[2:4], _noise(flat.shape, flat, up.dropout), dtype)
+            hidden = swiglu_forward(gate_out, up_out)
+            out, down_a = _lora_forward(hidden, down, *adapters[4:6], _noise(hidden.shape, hidden, down.dropout), dtype)
+        ctx.save_for_backward(x, gate_out, up_out, gate_a, up_a, down_a, *adapters)
+        ctx.projections, ctx.dtype = projections, dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gate_out, up_out, gate_a, up_a, down_a, *adapters = ctx.saved_tensors
+        (gate, up, down), dtype = ctx.projections, ctx.dtype
+        flat = _flat(x, dtype)
+        noise_gate, noise_up, noise_down = _redraw(
+            ctx.rng, x.device,
+            [(flat.shape, gate.dropout), (flat.shape, up.dropout), (up_out.shape, down.dropout)], flat)
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = swiglu_forward(gate_out, up_out)  # recomputed: autograd would have kept it, and SiLU's output
+            grad_hidden, grad_a_down, grad_b_down = _lora_backward(hidden, down_a, _flat(grad, dtype), down,
+                                                                   *adapters[4:6], noise_down, dtype, True)
+            grad_gate, grad_up = swiglu_backward(gate_out, up_out, grad_hidden, spare=hidden)
+            need = ctx.needs_input_grad[0]
+            grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, *adapters[0:2], noise_gate,
+                                                              dtype, need)
+            grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, *adapters[2:4], noise_up, dtype,
+                                                          need, grad_x)
+        grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
+        grad_x = grad_x.view(x.shape).to(x.dtype) if need else None
+        return (grad_x, None, None, *(g.to(w.dtype) for g, w in zip(grads, adapters)))
+
+
+def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
+    """The forward `module` runs now: an instance patch (the lean forward, liger's) or its class's, looked up
+    at call time so that a later patch of the class is honoured."""
+    patched = module.__dict__.get("forward")
+    return patched if patched is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+
+
+def _prepare(layers: list[Any], x: torch.Tensor) -> tuple[list[_Projection], list[torch.Tensor], torch.dtype] | None:
+    """Every layer's operands and the compute dtype, or None when any layer must take peft's path."""
+    operands = [_operands(layer, x) for layer in layers]
+    if any(o is None for o in operands):
+        return None
+    projections = [o[0] for o in operands]
+    adapters = [t for o in operands for t in o[1:]]
+    dtype = _compute_dtype(x, projections, adapters)
+    return None if dtype is None else (projections, adapters, dtype)
+
+
+class _SharedInput:
+    """LoRA projections that read one input (Q, K, V): the first call computes them all in one node, the
+    others take their output. The pending outputs are keyed by the input tensor itself, so a call with
+    another input (or grad mode) computes afresh and nothing stale is ever returned."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+        self.fallbacks = [_previous_forward(layer) for layer in layers]
+        self.pending: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
+
+    def forward(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            return self.fallbacks[index](x, *args, **kwargs)
+        entry = self.pending.pop(index, None)
+        if entry is not None and entry[0] is x and entry[1] == torch.is_grad_enabled():
+            return entry[2]
+        prepared = _prepare(self.layers, x)
+        if prepared is None:
+            self.pending.clear()
+            return self.fallbacks[index](x)
+        projections, adapters, dtype = prepared
+        outputs = LoraProjections.apply(x, projections, dtype, *adapters)
+        grad = torch.is_grad_enabled()
+        self.pending = {i: (x, grad, out) for i, out in enumerate(outputs) if i != index}
+        return outputs[index]
+
+
+def _mlp_forward(mlp: torch.nn.Module, fallback: Callable[..., Any], x: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+    layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    prepared = None if args or kwargs else _prepare(layers, x)
+    if prepared is None:
+        return fallback(x, *args, **kwargs)
+    projections, adapters, dtype = prepared
+    return LoraSwiGLU.apply(x, tuple(projections), dtype, *adapters)
+
+
+def _fusable_mlp(module: torch.nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return (type(module).__name__ in LLAMA_LIKE_MLPS and getattr(config, "hidden_act", None) in SWIGLU_ACTIVATIONS
+            and all(_linear_lora(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _patch_group(layers: list[Any]) -> None:
+    group = _SharedInput(layers)
+    for index, layer in enumerate(layers):
+        layer.forward = functools.partial(group.forward, index)
+
+
+def apply_fused_lora(model: torch.nn.Module) -> tuple[int, int]:
+    """Give every Llama-like MLP and every attention block's LoRA projections the fused forward.
+
+    Returns (MLP blocks, attention blocks) patched. The forward each module had before stays its
+    fallback, so call this after the per-layer forwards (`speed.lean_lora`) are in place.
+    """
+    mlps = attentions = 0
+    for module in list(model.modules()):
+        if _fusable_mlp(module):
+            module.forward = functools.partial(_mlp_forward, module, _previous_forward(module))
+            mlps += 1
+        inputs = [getattr(module, name) for name in ATTENTION_INPUTS if _linear_lora(getattr(module, name, None))]
+        if inputs and _linear_lora(getattr(module, "o_proj", None)):
+            _patch_group(inputs)
+            _patch_group([module.o_proj])
+            attentions += 1
+    return mlps, attentions

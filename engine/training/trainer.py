@@ -1,0 +1,522 @@
+"""The real trainer: LoRA/QLoRA fine-tuning with transformers' Trainer and peft, streaming events.
+
+We tokenise and mask the data ourselves (engine/data), so transformers' Trainer is all the loop we
+need; trl's SFTTrainer would add ten seconds of imports and a bf16-on-CPU default that makes CPU
+training about 25 times slower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunewiz.engine import __version__
+from tunewiz.engine.config.spec import RunSpec
+from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from tunewiz.engine.data.prepare import PreparedData, prepare
+from tunewiz.engine.errors import HardwareError, TunewizError
+from tunewiz.engine.fileio import atomic_write_json
+from tunewiz.engine.run import monitor, ranks
+from tunewiz.engine.run.context import EngineContext, TrainOutcome
+from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints, seal_checkpoint, unseal_checkpoint
+from tunewiz.engine.training import distributed, download, models, speed
+from tunewiz.engine.training.generate import answers, matches
+
+
+def plan_steps(spec: RunSpec, n_train: int, world_size: int = 1) -> int:
+    """Optimiser steps the run will take."""
+    if spec.training.max_steps:
+        return spec.training.max_steps
+    batches = math.ceil(n_train / (spec.training.micro_batch_size * world_size))
+    per_epoch = max(1, math.ceil(batches / spec.training.gradient_accumulation))
+    return max(1, math.ceil(spec.training.epochs * per_epoch))
+
+
+def default_interval(total: int, times: int) -> int:
+    return max(1, total // times)
+
+
+class ExampleDataset:
+    """A map-style dataset over encoded examples, as transformers' Trainer expects."""
+
+    def __init__(self, examples: list[Encoded]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+class PaddingCollator:
+    """Right-pads a batch to its longest example (rounded up to `multiple` on GPU)."""
+
+    def __init__(self, pad_id: int, multiple: int = 1) -> None:
+        self.pad_id = pad_id
+        self.multiple = multiple
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(item["input_ids"]) for item in batch)
+        longest = math.ceil(longest / self.multiple) * self.multiple
+        ids, labels, mask = [], [], []
+        for item in batch:
+            pad = longest - len(item["input_ids"])
+            ids.append(item["input_ids"] + [self.pad_id] * pad)
+            labels.append(item["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(item["input_ids"]) + [0] * pad)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def _device() -> tuple[str, bool]:
+    """('cuda:N', bf16 supported) with N this rank's GPU (0 in a single process), or ('cpu', False)."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = ranks.local_rank()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}", torch.cuda.is_bf16_supported()
+    return "cpu", False
+
+
+def using_fsdp() -> bool:
+    """Whether `accelerate launch` started this rank with FSDP (it tells the ranks through the environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def check_method_supported(spec: RunSpec, cuda: bool) -> None:
+    if spec.method == "qlora" and not cuda:
+        raise HardwareError("QLoRA needs a CUDA GPU: its 4-bit weights are computed by bitsandbytes' GPU kernels, "
+                            "and this machine has no usable CUDA GPU",
+                            hint="use method = \"lora\" (fine for small models on a CPU), or run on a machine with "
+                                 "an NVIDIA GPU")
+    if spec.training.optimizer in ("adamw_8bit", "paged_adamw_8bit") and not cuda:
+        raise HardwareError(f"training.optimizer = {spec.training.optimizer!r} needs a CUDA GPU",
+                            hint="use \"adamw_torch\" on a CPU")
+
+
+def apply_lora(model: Any, spec: RunSpec) -> tuple[Any, list[str]]:
+    """Wrap `model` in a LoRA adapter on the spec's targets (every decoder linear for `all-linear`)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.lora.target_modules
+    resolved = models.linear_target_names(model) if targets == ["all-linear"] else targets
+    missing = [t for t in resolved if not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        raise TunewizError(f"lora.target_modules {missing} are not modules of this model",
+                           hint=f"this model's linear layers: {', '.join(models.linear_target_names(model))}; "
+                                "or use [\"all-linear\"]")
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=resolved, use_rslora=spec.lora.use_rslora, use_dora=spec.lora.use_dora,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config), resolved
+
+
+@dataclass
+class Prepared:
+    """What `prepare_trainable` did to a model."""
+
+    targets: list[str]
+    fused_loss: bool
+    adapter_dtype: Any
+    notes: list[str]
+
+
+def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tuple[Any, Prepared]:
+    """The speed levers and the LoRA adapter on a loaded model, in the order they need.
+
+    One function for the trainer, `tunewiz probe` and the profiler, so that what is measured is
+    what trains. Fused kernels patch the base model before peft wraps it.
+    """
+    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
+    model, targets = apply_lora(model, spec)
+    adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
+    speed.cast_adapters(model, adapter_dtype)
+    notes = [kernels_note]
+    if lean := speed.apply_lean_lora(model, spec):
+        notes.append(f"lean LoRA forward on {lean} layers (speed.lean_lora)")
+    mlps, attention = speed.apply_fused_lora(model, spec)
+    if mlps or attention:
+        notes.append(f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)")
+    return model, Prepared(targets, fused_loss, adapter_dtype, notes)
+
+
+def limit_checkpointing(model: Any, layers: int | None) -> tuple[int, int]:
+    """Keep gradient checkpointing on only the first `layers` decoder layers (all when None).
+
+    transformers turns it on for every layer that supports it; the others then keep their
+    activations instead of recomputing them: faster, for the memory they hold. Returns
+    (checkpointed layers, layers that support it).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointable = [m for m in model.modules()
+                      if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = len(checkpointable) if layers is None else min(layers, len(checkpointable))
+    for module in checkpointable[keep:]:
+        module.gradient_checkpointing = False
+    return keep, len(checkpointable)
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"tunewiz": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    t = spec.training
+    if "tensorboard" in t.report_to:  # beside the run's other files, unless the user chose a place
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
+    return TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation, max_steps=total, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optimizer, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.log_every, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_every or default_interval(total, 5),
+        save_strategy="steps", save_steps=t.save_every or default_interval(total, 4),
+        save_total_limit=t.save_total_limit,
+        bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        include_num_input_tokens_seen="non_padding", report_to=list(t.report_to) or "none",
+        remove_unused_columns=False,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
+        torch_compile=spec.speed.compile and cuda,
+    )
+
+
+def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
+                   sample_every: int) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    spec = ctx.spec
+    cuda = torch.cuda.is_available()
+
+    class EventsCallback(TrainerCallback):
+        """Turns the Trainer's progress into events and checks for stop requests."""
+
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.first_step: int | None = None
+            self.last_log: tuple[float, int, int] | None = None  # (compute time, step, tokens)
+            self.compute_s = 0.0  # time inside training steps, without eval, samples and saving
+            self.step_began = 0.0
+            self.last_train_loss: float | None = None
+            self.last_eval_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if spec.training.gradient_checkpointing and spec.training.checkpoint_layers is not None:
+                # The Trainer has just turned checkpointing on for every layer.
+                kept, total_layers = limit_checkpointing(model, spec.training.checkpoint_layers)
+                ctx.log(f"gradient checkpointing on {kept} of {total_layers} layers")
+            self.started = time.monotonic()
+            self.first_step = state.global_step
+            self.last_log = (0.0, state.global_step, state.num_input_tokens_seen)
+            ctx.emit("phase", phase="train", message=f"training {total} steps"
+                     + (f" from step {state.global_step}" if state.global_step else ""),
+                     stats={"total_steps": total, "start_step": state.global_step})
+            if state.global_step == 0:
+                emit_samples(0)
+            self.started = time.monotonic()  # ETA from training time, not the first samples
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            logs = logs or {}
+            now = time.monotonic()
+            if "eval_loss" in logs:
+                self.last_eval_loss = float(logs["eval_loss"])
+                ctx.emit("eval", step=state.global_step, eval_loss=self.last_eval_loss)
+            if "loss" not in logs:
+                return
+            assert self.last_log is not None and self.first_step is not None
+            last_compute, last_step, last_tokens = self.last_log
+            dt = max(self.compute_s - last_compute, 1e-9)
+            steps_done = state.global_step - last_step
+            tokens = state.num_input_tokens_seen
+            per_step = (now - self.started) / max(1, state.global_step - self.first_step)
+            self.last_train_loss = float(logs["loss"])
+            ctx.emit("step", step=state.global_step, total_steps=total, epoch=float(state.epoch or 0),
+                     loss=self.last_train_loss, learning_rate=float(logs.get("learning_rate", 0.0)),
+                     grad_norm=_finite(logs.get("grad_norm")),
+                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done else None,
+                     samples_per_s=round(steps_done * args.train_batch_size * args.gradient_accumulation_steps
+                                         / dt, 3) if steps_done else None,
+                     tokens_seen=int(tokens), elapsed_s=round(now - self.started, 2),
+                     eta_s=round(per_step * (total - state.global_step), 1))
+            self.last_log = (self.compute_s, state.global_step, tokens)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_began = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:  # the GPU runs behind the Python loop: wait for it, or tokens/s would count queued work
+                torch.cuda.synchronize()
+            self.compute_s += time.monotonic() - self.step_began
+            if ranks.any_rank(ctx.should_stop()):  # every rank stops at the same step
+                ctx.stop_event.set()
+                control.should_training_stop = True
+                control.should_save = True
+                return
+            if state.global_step % sample_every == 0 or state.global_step == total:
+                emit_samples(state.global_step)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ctx.emit("checkpoint", step=state.global_step, path=str(path))
+
+    def emit_samples(step: int) -> None:
+        # Rank 0 answers alone (the other ranks wait at the next gradient exchange); under FSDP each
+        # rank holds a shard of the weights, so no single one can generate.
+        if not data.samples or not ranks.is_main() or using_fsdp():
+            return
+        replies = answers(model, encoder, [s.as_dicts() for s in data.samples], spec.training.sample_max_new_tokens)
+        ctx.emit("sample", step=step, samples=[
+            {"prompt": s.last_user, "answer": reply, "reference": s.reference, "match": matches(reply, s.reference)}
+            for s, reply in zip(data.samples, replies)])
+
+    return EventsCallback()
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def train(ctx: EngineContext) -> TrainOutcome:
+    """Load, prepare, train, save; emits events all along. The engine process (each rank) calls this."""
+    import torch
+
+    # On N GPUs each rank runs 1/N of the accumulation: the spec's effective batch is kept.
+    spec, batch_line = distributed.keep_effective_batch(ctx.spec, ranks.world_size())
+    run = ctx.run
+    output = run.output_dir(spec)
+    device, bf16_ok = _device()
+    cuda = device != "cpu"
+    check_method_supported(spec, cuda)
+    torch.manual_seed(spec.training.seed)
+
+    ctx.emit("phase", phase="load_model", message=f"loading {spec.model.name} on {device}")
+    source = models.converted_folder(models.resolve(spec), on_progress=ctx.log)
+    download.fetch(source, ctx.emit)
+    tokenizer = models.load_tokenizer(source, spec)
+    dtype = models.choose_dtype(spec, cuda, bf16_ok)
+
+    ctx.emit("phase", phase="prepare_data", message="reading and tokenising the dataset")
+    model_stop_ids = models.generation_stop_ids(source)
+    data = prepare(spec, tokenizer, stop_ids=model_stop_ids)
+    ctx.emit("phase", phase="prepare_data", message=_data_summary(data.stats), stats=data.stats)
+    for problem in data.stats["problems"][:5]:
+        ctx.log(f"skipped row {problem}", level="warning")
+
+    model = models.load_model(source, spec, dtype, device, fsdp=using_fsdp())
+    model, prepared = prepare_trainable(model, spec, dtype, cuda)
+    for line in prepared.notes:
+        ctx.log(line)
+    fused_loss, targets, adapter_dtype = prepared.fused_loss, prepared.targets, prepared.adapter_dtype
+    trainable, total_params = model.get_nb_trainable_parameters()
+    ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
+             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "
+             f"{_dtype_name(dtype)} on {device}, adapters in {_dtype_name(adapter_dtype)}",
+             stats={"parameters": total_params, "trainable": trainable, "targets": targets,
+                    "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "device": device,
+                    "fused_loss": fused_loss})
+
+    encoder = ChatEncoder(tokenizer, resolve_template(spec.dataset.chat_template, tokenizer))
+    encoder.add_stop_ids(model_stop_ids)
+    total = plan_steps(spec, len(data.train), ranks.world_size())
+    if cuda:  # "per GPU" means nothing on a CPU run
+        ctx.log(batch_line)
+    sample_every = spec.training.sample_every or default_interval(total, 4)
+    args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
+    callback = _make_callback(ctx, model, encoder, data, total, sample_every)
+
+    from transformers import DataCollatorWithFlattening, PrinterCallback
+
+    collator = (DataCollatorWithFlattening() if spec.training.packing
+                else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
+    trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                                         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                                         data_collator=collator, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # our events replace its prints
+    found = _resume_point(ctx, output) if ctx.resume else None
+    resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
+    resources.sample()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the run card's peaks are the training's, not the loading's
+    started = time.time()
+    result = None
+    try:
+        if found is not None and found[1] >= total:
+            _finish_from_final_checkpoint(ctx, trainer, callback, found[0], found[1], total)
+        else:
+            result = trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+    finally:
+        resources.stop()
+    step = trainer.state.global_step
+    metrics = {"train_loss": callback.last_train_loss, "eval_loss": callback.last_eval_loss,
+               "train_runtime_s": round(time.time() - started, 1), "steps": step,
+               "tokens_seen": int(trainer.state.num_input_tokens_seen)}
+    if cuda:  # every rank's peaks, gathered to rank 0
+        allocated = ranks.gather_int(torch.cuda.max_memory_allocated())
+        reserved = ranks.gather_int(torch.cuda.max_memory_reserved())
+        metrics.update(peak_allocated_bytes=max(allocated), peak_reserved_bytes=max(reserved))
+        if len(reserved) > 1:
+            metrics.update(peak_allocated_bytes_per_gpu=allocated, peak_reserved_bytes_per_gpu=reserved,
+                           gpus=len(reserved))
+    if ctx.should_stop() and step < total:
+        ctx.emit("phase", phase="save", message=f"stopped at step {step}; checkpoint kept for resume")
+        return TrainOutcome("cancelled", step, metrics)
+    ctx.emit("phase", phase="save", message="saving the adapter")
+    # Written beside its place and renamed in: a crash mid-save never leaves a half adapter that
+    # looks whole (the final checkpoint stays, so resume saves it again).
+    adapter_dir, partial = output / "adapter", output / "adapter.partial"
+    if ranks.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+    if using_fsdp():
+        trainer.save_model(str(partial))  # gathers the sharded adapter; every rank takes part
+    elif ranks.is_main():
+        model.save_pretrained(partial)
+    if ranks.is_main():
+        tokenizer.save_pretrained(partial)
+        fsync_tree(partial)  # on disk before the rename makes it count
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        partial.rename(adapter_dir)
+        _write_run_card(ctx, output, source, data, metrics, device, result)
+    return TrainOutcome("completed", step, metrics)
+
+
+def _resume_point(ctx: EngineContext, output: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint; the broken newer ones are reported and removed."""
+    scan = scan_checkpoints(output)
+    for path, why in scan.skipped:
+        ctx.log(f"skipped {path.name}: {why}; removed it", level="warning")
+        if ranks.is_main():
+            shutil.rmtree(path, ignore_errors=True)
+    if scan.best is None:
+        ctx.log("no complete checkpoint found; starting from the beginning", level="warning")
+    elif scan.skipped:
+        ctx.log(f"resuming from {scan.best[0].name}, the newest complete checkpoint")
+    return scan.best
+
+
+def _finish_from_final_checkpoint(ctx: EngineContext, trainer: Any, callback: Any, path: Path, step: int,
+                                  total: int) -> None:
+    """The run was killed after its last checkpoint: load that checkpoint's adapter instead of
+    training past the end, so that only the final save is left to do."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(path / "adapter_model.safetensors"))
+    state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+    trainer.state.global_step = state.global_step
+    trainer.state.num_input_tokens_seen = state.num_input_tokens_seen
+    losses = [entry for entry in state.log_history if "loss" in entry]
+    evals = [entry for entry in state.log_history if "eval_loss" in entry]
+    callback.last_train_loss = float(losses[-1]["loss"]) if losses else None
+    callback.last_eval_loss = float(evals[-1]["eval_loss"]) if evals else None
+    ctx.emit("phase", phase="train", message=f"checkpoint-{step} is the final step of {total}: nothing left to train",
+             stats={"total_steps": total, "start_step": step})
+
+
+class SealingTrainerMixin:
+    """Marks each checkpoint complete once all of it is on disk (engine/run/rundir.py: seal_checkpoint),
+    and only then lets transformers delete older ones, so a complete checkpoint always exists."""
+
+    args: Any  # transformers.Trainer's, on the class this is mixed into
+    state: Any
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        unseal_checkpoint(folder)  # a folder being written again stops counting at once
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            seal_checkpoint(folder)
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _trainer_class(fused_loss: bool) -> type:
+    """transformers' Trainer; with the fused loss, evaluation also computes the loss without logits."""
+    from transformers import Trainer
+
+    class SealingTrainer(SealingTrainerMixin, Trainer):
+        pass
+
+    if not fused_loss:
+        return SealingTrainer
+
+    class FusedLossTrainer(SealingTrainer):
+        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                            ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
+            # In eval mode liger's forward would build the full logits (a memory spike above the
+            # training peak); eval needs only the loss.
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = model(**inputs, skip_logits=True).loss
+            return loss.detach(), None, None
+
+    return FusedLossTrainer
+
+
+def _data_summary(stats: dict[str, Any]) -> str:
+    lengths = stats.get("token_lengths", {})
+    dropped = f", dropped {stats['dropped_total']} ({stats['dropped']})" if stats["dropped_total"] else ""
+    return (f"{stats['format']} data: {stats['train_examples']} train / {stats['eval_examples']} eval examples"
+            f"{dropped}, {stats['truncated']} truncated at {stats['max_seq_length']} tokens; "
+            f"tokens p50 {lengths.get('p50')} p90 {lengths.get('p90')} max {lengths.get('max')}; "
+            f"{stats['supervised_tokens']} supervised tokens")
+
+
+def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource, data: PreparedData,
+                    metrics: dict[str, Any], device: str, result: Any) -> None:
+    import torch
+
+    from tunewiz.engine.config import spec as spec_mod
+
+    gpu = torch.cuda.get_device_name(0) if device != "cpu" else None
+    card = {"run_id": ctx.run.run_id, "spec": spec_mod.to_dict(ctx.spec), "base_model": source.name_or_path,
+            "base_model_label": source.label, "versions": _library_versions(), "device": device, "gpu": gpu,
+            "trust_remote_code": ctx.spec.model.trust_remote_code,  # the model's own code ran (the user's choice)
+            "dataset": {"fingerprint": data.fingerprint, **{k: v for k, v in data.stats.items() if k != "problems"}},
+            "metrics": metrics, "trainer_metrics": dict(result.metrics) if result else {}}
+    atomic_write_json(output / "run_card.json", json.loads(json.dumps(card, default=str)))

@@ -197,20 +197,20 @@ async def _open_from_runs(run: rundir.RunDir, events: int) -> float:
 
 def open_from_runs(run: rundir.RunDir, events: int) -> float:
     """Seconds from Enter on the run in the Runs screen of a running app to the frame showing all events."""
-    code = ("import asyncio; from pathlib import Path; from bench.dashboard_load import _open_from_runs;"
-            "from tunewiz.engine.run import rundir;"
-            f"print(asyncio.run(_open_from_runs(rundir.RunDir(Path({str(run.path)!r})), {events})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    return _in_fresh_interpreter("_open_from_runs", run, events)
 
 
 def attach_headless(run: rundir.RunDir, events: int) -> float:
     """Seconds from creating the app to the frame showing all events (in a fresh interpreter)."""
-    code = ("import asyncio; from pathlib import Path; from bench.dashboard_load import _attach_headless;"
+    return _in_fresh_interpreter("_attach_headless", run, events)
+
+
+def _in_fresh_interpreter(measure: str, run: rundir.RunDir, events: int) -> float:
+    """What this module's coroutine `measure` returns for `run`, run in a new Python (cold imports, as a user
+    starting the app has them)."""
+    code = (f"import asyncio; from pathlib import Path; from bench.dashboard_load import {measure};"
             "from tunewiz.engine.run import rundir;"
-            f"print(asyncio.run(_attach_headless(rundir.RunDir(Path({str(run.path)!r})), {events})))")
+            f"print(asyncio.run({measure}(rundir.RunDir(Path({str(run.path)!r})), {events})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])

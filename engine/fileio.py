@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +45,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def slug(text: str, limit: int | None = None) -> str:
+    """`text` as a safe file or run name: letters, digits, '.', '_' and '-' (other runs of characters become one
+    '-'), never starting or ending with '-' or '.', at most `limit` characters; "run" when nothing is left."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return (cleaned[:limit].rstrip("-.") if limit else cleaned) or "run"
 
 
 def free_bytes(path: Path) -> int:

@@ -16,6 +16,14 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+"""Methods as the guide names them; specs and JSON keep the lower-case values."""
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
 GIB = 1024**3
 MEMORY_UNIT = "GiB"
 """The one unit memory is written in, everywhere (GPU makers' "24 GB" cards hold 24 GiB, as nvidia-smi shows)."""

@@ -137,3 +137,16 @@ def test_datasets_command_does_not_import_torch() -> None:
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
     assert not loaded & {"torch", "transformers", "datasets", "textual"}
+
+
+def test_the_format_names_are_defined_once() -> None:
+    """FORMATS (fields), OPTIONAL_FIELDS and the spec's `dataset.format` all use formats.RowFormat's names."""
+    import typing
+
+    from tunewiz.engine.config.spec import DatasetSpec
+    from tunewiz.engine.data.formats import FORMATS, OPTIONAL_FIELDS, RowFormat
+
+    names = set(typing.get_args(RowFormat))
+    assert set(FORMATS) == names and set(OPTIONAL_FIELDS) <= names
+    spec_names = set(typing.get_args(typing.get_type_hints(DatasetSpec)["format"]))
+    assert spec_names == names | {"auto"}

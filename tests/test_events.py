@@ -97,3 +97,23 @@ def test_reader_reads_in_bounded_chunks(tmp_path: Path) -> None:
     for _ in range(100):
         seqs += [e.seq for e in reader.poll(max_bytes=333).events]
     assert seqs == list(range(1, 101))
+
+
+def test_step_events_are_written_in_the_layout_readers_match(tmp_path: Path) -> None:
+    """However the trainer passes a step's fields, the line has STEP_FIELDS' order, so the dashboard's fast path
+    (tunewiz.tui.runreader) reads it; a layout it was not built for is refused, not misread."""
+    import re
+
+    from tunewiz.engine.run.events import STEP_FIELDS, step_line_pattern
+
+    writer = EventWriter(tmp_path / "events.jsonl")
+    fields = {"step": 3, "total_steps": 10, "epoch": 0.3, "loss": 2.5, "learning_rate": 2e-4, "grad_norm": None,
+              "tokens_per_s": 12.5, "samples_per_s": 1.0, "tokens_seen": 100, "elapsed_s": 3.0, "eta_s": 7.0}
+    writer.emit("step", **dict(reversed(list(fields.items()))))
+    writer.close()
+    line = (tmp_path / "events.jsonl").read_bytes().strip()
+    pattern = re.compile(step_line_pattern(("step", "loss", "grad_norm", "tokens_per_s")))
+    assert pattern.fullmatch(line).groups()[1:] == (b"3", b"2.5", b"null", b"12.5")
+    assert list(json.loads(line))[4:] == list(STEP_FIELDS)
+    with pytest.raises(ValueError, match="order"):
+        step_line_pattern(("loss", "step"))

@@ -34,7 +34,7 @@ from tunewiz.engine.run.events import EventReader
 from tunewiz.engine.run.worktime import LossScan
 from tunewiz.tui.app import TunewizApp
 from tunewiz.tui.dialogs import ConfirmDialog, ExportDialog, MessageDialog
-from tunewiz.tui.runmodel import BulkEventReader, RunModel, Series
+from tunewiz.tui.runmodel import RunModel, Series
 from tunewiz.tui.screens.dashboard import DashboardScreen
 from tunewiz.tui.screens.runs import RunsScreen
 from tunewiz.tui.screens.settings import SettingsScreen
@@ -173,7 +173,7 @@ def test_the_byte_fast_path_gives_the_same_view_as_decoding_each_event(state: st
     slow = RunModel(state)
     slow.apply(fixture_events(state))
     fast = RunModel(state)
-    reader = BulkEventReader(FIXTURES / RUN_IDS[state] / "events.jsonl")
+    reader = EventReader(FIXTURES / RUN_IDS[state] / "events.jsonl")
     while True:
         body, _reset = reader.poll_bytes(4096)  # small chunks: lines are split across reads
         if not body and reader.offset >= reader.path.stat().st_size:
@@ -219,13 +219,13 @@ def test_the_fast_path_handles_resumed_lives_in_any_chunking(tmp_path: Path, chu
     slow = RunModel("r")
     slow.apply(EventReader(path).read_all())
     fast = RunModel("r")
-    reader = BulkEventReader(path)
+    reader = EventReader(path)
     while reader.offset < path.stat().st_size:
         body, _reset = reader.poll_bytes(chunk)
         fast.apply_bytes(body)
     a, b = fast.view("completed"), slow.view("completed")
-    assert a.loss_xs == tuple(float(n) for n in range(1, 11))
-    assert a.loss_ys[-1] == pytest.approx(3.0 - 2 - 0.1) and a.resumes == 2
+    assert a.series["loss"][0] == tuple(float(n) for n in range(1, 11))
+    assert a.series["loss"][1][-1] == pytest.approx(3.0 - 2 - 0.1) and a.resumes == 2
     scan = LossScan(path)  # what the Runs screen shows: the same losses and working time
     while scan.offset < path.stat().st_size:
         scan.update(chunk)
@@ -273,8 +273,8 @@ def test_a_resumed_run_repeats_steps_and_the_later_ones_win() -> None:
     model.apply_raw([{"type": "started", "time": 500.0, "pid": 2, "resumed_from_step": 4},
                      *(step(n, 1.0, 496) for n in range(5, 11))])
     view = model.view("completed")
-    assert view.loss_xs == tuple(float(n) for n in range(1, 11))
-    assert view.loss_ys == (2.0,) * 4 + (1.0,) * 6
+    assert view.series["loss"][0] == tuple(float(n) for n in range(1, 11))
+    assert view.series["loss"][1] == (2.0,) * 4 + (1.0,) * 6
     assert view.resumes == 1
     assert view.elapsed(10_000) == pytest.approx(6.0 + 6.0)  # two engine lives, the gap between them not counted
 
@@ -283,7 +283,7 @@ def test_a_file_that_was_replaced_is_read_again(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     lines = (FIXTURES / RUN_IDS["completed"] / "events.jsonl").read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:40]))
-    reader = BulkEventReader(path)
+    reader = EventReader(path)
     model = RunModel("x")
     body, reset = reader.poll_bytes()
     model.apply_bytes(body)
@@ -310,7 +310,7 @@ async def test_attach_shows_the_whole_history(state: str, tmp_path: Path, placed
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await shown(pilot, state)
         view = screen.view
-        assert view.step == steps[-1].get("step") and len(view.loss_xs) == len({e.get("step") for e in steps})
+        assert view.step == steps[-1].get("step") and len(view.series["loss"][0]) == len({e.get("step") for e in steps})
         title = text_of(screen.query_one("#run-title"))
         assert state.upper() in title and run.run_id in title
         progress = text_of(screen.query_one("#run-progress"))
@@ -357,7 +357,7 @@ async def test_a_live_run_is_followed_as_events_arrive(tmp_path: Path, placed_ru
         placed.release()
         await wait_until(pilot, lambda: screen.view.state == "completed", "the completed state")
         assert "COMPLETED" in text_of(screen.query_one("#run-title"))
-        assert len(screen.view.loss_xs) == 24
+        assert len(screen.view.series["loss"][0]) == 24
 
 
 @pytest.mark.asyncio
@@ -761,7 +761,7 @@ async def test_a_real_run_outlives_the_app_that_started_it(tmp_path: Path, demo_
         app = TunewizApp(services, attach=run)
         async with app.run_test(size=(100, 30)) as pilot:
             screen = await shown(pilot, "completed")
-            assert screen.view.step == 4 and screen.view.loss_xs == (1.0, 2.0, 3.0, 4.0)
+            assert screen.view.step == 4 and screen.view.series["loss"][0] == (1.0, 2.0, 3.0, 4.0)
             assert screen.view.events == len(events)
             assert "step 4/4" in text_of(screen.query_one("#run-progress"))
     finally:

@@ -3,7 +3,6 @@ tunewiz.engine.planning.recommend contract, a canned data checker and a launcher
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import threading
@@ -14,7 +13,9 @@ from typing import Any
 from tunewiz.engine.config.spec import RunSpec
 from tunewiz.engine.errors import ModelError
 from tunewiz.engine.planning.devices import GpuInfo, GpuProcess
+from tunewiz.engine.planning.estimator import MemoryEstimate
 from tunewiz.engine.planning.hardware import HardwareReport
+from tunewiz.engine.planning.recommend import Choice, Recommendation
 from tunewiz.engine.run import rundir
 from tunewiz.tui.services import Services
 from tunewiz.tui.wizard import CheckRequest
@@ -63,108 +64,69 @@ def gpu80x2_report() -> HardwareReport:
     return gpu80_report(2)
 
 
-@dataclass(frozen=True)
-class FakeEstimate:
-    weights: int
-    adapters_optimizer: int = 300 * 10**6
-    activations: int = 1 * GB
-    logits: int = 500 * 10**6
-    overhead: int = 700 * 10**6
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.adapters_optimizer + self.activations + self.logits + self.overhead
+def estimate(weights: int, adapters_optimizer: int = 300 * 10**6, activations: int = 1 * GB,
+             logits: int = 500 * 10**6, overhead: int = 700 * 10**6) -> MemoryEstimate:
+    """A memory estimate whose weights are `weights`, the rest typical of a small run."""
+    return MemoryEstimate(weights, adapters_optimizer, activations, logits, overhead)
 
 
-@dataclass(frozen=True)
-class FakeChoice:
-    model: str
-    method: str
-    micro_batch_size: int
-    gradient_accumulation: int
-    max_seq_length: int
-    gradient_checkpointing: bool
-    estimate: FakeEstimate
-    available_bytes: int | None
-    fit: str
-    reason: str
-    gpus: int = 1
-    strategy: str = "ddp"
-
-    def apply(self, spec: RunSpec) -> RunSpec:
-        new = copy.deepcopy(spec)
-        new.model.name, new.method = self.model, self.method
-        t = new.training
-        t.micro_batch_size, t.gradient_accumulation = self.micro_batch_size, self.gradient_accumulation
-        t.max_seq_length, t.gradient_checkpointing = self.max_seq_length, self.gradient_checkpointing
-        t.gpus, t.strategy = self.gpus, self.strategy if self.gpus > 1 else "auto"
-        return new
-
-
-@dataclass(frozen=True)
-class FakeRecommendation:
-    choices: list[FakeChoice]
-    summary: str
-    available_bytes: int | None
-
-
-def demo_choice(available: int | None) -> FakeChoice:
-    return FakeChoice("smollm2-135m-demo", "lora", 4, 1, 2048, False, FakeEstimate(270 * 10**6), available, "fits",
+def demo_choice(available: int | None) -> Choice:
+    return Choice("smollm2-135m-demo", "lora", 4, 1, 2048, False, estimate(270 * 10**6), available, "fits",
                       "The bundled demo model: small enough to train on a CPU in minutes.")
 
 
 def fake_recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
-                   gpus: int | None = None) -> FakeRecommendation:
+                   gpus: int | None = None) -> Recommendation:
     free = report.best_gpu_free_bytes
     count = len(report.gpus) if gpus is None else min(gpus, len(report.gpus))
     if count > 1 and free is not None and free >= 40 * GIB:
         choices = [
-            FakeChoice("qwen2.5-32b", "lora", 2, 8, seq_len, True, FakeEstimate(36 * GB), free, "fits",
+            Choice("qwen2.5-32b", "lora", 2, 8, seq_len, True, estimate(36 * GB), free, "fits",
                        "Qwen2.5-32B with LoRA sharded over 2 GPUs (FSDP) needs about 40 GiB of each GPU's 85 GiB "
                        "free.", gpus=count, strategy="fsdp"),
-            FakeChoice("llama-3.1-8b", "lora", 8, 2, seq_len, False, FakeEstimate(16 * GB), free, "fits",
+            Choice("llama-3.1-8b", "lora", 8, 2, seq_len, False, estimate(16 * GB), free, "fits",
                        "Llama-3.1-8B with LoRA on 2 GPUs (DDP) needs about 30 GiB of each GPU's 85 GiB free; DDP "
                        "runs about 1.6-1.7x as fast as one GPU.", gpus=count),
-            FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "fits",
+            Choice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, estimate(38 * GB), free, "fits",
                        "Llama-3.1-70B with QLoRA on 2 GPUs (DDP) needs about 45 GiB of each GPU's 85 GiB.",
                        gpus=count),
             dataclasses.replace(demo_choice(free), gpus=count),
         ]
-        return FakeRecommendation(choices, f"Your {count} 80 GiB GPUs fit 32B models with LoRA sharded (FSDP) "
+        return Recommendation(choices, f"Your {count} 80 GiB GPUs fit 32B models with LoRA sharded (FSDP) "
                                            "and 8B models on each (DDP).", free)
     if free is None:
-        return FakeRecommendation([demo_choice(None)], "No GPU: only the tiny demo model is practical here.", None)
+        return Recommendation([demo_choice(None)], "No GPU: only the tiny demo model is practical here.", None)
     if free < 40 * GIB:
         choices = [
-            FakeChoice("llama-3.1-8b", "qlora", 2, 8, seq_len, True, FakeEstimate(5 * GB), free, "fits",
+            Choice("llama-3.1-8b", "qlora", 2, 8, seq_len, True, estimate(5 * GB), free, "fits",
                        "Llama-3.1-8B with QLoRA needs about 9 GiB of your 22 GiB free."),
-            FakeChoice("qwen2.5-3b", "lora", 4, 4, seq_len, True, FakeEstimate(6 * GB), free, "fits",
+            Choice("qwen2.5-3b", "lora", 4, 4, seq_len, True, estimate(6 * GB), free, "fits",
                        "Qwen2.5-3B with LoRA needs about 10 GiB."),
-            FakeChoice("llama-3.1-8b", "lora", 1, 16, seq_len, True, FakeEstimate(16 * GB), free, "tight",
+            Choice("llama-3.1-8b", "lora", 1, 16, seq_len, True, estimate(16 * GB), free, "tight",
                        "Llama-3.1-8B with LoRA needs about 21 GiB of your 22 GiB: tight."),
-            FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "too_big",
+            Choice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, estimate(38 * GB), free, "too_big",
                        "Llama-3.1-70B with QLoRA needs about 45 GiB: too big for this GPU."),
             demo_choice(free),
         ]
-        return FakeRecommendation(choices, "Your 24 GiB GPU fits 8B models with QLoRA or 3B models with LoRA.", free)
+        return Recommendation(choices, "Your 24 GiB GPU fits 8B models with QLoRA or 3B models with LoRA.", free)
     choices = [
-        FakeChoice("llama-3.1-8b", "lora", 8, 2, seq_len, False, FakeEstimate(16 * GB), free, "fits",
+        Choice("llama-3.1-8b", "lora", 8, 2, seq_len, False, estimate(16 * GB), free, "fits",
                    "Llama-3.1-8B with LoRA needs about 30 GiB of your 79 GiB free."),
-        FakeChoice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, FakeEstimate(38 * GB), free, "fits",
+        Choice("llama-3.1-70b", "qlora", 1, 16, seq_len, True, estimate(38 * GB), free, "fits",
                    "Llama-3.1-70B with QLoRA needs about 45 GiB of your 79 GiB."),
         demo_choice(free),
     ]
-    return FakeRecommendation(choices, "Your 80 GiB GPU fits 8B models with LoRA and 70B with QLoRA.", free)
+    return Recommendation(choices, "Your 80 GiB GPU fits 8B models with LoRA and 70B with QLoRA.", free)
 
 
-def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048, gpus: int | None = None) -> FakeChoice:
+def fake_choice_for(model: str, report: HardwareReport, seq_len: int = 2048, gpus: int | None = None) -> Choice:
     free = report.best_gpu_free_bytes
     for choice in fake_recommend(report, seq_len, gpus=gpus).choices:
         if choice.model == model:
             return choice
     if model == "Qwen/Qwen2.5-0.5B-Instruct":
         count = len(report.gpus) if gpus is None else min(gpus, len(report.gpus))
-        return FakeChoice(model, "lora", 8, 2, seq_len, False, FakeEstimate(1 * GB), free, "fits",
+        return Choice(model, "lora", 8, 2, seq_len, False, estimate(1 * GB), free, "fits",
                           "Qwen2.5-0.5B-Instruct with LoRA needs about 3.5 GiB.", gpus=max(count, 1))
     raise ModelError(f"{model} is neither a catalog model, a local folder nor a hub id we can read",
                      hint="check the spelling, e.g. Qwen/Qwen2.5-0.5B-Instruct")

@@ -106,9 +106,10 @@ class TunewizApp(App[int]):
         """The run to open at once (`tunewiz attach RUN`): its dashboard; Esc leads to the welcome screen."""
         self._prefetch = None
         if attach is not None:  # read its history while the app starts
-            from tunewiz.tui.runmodel import Prefetch
+            from tunewiz.tui.runmodel import RunModel
+            from tunewiz.tui.runreader import Prefetch
 
-            self._prefetch = Prefetch(attach.run_id, attach.events_path, attach.status())
+            self._prefetch = Prefetch(attach.events_path, RunModel(attach.run_id, attach.status()))
         self.hung_up = False
         """True when the app ended because its terminal went away."""
         self._watch_terminal = watch_terminal

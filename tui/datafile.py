@@ -7,9 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunewiz.engine.data.formats import FORMATS, detect
+from tunewiz.engine.data.formats import FORMATS, OPTIONAL_FIELDS, detect
 
-OPTIONAL_FIELDS = {"alpaca": ("input", "system"), "messages": ("system",), "sharegpt": ("system",)}
 MAX_JSON_BYTES = 64 << 20  # a .json file is one document; larger ones are left to the checker
 
 

@@ -55,16 +55,6 @@ class RunLaunched(Message):
 
 
 @dataclass
-class RunEvents(Message):
-    """New events from a run directory, and its state after reading them."""
-
-    run_id: str
-    events: list[Any]
-    state: str
-    reset: bool = False
-
-
-@dataclass
 class RunsListed(Message):
     """The past runs, newest first, each with its status summary."""
 

@@ -9,20 +9,18 @@ views, so no state is shared between threads.
 
 from __future__ import annotations
 
-import json
 import math
 import operator
-import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tunewiz.engine.run.events import Event, EventReader, is_valid
+from tunewiz.engine.run.events import Event
 from tunewiz.engine.run.rundir import LIVE_STATES
 from tunewiz.engine.run.worktime import finite as _num
 from tunewiz.engine.run.worktime import training_time
+from tunewiz.tui.runreader import Chunk, decode_object
 
 SERIES_POINTS = 512
 """Points kept per chart series; a longer run is merged two points into one, again and again."""
@@ -31,27 +29,11 @@ RESOURCE_POINTS = 120
 LOG_LINES = 400
 SMOOTHING = 0.8
 """Weight of the debiased exponential moving average drawn over the training loss (TensorBoard's slider)."""
+CHARTED = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
+"""Step fields kept as chart series, in the order of events.STEP_FIELDS (the fast path reads exactly these).
+A new chart: its field here, its drawing in tunewiz.tui.panels.CHARTS."""
 _finite = math.isfinite
 _lt = operator.lt
-_NUMBER = rb"(-?[0-9][0-9.eE+-]*|null)"
-_LINES = re.compile(
-    rb'^(?:\{"v": 1, "seq": \d+, "time": ([0-9][0-9.eE+-]*), "type": "step", "step": (\d+), "total_steps": \d+, '
-    rb'"epoch": [^,]+, "loss": ' + _NUMBER + rb', "learning_rate": ' + _NUMBER + rb', "grad_norm": ' + _NUMBER
-    + rb', "tokens_per_s": ' + _NUMBER + rb'(?:, [^\n]*)?\}|([^\n]*))$',
-    re.MULTILINE)
-"""One line of events.jsonl: a step in the engine's layout (its time, its step and the four drawn values), or
-anything else as a whole (the last group), for JSON."""
-_DRAWN = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
-"""Step fields drawn as series: RunModel's loss, lr, grad and tok, in the order of its step buffer."""
-
-
-def decode_object(line: bytes) -> dict[str, Any] | None:
-    """A valid event as a dict, or None (tunewiz.engine.run.events.is_valid decides, as for every reader)."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if is_valid(obj) else None
 
 
 class Series:
@@ -224,17 +206,11 @@ class RunView:
     phase_message: str | None
     checkpoint_step: int | None
     resumes: int
-    loss_xs: tuple[float, ...]
-    loss_ys: tuple[float, ...]
+    series: dict[str, tuple[tuple[float, ...], tuple[float, ...]]]
+    """(steps, values) of each CHARTED step field."""
     loss_smooth: tuple[float, ...]
     eval_xs: tuple[float, ...]
     eval_ys: tuple[float, ...]
-    lr_xs: tuple[float, ...]
-    lr_ys: tuple[float, ...]
-    grad_xs: tuple[float, ...]
-    grad_ys: tuple[float, ...]
-    tok_xs: tuple[float, ...]
-    tok_ys: tuple[float, ...]
     gpus: tuple[GpuView, ...]
     process: dict[str, float | None]
     process_history: dict[str, tuple[float, ...]]
@@ -290,11 +266,8 @@ class RunModel:
         self.best_loss: float | None = None
         self.eval_loss: float | None = None
         self.best_eval: float | None = None
-        self.loss = Series()
+        self.series = {name: Series() for name in CHARTED}
         self.evals = Series(128)
-        self.lr = Series()
-        self.grad = Series()
-        self.tok = Series()
         self.gpus: dict[int, GpuHistory] = {}
         self.process: dict[str, float | None] = {}
         self.process_history: dict[str, deque[float]] = {}
@@ -309,7 +282,7 @@ class RunModel:
         self.phase_message: str | None = None
         self.checkpoint_step: int | None = None
         self.output_dir: str | None = None
-        self._buffer: tuple[list[float], ...] = ([], [], [], [], [], [], [], [])
+        self._buffer = _empty_buffer()
         self._last_step_no = 0
 
     # ------------------------------------------------------------------ folding events
@@ -319,13 +292,13 @@ class RunModel:
         self.apply_raw([{"type": e.type, "time": e.time, "seq": e.seq, **e.data} for e in events])
 
     def apply_raw(self, events: Iterable[dict[str, Any]]) -> None:
-        """Fold in events as decoded JSON objects (what BulkEventReader returns: no per-event objects).
+        """Fold in events as decoded JSON objects (no per-event objects).
 
         Step values are gathered in plain lists and handed to the series a batch at a time.
         """
         count = 0
         apply_one = self._apply
-        self._buffer = ([], [], [], [], [], [], [], [])
+        self._buffer = _empty_buffer()
         for event in events:
             apply_one(event)
             count += 1
@@ -336,57 +309,39 @@ class RunModel:
     def apply_bytes(self, body: bytes) -> int:
         """Fold in complete lines of events.jsonl; returns how many lines were skipped as malformed.
 
-        Step lines in the engine's own layout (the trainer writes its fields in one order) are read by one
-        regular expression over the whole chunk, and each run of consecutive step lines is converted column
-        by column (map(float, ...)), without a dict per line; every other line, and any step line in another
-        layout, is decoded as JSON and checked as tunewiz.engine.run.events.EventReader does. The result is the same as
-        `apply_raw` on the decoded events (tests/test_tui_dashboard.py checks it on every fixture).
+        Runs of step lines in the engine's own layout arrive from tunewiz.tui.runreader column by column and are
+        converted with map(float, ...), without a dict per line; every other line arrives decoded and checked
+        as tunewiz.engine.run.events.EventReader does. The result is the same as `apply_raw` on the decoded
+        events (tests/test_tui_dashboard.py checks it on every fixture).
         """
-        self._buffer = ([], [], [], [], [], [], [], [])
+        self._buffer = _empty_buffer()
         count = skipped = 0
         fast_line_step: int | None = None
-        lines: list[bytes] | None = None
-        rows = _LINES.findall(body)
-        total, i = len(rows), 0
-        while i < total:
-            if not rows[i][1]:
-                other = rows[i][6]
-                i += 1
-                if not other.strip():
-                    continue
-                event = decode_object(other)
-                if event is None:
-                    skipped += 1
-                    continue
-                self._apply(event)
-                if event["type"] == "step":
+        chunk = Chunk(body, CHARTED)
+        for part in chunk:
+            if part is None:
+                skipped += 1
+                continue
+            if isinstance(part, dict):
+                self._apply(part)
+                if part["type"] == "step":
                     fast_line_step = None
                 count += 1
                 continue
-            j = i + 1
-            while j < total and rows[j][1]:
-                j += 1
-            block = rows[i:j]
-            i = j
-            count += len(block)
-            columns = list(zip(*block))
-            steps = list(map(int, columns[1]))
+            steps = part.steps
+            count += len(steps)
             if not self.lives or steps[0] <= self._last_step_no or not all(map(_lt, steps, steps[1:])):
                 # before any `started`, or a resumed run repeating steps: one decoded event at a time
-                if lines is None:
-                    lines = body.split(b"\n")  # one row of the expression per line, so rows index lines
-                for line in lines[j - len(block):j]:
-                    event = decode_object(line)
+                for event in chunk.decoded(part):
                     if event is not None:
                         self._apply(event)
                 fast_line_step = None
                 continue
             fast_line_step = steps[-1]
             self._last_step_no = steps[-1]
-            self.last_time = self.lives[-1][1] = float(columns[0][-1])
-            buffer = self._buffer
-            for index in range(4):
-                raw = columns[2 + index]
+            self.last_time = self.lives[-1][1] = float(part.times[-1])
+            buffer = self._buffer  # not kept across blocks: folding a decoded step may flush it
+            for name, raw in zip(CHARTED, part.columns):
                 if b"null" in raw:
                     xs = [step for step, value in zip(steps, raw) if value != b"null"]
                     values = [float(value) for value in raw if value != b"null"]
@@ -395,8 +350,8 @@ class RunModel:
                 if not all(map(_finite, values)):
                     kept = [(x, v) for x, v in zip(xs, values) if _finite(v)]
                     xs, values = [x for x, _ in kept], [v for _, v in kept]
-                buffer[2 * index].extend(xs)
-                buffer[2 * index + 1].extend(values)
+                buffer[name][0].extend(xs)
+                buffer[name][1].extend(values)
         if fast_line_step is not None:
             self._settle_fast_steps(body, fast_line_step)
         self._flush()
@@ -416,16 +371,16 @@ class RunModel:
         self.last_step_time = event["time"]
 
     def _flush(self) -> None:
-        b = self._buffer
-        if b[0] or b[2] or b[4] or b[6]:
-            if b[1]:
-                low = min(b[1])
-                if self.best_loss is None or low < self.best_loss:
-                    self.best_loss = low
-            for index, series in enumerate((self.loss, self.lr, self.grad, self.tok)):
-                if b[2 * index]:
-                    series.extend(b[2 * index], b[2 * index + 1])
-            self._buffer = ([], [], [], [], [], [], [], [])
+        """Hand the gathered step values to their series."""
+        losses = self._buffer["loss"][1]
+        if losses:
+            low = min(losses)
+            if self.best_loss is None or low < self.best_loss:
+                self.best_loss = low
+        for name, (xs, ys) in self._buffer.items():
+            if xs:
+                self.series[name].extend(xs, ys)
+        self._buffer = _empty_buffer()
 
     def _log(self, when: float, level: str, text: str) -> None:
         self.logs.append(LogLine(when, level, text))
@@ -447,28 +402,18 @@ class RunModel:
                 return
             if self._last_step_no and step <= self._last_step_no:
                 self._flush()
-                for series in (self.loss, self.lr, self.grad, self.tok):
+                for series in self.series.values():
                     series.cut_from(step)
             self.last_step = d
             self.last_step_time = when
             self._last_step_no = step
-            b = self._buffer  # unrolled over _STEP_KEYS: this runs once per step of the whole history
-            value = d.get("loss")
-            if (value.__class__ is float or value.__class__ is int) and _finite(value):
-                b[0].append(step)
-                b[1].append(value)
-            value = d.get("learning_rate")
-            if (value.__class__ is float or value.__class__ is int) and _finite(value):
-                b[2].append(step)
-                b[3].append(value)
-            value = d.get("grad_norm")
-            if (value.__class__ is float or value.__class__ is int) and _finite(value):
-                b[4].append(step)
-                b[5].append(value)
-            value = d.get("tokens_per_s")
-            if (value.__class__ is float or value.__class__ is int) and _finite(value):
-                b[6].append(step)
-                b[7].append(value)
+            buffer = self._buffer  # this runs once per step of the whole history: no function calls
+            for name in CHARTED:
+                value = d.get(name)
+                if (value.__class__ is float or value.__class__ is int) and _finite(value):
+                    xs, ys = buffer[name]
+                    xs.append(step)
+                    ys.append(value)
             return
         if kind == "started":
             if self.lives:
@@ -543,11 +488,8 @@ class RunModel:
 
     def view(self, state: str) -> RunView:
         s = self.last_step
-        loss_xs, loss_ys = self.loss.points()
+        series = {name: values.points() for name, values in self.series.items()}
         eval_xs, eval_ys = self.evals.points()
-        lr_xs, lr_ys = self.lr.points()
-        grad_xs, grad_ys = self.grad.points()
-        tok_xs, tok_ys = self.tok.points()
         live = state in LIVE_STATES
         return RunView(
             run_id=self.run_id, state=state, name=self.name, model=self.model, method=self.method,
@@ -561,9 +503,8 @@ class RunModel:
             tokens_seen=s.get("tokens_seen") if isinstance(s.get("tokens_seen"), int) else None,
             eta_s=_num(s.get("eta_s")), last_step_time=self.last_step_time, phase=self.phase,
             phase_message=self.phase_message, checkpoint_step=self.checkpoint_step, resumes=self.resumes,
-            loss_xs=loss_xs, loss_ys=loss_ys, loss_smooth=smoothed(loss_ys, self.loss.stride),
-            eval_xs=eval_xs, eval_ys=eval_ys, lr_xs=lr_xs, lr_ys=lr_ys, grad_xs=grad_xs, grad_ys=grad_ys,
-            tok_xs=tok_xs, tok_ys=tok_ys,
+            series=series, loss_smooth=smoothed(series["loss"][1], self.series["loss"].stride),
+            eval_xs=eval_xs, eval_ys=eval_ys,
             gpus=tuple(GpuView(g.index, g.name, g.mem_total, dict(g.latest), g.peak_mem, g.peak_torch,
                                {k: tuple(v) for k, v in g.history.items()})
                        for _, g in sorted(self.gpus.items())),
@@ -574,91 +515,6 @@ class RunModel:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reading: EventReader's offsets, partial lines and resets, with the JSON decoded a chunk at a time.
-
-
-class BulkEventReader(EventReader):
-    """tunewiz.engine.run.events.EventReader that hands back plain dicts and decodes each chunk with one json.loads.
-
-    The offset, partial-line and reset rules are EventReader's (its poll_bytes). Decoding a chunk as one
-    JSON array skips the per-line call and Event object overhead: about twice as fast, which is what lets
-    the dashboard replay 100,000 events in well under a second. A chunk holding a malformed line falls
-    back to line by line, skipping what cannot be decoded, as EventReader does.
-    """
-
-    def poll_raw(self, max_bytes: int | None = None) -> tuple[list[dict[str, Any]], bool, int]:
-        """(events, reset, skipped) for the bytes written since the last poll."""
-        reset = False
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return [], False, 0
-        if self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self.offset):
-            self.offset, self._pending, reset = 0, b"", True
-        self._inode = stat.st_ino
-        if stat.st_size == self.offset:
-            return [], reset, 0
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read(max_bytes if max_bytes else -1)
-        self.offset += len(chunk)
-        data = self._pending + chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self._pending = data
-            return [], reset, 0
-        self._pending = data[cut + 1:]
-        body = data[:cut].strip()
-        if not body:
-            return [], reset, 0
-        try:
-            objects = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
-        except ValueError:
-            objects = []
-            for line in body.split(b"\n"):
-                if not line.strip():
-                    continue
-                try:
-                    objects.append(json.loads(line))
-                except ValueError:
-                    objects.append(None)
-        events: list[dict[str, Any]] = []
-        append = events.append
-        for obj in objects:
-            if is_valid(obj):
-                append(obj)
-        skipped = len(objects) - len(events)
-        return events, reset, skipped
-
-
-class Prefetch:
-    """Reads a run's whole history in a plain thread, started before the app draws its first frame.
-
-    `tunewiz attach` starts one as the app is created, so the replay overlaps the app's start-up (which
-    waits on the terminal part of the time); the dashboard's worker then takes the reader and the model
-    and goes on following from where the prefetch stopped. The thread touches no widget.
-    """
-
-    def __init__(self, run_id: str, events_path: Path, status: dict[str, Any], chunk: int = 8 << 20) -> None:
-        import threading
-
-        self.reader = BulkEventReader(events_path)
-        self.model = RunModel(run_id, status)
-        self._chunk = chunk
-        self._thread = threading.Thread(target=self._read, name="tunewiz-prefetch", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while True:
-            body, reset = self.reader.poll_bytes(self._chunk)
-            if reset:
-                self.model.reset()
-            if not body:
-                return
-            self.model.apply_bytes(body)
-
-    def take(self) -> tuple[BulkEventReader, RunModel]:
-        """The reader and the model, once the history is read (waits for the thread)."""
-        self._thread.join()
-        return self.reader, self.model
+def _empty_buffer() -> dict[str, tuple[list[float], list[float]]]:
+    """Step values gathered for each series until the next flush."""
+    return {name: ([], []) for name in CHARTED}

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tunewiz.engine.config import presets
 from tunewiz.engine.config import spec as spec_mod
-from tunewiz.engine.config.spec import DataFormat, Problem, RunSpec, SpecError
+from tunewiz.engine.config.spec import Problem, RunSpec, SpecError
+from tunewiz.engine.data.formats import DataFormat
+from tunewiz.engine.fileio import slug
 from tunewiz.engine.training.distributed import keep_effective_batch, resolve_gpus
 
 if TYPE_CHECKING:
@@ -144,10 +146,6 @@ def base_spec(preset: str = DEMO_PRESET) -> RunSpec:
     return presets.resolve(preset)[0]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
-
-
 def auto_name(spec: RunSpec, base: RunSpec) -> RunSpec:
     """Name the run after its data and model, unless it is the base preset's own model and data."""
     spec = copy.deepcopy(spec)
@@ -158,7 +156,7 @@ def auto_name(spec: RunSpec, base: RunSpec) -> RunSpec:
     data = spec.dataset.preset or (spec.dataset.source or "data").rstrip("/").rpartition("/")[2]
     data = re.sub(r"\.(jsonl|json|csv|parquet)$", "", data)
     model = spec.model.name.rstrip("/").rpartition("/")[2]
-    spec.name = _slug(f"{data}-{model}")[:64].rstrip("-.") or "run"
+    spec.name = slug(f"{data}-{model}", limit=64)
     spec.description = f"{spec.model.name} ({spec.method}) on {data}; made with the tunewiz wizard"
     return spec
 
@@ -330,7 +328,3 @@ def problem_text(exc: SpecError, key: str | None = None) -> str:
     problems = sorted(exc.problems, key=lambda p: p.key != key)
     return "; ".join(p.message for p in problems)
 
-
-def changed_keys(spec: RunSpec, other: RunSpec) -> list[str]:
-    """Dotted keys whose values differ between two specs."""
-    return [key for key in FIELDS if get_value(spec, key) != get_value(other, key)]

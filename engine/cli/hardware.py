@@ -17,7 +17,7 @@ from tunewiz.engine.config import catalog
 from tunewiz.engine.errors import TunewizError
 from tunewiz.engine.planning import hardware
 from tunewiz.engine.planning.estimator import CUDA_CONTEXT_BYTES, GIB
-from tunewiz.engine.render import memory
+from tunewiz.engine.render import memory, method_name
 
 SUGGESTED_DATA = "ultrachat"
 """The data `recommend` suggests training a GPU's choice on when none is named: a general chat assistant, 2048
@@ -158,7 +158,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     print(f"{'MODEL':<20} {'METHOD':<6} {'NEEDS':>8} {'FIT':<12} {'BATCH':>5} {'CKPT':<5}"
           + (" GPUS STRATEGY" if several else ""))
     for c in choices:
-        print(f"{c.model:<20} {rec.method_name(c.method):<6} {memory(c.needed_bytes):>8} {rec.FIT_WORDS[c.fit]:<12} "
+        print(f"{c.model:<20} {method_name(c.method):<6} {memory(c.needed_bytes):>8} {rec.FIT_WORDS[c.fit]:<12} "
               f"{f'{c.micro_batch_size}x{c.gradient_accumulation}':>5} {'on' if c.gradient_checkpointing else 'off':<5}"
               + (f" {c.gpus:>4} {c.strategy}" if several else ""))
     per = " per GPU" if several else ""

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tunewiz.engine.data.formats import DataFormat
+
 SPEC_VERSION = 1
 
 Method = Literal["lora", "qlora"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 FusedKernels = Literal["all", "loss", "off"]

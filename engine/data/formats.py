@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+RowFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+"""The row formats, by name: the one list the spec (`dataset.format`), the checker and the app accept."""
+DataFormat = Literal["auto", RowFormat]
+"""What `dataset.format` may say: a row format, or `auto` to detect it from the columns."""
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
@@ -23,6 +27,10 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+"""Each format's required fields, in the order detection tries them (tests hold its keys to RowFormat)."""
+OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("input", "system"), "messages": ("system",), "sharegpt": ("system",)}
+"""Fields a format also reads when a row has them."""
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",

@@ -22,9 +22,7 @@ peak *reserved* memory; the CUDA context comes on top (CUDA_CONTEXT_BYTES).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunewiz.engine.config.catalog import ModelEntry
@@ -117,10 +115,6 @@ class ModelArch:
                        head_dim=text.get("head_dim"))
         except KeyError as missing:
             raise ValueError(f"config.json lacks {missing}: not a decoder-only model tunewiz can estimate") from None
-
-    @classmethod
-    def from_config_file(cls, path: Path) -> ModelArch:
-        return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True)

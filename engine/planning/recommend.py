@@ -25,6 +25,7 @@ from tunewiz.engine.errors import ModelError
 from tunewiz.engine.planning.estimator import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, ModelArch, Settings, estimate
 from tunewiz.engine.planning.hardware import GpuInfo, HardwareReport
 from tunewiz.engine.render import memory as gb
+from tunewiz.engine.render import method_name
 from tunewiz.engine.training import models
 
 DEMO_MODEL = "smollm2-135m-demo"
@@ -41,16 +42,10 @@ CONFIGS = ((False, 8), (False, 4), (False, 2), ("partial", 2), (True, 8), (True,
            (True, 1))
 
 
-METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
-"""Methods as the guide names them; specs and JSON keep the lower-case values."""
 FIT_WORDS = {"fits": "fits", "tight": "tight", "too_big": "does not fit"}
 """A choice's fit in words (the `fit` field keeps its short value for JSON)."""
 REFERENCE_CARD_BYTES = 24 * GIB
 """The card the CPU-only advice describes ("with a 24 GiB GPU you could...")."""
-
-
-def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
 
 
 def batch_words(choice: Choice) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -29,7 +28,7 @@ from typing import Any
 from tunewiz.engine import locations
 from tunewiz.engine.config import spec as spec_mod
 from tunewiz.engine.errors import TunewizError
-from tunewiz.engine.fileio import atomic_write_json, read_json
+from tunewiz.engine.fileio import atomic_write_json, read_json, slug
 from tunewiz.engine.run.events import EventReader
 
 LIVE_STATES = ("starting", "running", "stopping")
@@ -227,10 +226,6 @@ def acquire_lock(lock_path: Path) -> int:
     return fd
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:40] or "run"
-
-
 def create(spec: spec_mod.RunSpec, runs_root: Path | None = None, trust_remote_code: bool = False) -> RunDir:
     """Make a new run directory (private to the user) holding the marker, the resolved spec and a
     `starting` status; nothing is left behind when that fails (e.g. on a full disk).
@@ -238,7 +233,7 @@ def create(spec: spec_mod.RunSpec, runs_root: Path | None = None, trust_remote_c
     `trust_remote_code` records that the user chose to run the model's own code (a flag, never the
     spec alone: the engine refuses a spec that asks for it without this consent)."""
     root = runs_root or locations.runs_dir()
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(spec.name)}-{secrets.token_hex(2)}"
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(spec.name, limit=40)}-{secrets.token_hex(2)}"
     path = root / run_id
     root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     path.mkdir(mode=PRIVATE_DIR)

@@ -24,7 +24,7 @@ def progress_class(report: Report, every_s: float = REPORT_EVERY_S) -> type:
     seconds, and once at the end) and prints nothing."""
     from huggingface_hub.utils import tqdm as hub_tqdm
 
-    class Progress(hub_tqdm):  # type: ignore[misc, valid-type]
+    class Progress(hub_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["file"] = io.StringIO()
             kwargs.pop("name", None)

@@ -37,10 +37,6 @@ class ModelSource:
     is_local: bool = False
     label: str = ""  # what to call it in messages
 
-    @property
-    def config_path(self) -> Path | None:
-        return Path(self.name_or_path) / "config.json" if self.is_local else None
-
 
 def _bundled_gguf(entry: catalog.ModelEntry) -> Path:
     package, filename = entry.bundled_gguf["package"], entry.bundled_gguf["file"]

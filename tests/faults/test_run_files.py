@@ -86,7 +86,7 @@ def test_a_failed_write_leaves_no_half_line(tmp_path: Path, monkeypatch: pytest.
 ])
 def test_schema_invalid_events_are_skipped_by_every_reader(line: bytes, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from tunewiz.tui.runmodel import decode_object
+    from tunewiz.tui.runreader import decode_object
 
     assert decode_line(line) is None and decode_object(line) is None
     run = make_run()

@@ -15,8 +15,8 @@ from textual.widgets import Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from tunewiz.engine.config import catalog
-from tunewiz.engine.config.spec import DataFormat, RunSpec, SpecError
-from tunewiz.engine.data.formats import FORMATS
+from tunewiz.engine.config.spec import RunSpec, SpecError
+from tunewiz.engine.data.formats import FORMATS, DataFormat
 from tunewiz.tui import wizard
 from tunewiz.tui.datafile import Peek, fields_of, format_fields_text, guess_mapping, peek
 from tunewiz.tui.messages import DataFilePeeked

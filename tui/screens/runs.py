@@ -20,7 +20,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from tunewiz.engine.config.spec import SpecError
-from tunewiz.engine.render import duration
+from tunewiz.engine.render import duration, method_name
 from tunewiz.engine.run import rundir
 from tunewiz.engine.run.rundir import LIVE_STATES
 from tunewiz.engine.run.worktime import LossScan
@@ -66,7 +66,7 @@ def row_cells(row: dict[str, Any]) -> list[Text]:
     step = f"{row.get('step') or 0}/{row.get('total_steps') or '?'}" if row.get("total_steps") else "-"
     created = time.strftime("%m-%d\n%H:%M", time.localtime(row["created"])) if row.get("created") else "-"
     state = row["state"]
-    method = {"lora": "LoRA", "qlora": "QLoRA"}.get(row.get("method") or "", row.get("method") or "?")
+    method = method_name(row["method"]) if row.get("method") else "?"
     name = Text.assemble((_cell(row.get("name"), 26), "bold"), "\n",
                          (_cell(f"{row.get('model') or '?'} · {method}", 26), "dim"))
     return [name, Text(f"{STATE_MARKS.get(state, '?')} {state}", style=STATE_STYLES.get(state, "")),

@@ -31,14 +31,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine import swiglu_triton
+from engine import nf4_triton, swiglu_triton
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
 LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SWIGLU_ACTIVATIONS = frozenset({"silu", "swish"})
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
-# Dequantised 4-bit weights by (shape, dtype, device): one buffer per shape, reused by every layer.
+# Dequantised 4-bit weights by (shape, dtype, device): one buffer per shape, reused by every layer,
+# and the frozen 4-bit weight each holds now (only `_frozen_weight` writes them, and frozen weights never change).
 _DEQUANT_BUFFERS: dict[tuple[Any, ...], torch.Tensor] = {}
+_BUFFER_HOLDS: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,11 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight in `dtype`; a 4-bit one dequantised (on CUDA into the shared buffer of its shape).
 
     The buffer is overwritten by the next layer's dequantisation: callers use it at once and never
-    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). bitsandbytes
-    dequantises into a given buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
+    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). A buffer that
+    still holds the weight asked for is not written again: with checkpointing, the backward of o_proj
+    and down_proj comes right after their recompute. NF4 goes through our one-pass Triton kernel
+    (engine/nf4_triton.py), anything else through bitsandbytes. bitsandbytes dequantises into a given
+    buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
     """
     weight = base.weight
     if not _is_4bit(base):
@@ -111,7 +116,13 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     buffer = _DEQUANT_BUFFERS.get(key)
     if buffer is None:
         buffer = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    return bnb_functional.dequantize_4bit(weight.data, state, out=buffer).to(dtype)
+    if _BUFFER_HOLDS.get(key) is not weight:  # else it still holds this weight (a backward right after its recompute)
+        if nf4_triton.supports(state):
+            nf4_triton.dequantize(weight.data, state, buffer)
+        else:
+            bnb_functional.dequantize_4bit(weight.data, state, out=buffer)
+        _BUFFER_HOLDS[key] = weight
+    return buffer.to(dtype)
 
 
 def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:

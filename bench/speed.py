@@ -17,7 +17,8 @@ checkpointing, sequence, micro-batch and machine label.
 Suites: `headline` (engine defaults and baseline, LoRA/QLoRA, checkpointing on/off, both shapes),
 `levers` (each speed lever alone on top of the engine with every lever off), `curve` (a 50-step loss
 curve of engine and baseline on the demo data), `packing` (variable-length data, padded vs packed),
-`fused` (the engine with `speed.fused_lora` against its defaults and the baseline, 8B; not in `all`).
+`fused` (the engine with `speed.fused_lora` against its defaults and the baseline, and with
+`speed.offload_checkpoints`, 8B; not in `all`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ VARIANTS = {
     "engine_no_lean": ("speed.lean_lora=false",),
     "engine_fused_lora": ("speed.fused_lora=true",),
     "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
+    "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
+    "engine_offload": ("speed.offload_checkpoints=true",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
@@ -141,7 +144,8 @@ def suite_cases(suite: str) -> list[Case]:
                 for variant in ("engine_fused_lora", "engine", "baseline")] + [
             Case("fused", "llama-3.1-8b", "lora", False, variant) for variant in ("engine_fused_lora", "engine")] + [
             Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
-            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout")]
+            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout", "engine_fused_offload_no_dropout",
+                            "engine_offload")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
@@ -237,7 +241,8 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
         return {"stack": "transformers+peft", "lora_dropout": spec.lora.dropout}
     return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
             "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile,
-            "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora, "micro_batch": spec.training.micro_batch_size,
+            "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora,
+            "offload_checkpoints": spec.speed.offload_checkpoints, "micro_batch": spec.training.micro_batch_size,
             "gradient_accumulation": spec.training.gradient_accumulation,
             "checkpointing": spec.training.gradient_checkpointing, "checkpoint_layers": spec.training.checkpoint_layers}
 

@@ -140,6 +140,7 @@ class Settings:
     gpus: int = 1
     fsdp: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
+    offload_checkpoints: bool = False  # speed.offload_checkpoints: checkpointed layers' inputs in CPU memory
     cpu: bool = False  # trains on the CPU: fp32 weights and activations, RAM instead of GPU memory
 
     @property
@@ -159,7 +160,8 @@ class Settings:
                    fused_kernels=spec.speed.fused_kernels,
                    adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
                    gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp",
-                   checkpoint_layers=spec.training.checkpoint_layers)
+                   checkpoint_layers=spec.training.checkpoint_layers,
+                   offload_checkpoints=spec.speed.offload_checkpoints)
 
     @property
     def fused_loss(self) -> bool:
@@ -241,13 +243,16 @@ def checkpointed_layers(arch: ModelArch, settings: Settings) -> int:
 
 def activation_bytes(arch: ModelArch, settings: Settings) -> int:
     """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
-    everything (partial checkpointing mixes the two, each with its own fitted coefficient)."""
+    everything (partial checkpointing mixes the two, each with its own fitted coefficient). With the
+    inputs offloaded to CPU memory, at most two are on the GPU at once: the one in use and the next
+    one coming back (the engine offloads only on a single GPU, not on a CPU nor under FSDP)."""
     per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens * (2 if settings.cpu else 1)
     recomputed = checkpointed_layers(arch, settings)
     kept = arch.layers - recomputed
     total = 0.0
     if recomputed:
-        total += (recomputed * 2 * arch.hidden * settings.tokens + per_layer) * COEFFICIENTS["activations_checkpointing"]
+        inputs = min(recomputed, 2) if settings.offload_checkpoints and not (settings.cpu or settings.fsdp) else recomputed
+        total += (inputs * 2 * arch.hidden * settings.tokens + per_layer) * COEFFICIENTS["activations_checkpointing"]
     if kept:
         extra = 0 if recomputed else 2 * arch.hidden * settings.tokens
         total += (kept * per_layer + extra) * COEFFICIENTS["activations_no_checkpointing"]

@@ -27,7 +27,7 @@ _SIDE_STREAMS: dict[torch.device, Any] = {}
 _ANCHORS: dict[torch.device, torch.Tensor] = {}
 # The input stored last on each device: the next one stored links back to it, so that each backward
 # can bring back the input of the layer before it while it computes.
-_LAST_STORED: dict[torch.device, "weakref.ReferenceType[_Stored]"] = {}
+_LAST_STORED: dict[torch.device, weakref.ReferenceType[_Stored]] = {}
 
 
 def _side_stream(device: torch.device) -> Any:
@@ -144,5 +144,5 @@ def apply_offload(model: torch.nn.Module) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     for layer in layers:
-        layer._gradient_checkpointing_func = checkpoint
+        setattr(layer, "_gradient_checkpointing_func", checkpoint)  # noqa: B010 (an nn.Module attribute mypy types as a tensor)
     return len(layers)

@@ -10,6 +10,7 @@ synchronise: what the Python side costs when the GPU is ahead), and checks that 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -44,9 +45,9 @@ def main() -> None:
         weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         ours, theirs = torch.empty_like(weight), torch.empty_like(weight)
-        bnb_host, bnb_total = _per_call_us(lambda: bnb_functional.dequantize_4bit(packed, state, out=theirs),
+        bnb_host, bnb_total = _per_call_us(functools.partial(bnb_functional.dequantize_4bit, packed, state, out=theirs),
                                            args.calls, torch.cuda.synchronize)
-        host, total = _per_call_us(lambda: nf4_triton.dequantize(packed, state, ours), args.calls,
+        host, total = _per_call_us(functools.partial(nf4_triton.dequantize, packed, state, ours), args.calls,
                                    torch.cuda.synchronize)
         same = torch.equal(ours, theirs)
         gigabytes = weight.numel() * 2.5 / 1e9  # read 0.5 B, write 2 B per weight

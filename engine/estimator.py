@@ -141,6 +141,7 @@ class Settings:
     fsdp: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
     offload_checkpoints: bool = False  # speed.offload_checkpoints: checkpointed layers' inputs in CPU memory
+    fused_lora: bool = False  # speed.fused_lora: with QLoRA, one dequantised weight buffer per projection shape
     cpu: bool = False  # trains on the CPU: fp32 weights and activations, RAM instead of GPU memory
 
     @property
@@ -161,7 +162,7 @@ class Settings:
                    adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
                    gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp",
                    checkpoint_layers=spec.training.checkpoint_layers,
-                   offload_checkpoints=spec.speed.offload_checkpoints)
+                   offload_checkpoints=spec.speed.offload_checkpoints, fused_lora=spec.speed.fused_lora)
 
     @property
     def fused_loss(self) -> bool:
@@ -195,6 +196,9 @@ def weight_bytes(arch: ModelArch, settings: Settings) -> int:
         # NF4: 4 bits per weight; one absmax per 64 weights, itself 8-bit with double quantisation.
         constants = (1 / 64 + 4 / (64 * 256)) if settings.double_quant else 4 / 64
         total = int(arch.linear_params * (0.5 + constants) + 2 * other)
+        if settings.fused_lora:  # the fused blocks dequantise into one bf16 buffer per projection shape
+            shapes = {shape for name, shape in arch.linear_shapes().items() if name in settings.targets}
+            total += 2 * sum(i * o for i, o in shapes)
     else:
         total = (4 if settings.cpu else 2) * arch.params  # the CPU trains in fp32
     if not settings.fsdp:

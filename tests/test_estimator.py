@@ -92,3 +92,11 @@ def test_offloaded_checkpoints_keep_two_layer_inputs_on_the_gpu() -> None:
         arch, Settings(gradient_checkpointing=False)).activations  # nothing to offload without checkpointing
     assert estimate(arch, Settings(offload_checkpoints=True, cpu=True)).activations == estimate(
         arch, Settings(cpu=True)).activations  # the engine does not offload on a CPU
+
+
+def test_fused_qlora_holds_one_dequantised_buffer_per_projection_shape() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    buffers = 2 * (4096 * 4096 + 1024 * 4096 + 14336 * 4096 + 4096 * 14336)  # q/o, k/v, gate/up, down: 0.26 GiB
+    assert estimate(arch, Settings(method="qlora", fused_lora=True)).weights - estimate(
+        arch, Settings(method="qlora")).weights == buffers
+    assert estimate(arch, Settings(fused_lora=True)).weights == estimate(arch, Settings()).weights  # LoRA: none

@@ -69,7 +69,7 @@ def main() -> None:
     note = "; ".join(prepared.notes)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, fsdp=False):
+        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, several_gpus=False):
             note += f"; {offloaded}"
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,

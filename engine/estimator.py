@@ -249,13 +249,14 @@ def activation_bytes(arch: ModelArch, settings: Settings) -> int:
     """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
     everything (partial checkpointing mixes the two, each with its own fitted coefficient). With the
     inputs offloaded to CPU memory, at most two are on the GPU at once: the one in use and the next
-    one coming back (the engine offloads only on a single GPU, not on a CPU nor under FSDP)."""
+    one coming back (the engine offloads on a single GPU only, not on a CPU nor with several GPUs)."""
     per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens * (2 if settings.cpu else 1)
     recomputed = checkpointed_layers(arch, settings)
     kept = arch.layers - recomputed
     total = 0.0
     if recomputed:
-        inputs = min(recomputed, 2) if settings.offload_checkpoints and not (settings.cpu or settings.fsdp) else recomputed
+        offloaded = settings.offload_checkpoints and not settings.cpu and settings.gpus == 1
+        inputs = min(recomputed, 2) if offloaded else recomputed
         total += (inputs * 2 * arch.hidden * settings.tokens + per_layer) * COEFFICIENTS["activations_checkpointing"]
     if kept:
         extra = 0 if recomputed else 2 * arch.hidden * settings.tokens

@@ -1,4 +1,4 @@
-"""Gradient checkpointing with each layer's input kept in pinned CPU memory (`speed.offload_checkpoints`).
+"""Gradient checkpointing with each layer's input kept in pinned CPU memory (`speed.offload_checkpoints`, one GPU).
 
 With checkpointing, every decoder layer keeps only its input for the backward, where it runs again:
 2 x hidden bytes per token and layer (1 GiB for an 8B model at 2 x 2048 tokens). Here the input is

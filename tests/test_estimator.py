@@ -92,6 +92,8 @@ def test_offloaded_checkpoints_keep_two_layer_inputs_on_the_gpu() -> None:
         arch, Settings(gradient_checkpointing=False)).activations  # nothing to offload without checkpointing
     assert estimate(arch, Settings(offload_checkpoints=True, cpu=True)).activations == estimate(
         arch, Settings(cpu=True)).activations  # the engine does not offload on a CPU
+    assert estimate(arch, Settings(offload_checkpoints=True, gpus=2)).activations == estimate(
+        arch, Settings(gpus=2)).activations  # nor on several GPUs
 
 
 def test_fused_qlora_holds_one_dequantised_buffer_per_projection_shape() -> None:

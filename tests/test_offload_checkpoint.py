@@ -90,13 +90,13 @@ def test_layers_it_cannot_offload_take_torch_checkpointing(monkeypatch: pytest.M
 def test_the_lever_applies_only_with_checkpointing_on_a_single_gpu() -> None:
     model = _model(offload=False, fused=False)
 
-    def note(*overrides: str, cuda: bool = True, fsdp: bool = False) -> str | None:
-        return speed.apply_offload_checkpoints(model, _spec(*overrides), cuda=cuda, fsdp=fsdp)
+    def note(*overrides: str, cuda: bool = True, several_gpus: bool = False) -> str | None:
+        return speed.apply_offload_checkpoints(model, _spec(*overrides), cuda, several_gpus)
 
     assert note() is None  # off by default
     assert note("speed.offload_checkpoints=true", "training.gradient_checkpointing=false") is None
     assert "on the CPU" in note("speed.offload_checkpoints=true", cuda=False)
-    assert "FSDP" in note("speed.offload_checkpoints=true", fsdp=True)
+    assert "one GPU only" in note("speed.offload_checkpoints=true", several_gpus=True)
     layers = list(model.base_model.model.model.layers)
     assert all(layer._gradient_checkpointing_func is not offload_checkpoint.checkpoint for layer in layers)
     assert note("speed.offload_checkpoints=true") == "checkpointed layer inputs offloaded to pinned CPU memory on 2 layers"

@@ -106,7 +106,9 @@ def row_settings(row: dict[str, Any]) -> tuple[ModelArch, Settings]:
     settings = Settings(method=row["method"], r=row["r"], micro_batch_size=row["micro_batch_size"],
                         seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
                         optimizer=row["optimizer"], lora_dropout=row["lora_dropout"] > 0,
-                        fused_kernels=row.get("fused_kernels", "off"), adapter_bytes=row.get("adapter_bytes", 4))
+                        fused_kernels=row.get("fused_kernels", "off"), adapter_bytes=row.get("adapter_bytes", 4),
+                        offload_checkpoints=row.get("offload_checkpoints", False),
+                        fused_lora=row.get("fused_lora", False))
     return arch, settings
 
 
@@ -123,6 +125,8 @@ def rows_from_speed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "seq_len": row["seq_len"], "gradient_checkpointing": row["checkpointing"],
                     "optimizer": settings["optimizer"], "fused_kernels": settings["fused_kernels"],
                     "adapter_bytes": 2 if settings["adapter_dtype"] == "bf16" else 4, "steps": row["steps"],
+                    "offload_checkpoints": settings.get("offload_checkpoints", False),
+                    "fused_lora": settings.get("fused_lora", False),
                     "status": "completed", "gpu": row["gpu"], "source": f"bench/results/speed.jsonl: {row['name']}",
                     "torch_peak_reserved_bytes": int(row["peak_reserved_gib"] * 2**30),
                     "torch_peak_allocated_bytes": int(row["peak_allocated_gib"] * 2**30),

@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: the engine's model set-up, profiled with torch.profiler.
 
-    python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--trace T.json.gz]
+    python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--set KEY=VALUE ...]
+                                 [--trace T.json.gz]
 
 It builds the model exactly as the engine's trainer does (tunewiz.engine.training.models.load_model and
 tunewiz.engine.training.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
@@ -41,7 +42,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from tunewiz.engine.config import spec as spec_mod
-    from tunewiz.engine.training import models
+    from tunewiz.engine.training import models, speed
     from tunewiz.engine.training.trainer import prepare_trainable
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--plain", action="store_true", help="every speed lever off")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override on top, as `tunewiz train --set` takes it (e.g. speed.fused_lora=true)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trace", type=Path, help="also record CPU activity with Python stacks, write this Chrome "
                         "trace (.json or .json.gz) and print where the GPU waits for the host (bench.host_gaps)")
@@ -60,12 +63,15 @@ def main() -> None:
     if args.plain:
         spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"',
                                                    'speed.lean_lora=false'])
+    spec = spec_mod.apply_overrides(spec, args.set)
     source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)
     model = models.load_model(source, spec, torch.bfloat16, "cuda:0")
     model, prepared = prepare_trainable(model, spec, torch.bfloat16, True)
     note = "; ".join(prepared.notes)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, several_gpus=False):
+            note += f"; {offloaded}"
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=not args.plain)

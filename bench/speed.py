@@ -8,12 +8,17 @@ Llama-3.1-8B (no download). Every sequence is exactly 2048 tokens, micro-batch 2
 seven projections. Each row holds tokens/s (median of the steps after the warm-up), MFU, peak
 allocated and reserved GiB, the first step's loss and the whole loss curve. Then, anywhere:
     python -m bench.speed table bench/results/speed_h100.jsonl
-prints the comparison tables (speed-up and memory against the baseline of the same case).
+prints the comparison tables (speed-up and memory against the baseline of the same case). Rows that
+`.whl/vs-unsloth.sh` wrote in the same call (Unsloth's loop on the same random-init folder), labelled with
+    python -m bench.speed label anchor.jsonl --machine LABEL --out bench/results/unsloth_anchor.jsonl
+and given to `table` beside the engine's rows, add Unsloth columns to the rows of the same shape, method,
+checkpointing, sequence, micro-batch and machine label.
 
 Suites: `headline` (engine defaults and baseline, LoRA/QLoRA, checkpointing on/off, both shapes),
 `levers` (each speed lever alone on top of the engine with every lever off), `curve` (a 50-step loss
 curve of engine and baseline on the demo data), `packing` (variable-length data, padded vs packed),
-`fused` (the engine with `speed.fused_lora` against its defaults and the baseline, 8B; not in `all`).
+`fused` (the engine with `speed.fused_lora` against its defaults and the baseline, and with
+`speed.offload_checkpoints`, 8B; not in `all`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from tunewiz.engine.planning.estimator import ModelArch
 from tunewiz.engine.planning.hardware import HardwareReport
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
+# The shape names .whl/anchor.py (Unsloth's comparison loop) writes, as catalog models.
+ANCHOR_SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
 SEQ_LEN = 2048
 MICRO_BATCH = 2
 GIB = 1024**3
@@ -72,6 +79,8 @@ VARIANTS = {
     "engine_no_lean": ("speed.lean_lora=false",),
     "engine_fused_lora": ("speed.fused_lora=true",),
     "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
+    "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
+    "engine_offload": ("speed.offload_checkpoints=true",),
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
@@ -135,7 +144,8 @@ def suite_cases(suite: str) -> list[Case]:
                 for variant in ("engine_fused_lora", "engine", "baseline")] + [
             Case("fused", "llama-3.1-8b", "lora", False, variant) for variant in ("engine_fused_lora", "engine")] + [
             Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
-            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout")]
+            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout", "engine_fused_offload_no_dropout",
+                            "engine_offload")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
@@ -232,6 +242,7 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
     return {"fused_kernels": spec.speed.fused_kernels, "adapter_dtype": spec.speed.adapter_dtype,
             "optimizer": spec.training.optimizer, "lora_dropout": spec.lora.dropout, "compile": spec.speed.compile,
             "lean_lora": spec.speed.lean_lora, "fused_lora": spec.speed.fused_lora,
+            "offload_checkpoints": spec.speed.offload_checkpoints,
             "micro_batch": spec.training.micro_batch_size,
             "gradient_accumulation": spec.training.gradient_accumulation,
             "checkpointing": spec.training.gradient_checkpointing, "checkpoint_layers": spec.training.checkpoint_layers}
@@ -297,7 +308,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.budget_s
     # Cases are compared only within one machine: the same GPU model on another host (another CPU,
     # clocks, neighbours) moved the engine's tokens/s by up to 25%.
-    machine = socket.gethostname()
+    machine = args.machine or socket.gethostname()
 
     def worker(gpu: str) -> None:
         os.environ["BENCH_GPU_NAME"] = gpu_name(gpu)
@@ -333,15 +344,44 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else ""
 
 
-def _table_row(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
+def _table_row(r: dict[str, Any], ref: dict[str, Any] | None,
+               unsloth: dict[str, Any] | None = None, with_unsloth: bool = False) -> str:
     done = r["status"] == "completed"
     ref = ref if done and ref else {}
     cells = ([r["tokens_per_s"], f"{r['mfu']:.1%}" if r.get("mfu") else "", r["peak_allocated_gib"],
               r["peak_reserved_gib"], f"{r['first_loss']:.4f}"] if done else [r["status"], "", "", "", ""])
     cells += [_ratio(r.get("tokens_per_s"), ref.get("tokens_per_s")),
               _ratio(r.get("peak_reserved_gib"), ref.get("peak_reserved_gib"))]
+    if with_unsloth:
+        other = unsloth if done and unsloth else {}
+        cells += [other.get("tokens_per_s", ""), other.get("peak_reserved_gib", ""),
+                  _ratio(r.get("tokens_per_s"), other.get("tokens_per_s")),
+                  _ratio(r.get("peak_reserved_gib"), other.get("peak_reserved_gib"))]
     head = [r["shape"], r["method"], "on" if r["checkpointing"] else "off", r["variant"]]
     return "| " + " | ".join(str(c) for c in head + cells) + " |"
+
+
+def unsloth_key(row: dict[str, Any]) -> tuple[Any, ...] | None:
+    """(shape, method, checkpointing, sequence, micro-batch, machine) of a row of Unsloth's loop
+    (.whl/anchor.py: stacks `unsloth` and `unsloth-nogc`), or None for any other row."""
+    stack = str(row.get("stack", ""))
+    if not stack.startswith("unsloth") or row.get("shape") not in ANCHOR_SHAPES:
+        return None
+    return (ANCHOR_SHAPES[row["shape"]], row["method"], not stack.endswith("-nogc"), row["seq"], row["batch"],
+            row.get("machine"))
+
+
+def engine_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The same key for a bench.speed row; the automatic choice is held against Unsloth's default
+    (checkpointing on), as the issue's target reads."""
+    checkpointing = True if row["variant"] == "engine_auto" else row["checkpointing"]
+    micro_batch = (row.get("settings") or {}).get("micro_batch", row.get("micro_batch", MICRO_BATCH))
+    return row["shape"], row["method"], checkpointing, row.get("seq_len", SEQ_LEN), micro_batch, row.get("machine")
+
+
+def label(rows: list[dict[str, Any]], machine: str) -> list[dict[str, Any]]:
+    """`rows` with the machine label that `run --machine` gave the engine's rows of the same call."""
+    return [{**row, "machine": machine} for row in rows]
 
 
 def _packing_summary(packing: dict[bool, dict[str, Any]]) -> str:
@@ -364,9 +404,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     def references(variant: str) -> dict[tuple[Any, ...], dict[str, Any]]:
         return {key(r): r for r in rows if r["variant"] == variant and r["status"] == "completed"}
 
+    unsloth = {k: r for r in rows if (k := unsloth_key(r)) is not None}
+    rows = [r for r in rows if "stack" not in r]  # Unsloth's rows serve as columns only
     baselines, no_dropout, plains = references("baseline"), references("baseline_no_dropout"), references("plain")
     out = [f"Sequence {SEQ_LEN}, micro-batch {MICRO_BATCH} unless a row's settings say otherwise, LoRA r=16 on all "
            "7 projections.", ""]
+    if unsloth:
+        out += ["Unsloth columns: Unsloth's loop (.whl/anchor.py: dropout 0, alpha = r) on the same random-init "
+                "folder in the same call; compare it with the rows at dropout 0.", ""]
     sessions = list(dict.fromkeys(r.get("machine") for r in rows))
     for suite, reference in (("headline", baselines), ("fused", baselines), ("levers", plains)):
         against = "plain engine (every lever off)" if suite == "levers" else "baseline"
@@ -375,11 +420,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             if not chosen:
                 continue
             gpus = ", ".join(sorted({r.get("gpu") or "?" for r in chosen}))
+            with_unsloth = any(engine_key(r) in unsloth for r in chosen)
+            extra = (" Unsloth tok/s | Unsloth reserved GiB | vs Unsloth | memory vs Unsloth |" if with_unsloth else "")
             out += [f"### {suite}: against the {against} ({session or 'earlier sessions'}; {gpus})", "",
                     "| shape | method | checkpointing | variant | tokens/s | MFU | peak alloc GiB | peak reserved GiB "
-                    "| first loss | speed-up | memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-            out += [_table_row(r, (no_dropout if "no_dropout" in r["variant"] else reference).get(reference_key(r)))
-                    for r in chosen]
+                    "| first loss | speed-up | memory |" + extra, "|---" * (15 if with_unsloth else 11) + "|"]
+            out += [_table_row(r, (no_dropout if "no_dropout" in r["variant"] else reference).get(reference_key(r)),
+                               unsloth.get(engine_key(r)), with_unsloth) for r in chosen]
             out.append("")
     for session in sessions:
         curve = {r["variant"]: r for r in rows
@@ -434,13 +481,21 @@ def main() -> None:
     run.add_argument("--only", nargs="*", help="run only cases whose name contains one of these")
     run.add_argument("--exact", action="store_true", help="--only names whole case names")
     run.add_argument("--budget-s", type=float, default=540, help="start no case after this many seconds")
+    run.add_argument("--machine", help="label of this call's rows (default: the host name)")
     show = sub.add_parser("table", help="print the comparison tables")
-    show.add_argument("rows", type=Path)
+    show.add_argument("rows", type=Path, nargs="+", help="bench.speed rows, and Unsloth's (labelled) if any")
+    tag = sub.add_parser("label", help="append Unsloth's rows (.whl/vs-unsloth.sh) with this call's machine label")
+    tag.add_argument("rows", type=Path)
+    tag.add_argument("--machine", required=True)
+    tag.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "run":
         cmd_run(args)
+    elif args.command == "label":
+        with args.out.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in label(load(args.rows), args.machine))
     else:
-        print(table(load(args.rows)))
+        print(table([row for path in args.rows for row in load(path)]))
 
 
 if __name__ == "__main__":

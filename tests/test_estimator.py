@@ -9,7 +9,7 @@ import pytest
 
 from bench.calibrate_memory import row_settings
 from tunewiz.engine.config import catalog
-from tunewiz.engine.planning.estimator import ModelArch, Settings, adapter_params, estimate
+from tunewiz.engine.planning.estimator import COEFFICIENTS, ModelArch, Settings, adapter_params, estimate
 
 CALIBRATION = Path(__file__).parent / "data" / "memory_calibration.jsonl"
 ROWS = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
@@ -79,3 +79,26 @@ def test_partial_checkpointing_sits_between_none_and_full() -> None:
     none = estimate(arch, Settings(gradient_checkpointing=False)).activations
     assert full < half < quarter < none
     assert estimate(arch, Settings(gradient_checkpointing=False, checkpoint_layers=8)).activations == none
+
+
+def test_offloaded_checkpoints_keep_two_layer_inputs_on_the_gpu() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    full = estimate(arch, Settings()).activations
+    offloaded = estimate(arch, Settings(offload_checkpoints=True)).activations
+    layer_input = 2 * arch.hidden * Settings().tokens  # 32 MiB at 2 x 2048 tokens
+    kept_off = (arch.layers - 2) * layer_input * COEFFICIENTS["activations_checkpointing"]
+    assert full - offloaded == pytest.approx(kept_off, rel=1e-6)  # about 0.9 GiB
+    assert estimate(arch, Settings(offload_checkpoints=True, gradient_checkpointing=False)).activations == estimate(
+        arch, Settings(gradient_checkpointing=False)).activations  # nothing to offload without checkpointing
+    assert estimate(arch, Settings(offload_checkpoints=True, cpu=True)).activations == estimate(
+        arch, Settings(cpu=True)).activations  # the engine does not offload on a CPU
+    assert estimate(arch, Settings(offload_checkpoints=True, gpus=2)).activations == estimate(
+        arch, Settings(gpus=2)).activations  # nor on several GPUs
+
+
+def test_fused_qlora_holds_one_dequantised_buffer_per_projection_shape() -> None:
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    buffers = 2 * (4096 * 4096 + 1024 * 4096 + 14336 * 4096 + 4096 * 14336)  # q/o, k/v, gate/up, down: 0.26 GiB
+    assert estimate(arch, Settings(method="qlora", fused_lora=True)).weights - estimate(
+        arch, Settings(method="qlora")).weights == buffers
+    assert estimate(arch, Settings(fused_lora=True)).weights == estimate(arch, Settings()).weights  # LoRA: none

@@ -375,3 +375,63 @@ def test_4bit_layers_give_peft_loss_and_gradients(dropout: float, monkeypatch: p
     assert torch.allclose(loss, peft_loss, atol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, peft_grads[name], atol=1e-5), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs on CUDA, or on a CPU with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-scales"])
+def test_triton_nf4_dequantisation_matches_bitsandbytes(nested: bool) -> None:
+    pytest.importorskip("triton")
+    import bitsandbytes.functional as bnb_functional
+
+    from tunewiz.engine.training import nf4_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weight = torch.randn(300, 70, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)  # odd blocks
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    assert nf4_triton.supports(state) and state.nested == nested
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    exact = nf4_triton.dequantize(packed, state, torch.empty(weight.shape, device=device))  # float32: no rounding
+    assert torch.equal(exact.to(torch.bfloat16), expected)
+    rounded = nf4_triton.dequantize(packed, state, torch.empty_like(weight))
+    if device == "cuda":
+        assert torch.equal(rounded, expected)
+    else:  # Triton's interpreter casts to bf16 by truncation, the GPU rounds to nearest
+        assert torch.allclose(rounded.float(), expected.float(), rtol=2**-7, atol=0)
+    assert not nf4_triton.supports(bnb_functional.quantize_4bit(weight, quant_type="fp4")[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_dequantises_each_weight_once_per_use_through_the_triton_kernel(tmp_path: Any,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With checkpointing: forward, recompute and backward, less the weights the shared buffer of their shape
+    still holds: o_proj and down_proj in each layer's backward (right after their recompute), and the last
+    layer's down_proj in its recompute (right after the forward)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunewiz.engine.training import nf4_triton
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama", hidden_size=256, intermediate_size=512)).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda",
+                                                quantization_config=quantization)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    fused_lora.apply_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    calls: list[tuple[int, ...]] = []
+    real = nf4_triton.dequantize
+    monkeypatch.setattr(nf4_triton, "dequantize", lambda packed, state, out: calls.append(tuple(out.shape))
+                        or real(packed, state, out))
+    fused_lora._BUFFER_HOLDS.clear()
+    tokens = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    assert len(calls) == 2 * 7  # 2 layers, 7 projections: the forward
+    loss.backward()
+    assert len(calls) == 2 * 7 + (6 + 5) + (7 + 5)  # forward; layer 1 recompute and backward; layer 0's

@@ -3,6 +3,7 @@ helpers in a single process, and the benchmark's own arithmetic."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from typing import Any
@@ -318,3 +319,31 @@ def test_baseline_dropout_seed_changes_only_the_loops_random_numbers() -> None:
 
     assert loop_seeds(42, None) == {"seed": 42, "data_seed": 42}
     assert loop_seeds(42, 43) == {"seed": 43, "data_seed": 42}  # the same data order, other dropout masks
+
+
+def test_benchmark_table_has_unsloth_columns_for_rows_of_the_same_call(tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def row(variant: str, tokens: float, machine: str, checkpointing: bool = True) -> dict[str, Any]:
+        return {"suite": "fused", "shape": "llama-3.1-8b", "method": "qlora", "checkpointing": checkpointing,
+                "variant": variant, "status": "completed", "tokens_per_s": tokens, "mfu": 0.3, "seq_len": 2048,
+                "peak_allocated_gib": 8.0, "peak_reserved_gib": 8.4, "first_loss": 12.5, "gpu": "H200",
+                "settings": {"micro_batch": 2}, "machine": machine}
+
+    anchor = tmp_path / "anchor.jsonl"  # what .whl/vs-unsloth.sh writes: no machine label
+    anchor.write_text("".join(json.dumps({"stack": stack, "method": "qlora", "seq": 2048, "batch": 2, "shape": "8b",
+                                          "tokens_per_s": tokens, "peak_reserved_gib": 7.0}) + "\n"
+                              for stack, tokens in (("unsloth", 10000.0), ("unsloth-nogc", 20000.0))))
+    labelled = tmp_path / "unsloth.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench.speed", "label", str(anchor), "--machine", "call 2",
+                                      "--out", str(labelled)])
+    bench_speed.main()
+    rows = [row("engine", 9000, "call 2"), row("engine", 12000, "call 2", checkpointing=False),
+            row("engine", 9500, "call 1")] + bench_speed.load(labelled)
+    text = bench_speed.table(rows)
+    call_2 = text.split("### fused: against the baseline (call 2")[1].split("###")[0]
+    assert "| vs Unsloth | memory vs Unsloth |" in call_2
+    lines = [line for line in call_2.splitlines() if "| engine |" in line]
+    assert lines[0].endswith("| 10000.0 | 7.0 | 0.90x | 1.20x |")  # checkpointing on: Unsloth's default
+    assert lines[1].endswith("| 20000.0 | 7.0 | 0.60x | 1.20x |")  # off: unsloth-nogc
+    call_1 = text.split("(call 1")[1]  # another call's rows get no Unsloth columns
+    assert "Unsloth tok/s" not in call_1.split("\n\n")[1]

@@ -167,6 +167,11 @@ class SpeedSpec:
                                  "together, O) run as one autograd node each with a hand-written backward that keeps "
                                  "fewer activations; it replaces `speed.lean_lora` on the blocks it covers, the rest "
                                  "keeps it. Off until measured on a GPU (docs/speed.md).")
+    offload_checkpoints: bool = _f(False, "With gradient checkpointing on one CUDA GPU, each checkpointed layer's "
+                                          "input waits in pinned CPU memory (copied on a side stream, overlapped "
+                                          "with compute) instead of on the GPU: 2 bytes x hidden size per token and "
+                                          "layer less (0.98 GiB measured on an 8B model at 2 x 2048 tokens, speed "
+                                          "within the noise). Off until measured more (docs/speed.md).")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
                               "off only on long runs.")
 

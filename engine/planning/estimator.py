@@ -135,6 +135,8 @@ class Settings:
     gpus: int = 1
     fsdp: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: how many layers recompute (None: all)
+    offload_checkpoints: bool = False  # speed.offload_checkpoints: checkpointed layers' inputs in CPU memory
+    fused_lora: bool = False  # speed.fused_lora: with QLoRA, one dequantised weight buffer per projection shape
     cpu: bool = False  # trains on the CPU: fp32 weights and activations, RAM instead of GPU memory
 
     @property
@@ -154,7 +156,8 @@ class Settings:
                    fused_kernels=spec.speed.fused_kernels,
                    adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
                    gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp",
-                   checkpoint_layers=spec.training.checkpoint_layers)
+                   checkpoint_layers=spec.training.checkpoint_layers,
+                   offload_checkpoints=spec.speed.offload_checkpoints, fused_lora=spec.speed.fused_lora)
 
     @property
     def fused_loss(self) -> bool:
@@ -188,6 +191,9 @@ def weight_bytes(arch: ModelArch, settings: Settings) -> int:
         # NF4: 4 bits per weight; one absmax per 64 weights, itself 8-bit with double quantisation.
         constants = (1 / 64 + 4 / (64 * 256)) if settings.double_quant else 4 / 64
         total = int(arch.linear_params * (0.5 + constants) + 2 * other)
+        if settings.fused_lora:  # the fused blocks dequantise into one bf16 buffer per projection shape
+            shapes = {shape for name, shape in arch.linear_shapes().items() if name in settings.targets}
+            total += 2 * sum(i * o for i, o in shapes)
     else:
         total = (4 if settings.cpu else 2) * arch.params  # the CPU trains in fp32
     if not settings.fsdp:
@@ -236,13 +242,17 @@ def checkpointed_layers(arch: ModelArch, settings: Settings) -> int:
 
 def activation_bytes(arch: ModelArch, settings: Settings) -> int:
     """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
-    everything (partial checkpointing mixes the two, each with its own fitted coefficient)."""
+    everything (partial checkpointing mixes the two, each with its own fitted coefficient). With the
+    inputs offloaded to CPU memory, at most two are on the GPU at once: the one in use and the next
+    one coming back (the engine offloads on a single GPU only, not on a CPU nor with several GPUs)."""
     per_layer = layer_activation_bytes_per_token(arch, settings) * settings.tokens * (2 if settings.cpu else 1)
     recomputed = checkpointed_layers(arch, settings)
     kept = arch.layers - recomputed
     total = 0.0
     if recomputed:
-        saved = recomputed * 2 * arch.hidden * settings.tokens + per_layer
+        offloaded = settings.offload_checkpoints and not settings.cpu and settings.gpus == 1
+        inputs = min(recomputed, 2) if offloaded else recomputed
+        saved = inputs * 2 * arch.hidden * settings.tokens + per_layer
         total += saved * COEFFICIENTS["activations_checkpointing"]
     if kept:
         extra = 0 if recomputed else 2 * arch.hidden * settings.tokens

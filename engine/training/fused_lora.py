@@ -31,14 +31,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunewiz.engine.training import swiglu_triton
+from tunewiz.engine.training import nf4_triton, swiglu_triton
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
 LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SWIGLU_ACTIVATIONS = frozenset({"silu", "swish"})
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
-# Dequantised 4-bit weights by (shape, dtype, device): one buffer per shape, reused by every layer.
+# Dequantised 4-bit weights by (shape, dtype, device): one buffer per shape, reused by every layer,
+# and the frozen 4-bit weight each holds now (only `_frozen_weight` writes them, and frozen weights never change).
 _DEQUANT_BUFFERS: dict[tuple[Any, ...], torch.Tensor] = {}
+_BUFFER_HOLDS: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,11 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight in `dtype`; a 4-bit one dequantised (on CUDA into the shared buffer of its shape).
 
     The buffer is overwritten by the next layer's dequantisation: callers use it at once and never
-    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). bitsandbytes
-    dequantises into a given buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
+    keep it (the GPU runs the matmul that reads it before the copy that overwrites it). A buffer that
+    still holds the weight asked for is not written again: with checkpointing, the backward of o_proj
+    and down_proj comes right after their recompute. NF4 goes through our one-pass Triton kernel
+    (engine/training/nf4_triton.py), anything else through bitsandbytes. bitsandbytes dequantises into a given
+    buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
     """
     weight = base.weight
     if not _is_4bit(base):
@@ -112,7 +117,13 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     buffer = _DEQUANT_BUFFERS.get(key)
     if buffer is None:
         buffer = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    return bnb_functional.dequantize_4bit(weight.data, state, out=buffer).to(dtype)
+    if _BUFFER_HOLDS.get(key) is not weight:  # else it still holds this weight (a backward right after its recompute)
+        if nf4_triton.supports(state):
+            nf4_triton.dequantize(weight.data, state, buffer)
+        else:
+            bnb_functional.dequantize_4bit(weight.data, state, out=buffer)
+        _BUFFER_HOLDS[key] = weight
+    return buffer.to(dtype)
 
 
 def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -201,7 +212,8 @@ class LoraProjections(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for index, projection in enumerate(projections):
                 noise = _noise(flat.shape, flat, projection.dropout)
-                out, inputs_a = _lora_forward(flat, projection, *adapters[2 * index:2 * index + 2], noise, dtype)
+                a, b = adapters[2 * index], adapters[2 * index + 1]
+                out, inputs_a = _lora_forward(flat, projection, a, b, noise, dtype)
                 outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
                 products.append(inputs_a)
         ctx.save_for_backward(x, *adapters, *products)
@@ -273,10 +285,12 @@ class LoraSwiGLU(torch.autograd.Function):
         ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
         with torch.autocast(x.device.type, enabled=False):
             # the masks are drawn in peft's order: gate's, up's, then down's
-            gate_out, gate_a = _lora_forward(flat, gate, *adapters[0:2], _noise(flat.shape, flat, gate.dropout), dtype)
-            up_out, up_a = _lora_forward(flat, up, *adapters[2:4], _noise(flat.shape, flat, up.dropout), dtype)
+            a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
+            gate_out, gate_a = _lora_forward(flat, gate, a_gate, b_gate, _noise(flat.shape, flat, gate.dropout), dtype)
+            up_out, up_a = _lora_forward(flat, up, a_up, b_up, _noise(flat.shape, flat, up.dropout), dtype)
             hidden = swiglu_forward(gate_out, up_out)
-            out, down_a = _lora_forward(hidden, down, *adapters[4:6], _noise(hidden.shape, hidden, down.dropout), dtype)
+            out, down_a = _lora_forward(hidden, down, a_down, b_down, _noise(hidden.shape, hidden, down.dropout),
+                                        dtype)
         ctx.save_for_backward(x, gate_out, up_out, gate_a, up_a, down_a, *adapters)
         ctx.projections, ctx.dtype = projections, dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -291,17 +305,19 @@ class LoraSwiGLU(torch.autograd.Function):
             [(flat.shape, gate.dropout), (flat.shape, up.dropout), (up_out.shape, down.dropout)], flat)
         with torch.autocast(x.device.type, enabled=False):
             hidden = swiglu_forward(gate_out, up_out)  # recomputed: autograd would have kept it, and SiLU's output
+            a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
             grad_hidden, grad_a_down, grad_b_down = _lora_backward(hidden, down_a, _flat(grad, dtype), down,
-                                                                   *adapters[4:6], noise_down, dtype, True)
+                                                                   a_down, b_down, noise_down, dtype, True)
+            assert grad_hidden is not None  # asked for (need_input=True)
             grad_gate, grad_up = swiglu_backward(gate_out, up_out, grad_hidden, spare=hidden)
             need = ctx.needs_input_grad[0]
-            grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, *adapters[0:2], noise_gate,
-                                                              dtype, need)
-            grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, *adapters[2:4], noise_up, dtype,
+            grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, a_gate, b_gate,
+                                                              noise_gate, dtype, need)
+            grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, a_up, b_up, noise_up, dtype,
                                                           need, grad_x)
         grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
-        grad_x = grad_x.view(x.shape).to(x.dtype) if need else None
-        return (grad_x, None, None, *(g.to(w.dtype) for g, w in zip(grads, adapters)))
+        grad_input = grad_x.view(x.shape).to(x.dtype) if need and grad_x is not None else None
+        return (grad_input, None, None, *(g.to(w.dtype) for g, w in zip(grads, adapters)))
 
 
 def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
@@ -313,8 +329,9 @@ def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
 
 def _prepare(layers: list[Any], x: torch.Tensor) -> tuple[list[_Projection], list[torch.Tensor], torch.dtype] | None:
     """Every layer's operands and the compute dtype, or None when any layer must take peft's path."""
-    operands = [_operands(layer, x) for layer in layers]
-    if any(o is None for o in operands):
+    found = [_operands(layer, x) for layer in layers]
+    operands = [o for o in found if o is not None]
+    if len(operands) != len(found):
         return None
     projections = [o[0] for o in operands]
     adapters = [t for o in operands for t in o[1:]]

@@ -1,0 +1,148 @@
+"""Gradient checkpointing with each layer's input kept in pinned CPU memory (`speed.offload_checkpoints`, one GPU).
+
+With checkpointing, every decoder layer keeps only its input for the backward, where it runs again:
+2 x hidden bytes per token and layer (1 GiB for an 8B model at 2 x 2048 tokens). Here the input is
+copied to pinned host memory on a side stream as soon as the layer has read it, overlapped with the
+layer's own forward, and the GPU copy is freed. In the backward each layer's input comes back on the
+side stream while the layer after it (in forward order) recomputes, so at most two inputs are on the GPU
+at a time. The recompute replays the forward's random state (the LoRA dropout masks) and autocast
+state, as torch's checkpointing does.
+
+On a CPU nothing is copied (the input is kept as it is): the same recompute, so the tests compare the
+gradients there. Layers called with more than one positional argument, or whose keyword arguments carry
+a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+_ANCHORS: dict[torch.device, torch.Tensor] = {}
+# The input stored last on each device: the next one stored links back to it, so that each backward
+# can bring back the input of the layer before it while it computes.
+_LAST_STORED: dict[torch.device, weakref.ReferenceType[_Stored]] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+class _Stored:
+    """One layer input, in pinned host memory (CUDA) or as it is (CPU), and its way back."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.device, self.shape, self.dtype = tensor.device, tensor.shape, tensor.dtype
+        self.gpu: torch.Tensor | None = None
+        self.ready: Any = None
+        previous = _LAST_STORED.get(self.device)
+        self.previous = previous  # a weak reference: the chain never keeps an old step's inputs alive
+        _LAST_STORED[self.device] = weakref.ref(self)
+        if tensor.device.type != "cuda":
+            self.host: torch.Tensor | None = tensor.detach()
+            return
+        stream = _side_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the input has been computed
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # its GPU memory is not reused before the copy has read it
+
+    def prefetch(self) -> None:
+        """Start copying the input back to the GPU (a no-op on a CPU, or when under way or done)."""
+        if self.device.type != "cuda" or self.host is None or self.gpu is not None:
+            return
+        main = torch.cuda.current_stream(self.device)
+        stream = _side_stream(self.device)
+        self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # the main stream's memory
+        stream.wait_stream(main)  # which the main stream may have used until now
+        with torch.cuda.stream(stream):
+            self.gpu.copy_(self.host, non_blocking=True)
+            self.ready = stream.record_event()
+        self.gpu.record_stream(stream)
+
+    def fetch(self) -> torch.Tensor:
+        """The input on its device, once; the host copy is released."""
+        if self.device.type != "cuda":
+            tensor, self.host = self.host, None
+            assert tensor is not None, "a checkpointed layer's input was fetched twice"
+            return tensor
+        self.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        tensor, self.gpu, self.host = self.gpu, None, None
+        assert tensor is not None, "a checkpointed layer's input was fetched twice"
+        return tensor
+
+
+def _anchor(device: torch.device) -> torch.Tensor:
+    """An empty tensor that needs a gradient, so that autograd runs the backward even when the layer's
+    input needs none (the first layer's, from frozen embeddings): the adapters inside still do."""
+    if device not in _ANCHORS:
+        _ANCHORS[device] = torch.zeros(0, device=device, requires_grad=True)
+    return _ANCHORS[device]
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """apply(run, anchor, hidden): run(hidden) without keeping anything on the GPU for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], anchor: torch.Tensor, hidden: torch.Tensor) -> Any:
+        kind = hidden.device.type
+        ctx.run, ctx.device = run, hidden.device
+        ctx.autocast = {"enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
+        ctx.rng = _rng_states(hidden.device)
+        ctx.stored = _Stored(hidden)
+        return run(hidden)  # autograd runs a Function's forward without recording
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        stored, device = ctx.stored, ctx.device
+        hidden = stored.fetch().detach().requires_grad_(True)
+        previous = stored.previous() if stored.previous is not None else None
+        if previous is not None:
+            previous.prefetch()  # the layer before this one: back while this one recomputes
+        cpu_state, cuda_state = ctx.rng
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+            with torch.enable_grad(), torch.autocast(device.type, **ctx.autocast):
+                outputs = ctx.run(hidden)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads)
+                 if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        return None, None, hidden.grad
+
+
+def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """A `_gradient_checkpointing_func` for transformers' checkpointed layers: function(*args), offloaded."""
+    keywords = getattr(function, "keywords", {}) if isinstance(function, functools.partial) else {}
+    hidden = args[0] if len(args) == 1 else None
+    needs_grad = any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in pytree.tree_leaves(keywords))
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or needs_grad:
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    return OffloadedCheckpoint.apply(function, _anchor(hidden.device), hidden)
+
+
+def apply_offload(model: torch.nn.Module) -> int:
+    """Offload the inputs of every layer that checkpoints now; returns how many. Call it after the
+    Trainer has turned checkpointing on (and `training.checkpoint_layers` has limited it)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        setattr(layer, "_gradient_checkpointing_func", checkpoint)  # noqa: B010 (an nn.Module attribute mypy types as a tensor)
+    return len(layers)

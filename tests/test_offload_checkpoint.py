@@ -1,0 +1,139 @@
+"""Checkpointing with the layer inputs offloaded (`speed.offload_checkpoints`): the same gradients as torch's
+checkpointing, dropout and autocast included; torch's path where it does not apply; the lever's wiring."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+from tunewiz.engine.config.spec import RunSpec, apply_overrides
+from tunewiz.engine.training import offload_checkpoint, speed
+
+VOCAB = 256
+
+
+def _spec(*overrides: str) -> RunSpec:
+    spec = RunSpec()
+    spec.dataset.preset = "demo"
+    return apply_overrides(spec, list(overrides))
+
+
+def _model(*, offload: bool, fused: bool) -> Any:
+    """A tiny random Llama with LoRA (dropout 0.1) on all 7 projections and checkpointing on every layer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tunewiz.engine.training.trainer import prepare_trainable
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2,
+                                                        vocab_size=VOCAB))
+    spec = _spec("lora.dropout=0.1", 'lora.target_modules=["all-linear"]', f"speed.fused_lora={str(fused).lower()}")
+    model, _ = prepare_trainable(base, spec, torch.float32, cuda=False)
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        assert offload_checkpoint.apply_offload(model) == 2
+    return model.train()
+
+
+def _grads(model: Any, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One seeded step from token ids (the first layer's input needs no gradient: frozen embeddings)."""
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()  # outside autocast, as the Trainer runs it: the recompute must restore it
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["lean", "fused"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_offloaded_checkpointing_gives_torch_checkpointing_gradients(fused: bool, autocast: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    reference_loss, reference = _grads(_model(offload=False, fused=fused), autocast)
+    calls: list[bool] = []
+    real = offload_checkpoint.OffloadedCheckpoint.apply
+    monkeypatch.setattr(offload_checkpoint.OffloadedCheckpoint, "apply", lambda *a: calls.append(True) or real(*a))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", _refuse)
+    loss, grads = _grads(_model(offload=True, fused=fused), autocast)
+    assert len(calls) == 2  # both layers, none through torch's checkpointing
+    assert torch.equal(loss, reference_loss)
+    assert reference.keys() == grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name  # layer 0's adapters too (its input needs no grad)
+        assert torch.allclose(grad, reference[name], atol=1e-5), name
+
+
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("this path must not run")
+
+
+def test_layers_it_cannot_offload_take_torch_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
+    used: list[str] = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: used.append("torch"))
+    monkeypatch.setattr(offload_checkpoint.OffloadedCheckpoint, "apply", lambda *a: used.append("offload"))
+    x = torch.ones(2, 3)
+    offload_checkpoint.checkpoint(lambda a, b: a, x, x)  # two positional inputs
+    needs_grad = torch.ones(3, requires_grad=True)
+    offload_checkpoint.checkpoint(functools.partial(lambda a, extra: a, extra=(needs_grad,)), x)
+    offload_checkpoint.checkpoint(functools.partial(lambda a, extra: a, extra=(x,)), x)
+    assert used == ["torch", "torch", "offload"]
+
+
+def test_the_lever_applies_only_with_checkpointing_on_a_single_gpu() -> None:
+    model = _model(offload=False, fused=False)
+
+    def note(*overrides: str, cuda: bool = True, several_gpus: bool = False) -> str | None:
+        return speed.apply_offload_checkpoints(model, _spec(*overrides), cuda, several_gpus)
+
+    assert note() is None  # off by default
+    assert note("speed.offload_checkpoints=true", "training.gradient_checkpointing=false") is None
+    assert "on the CPU" in note("speed.offload_checkpoints=true", cuda=False)
+    assert "one GPU only" in note("speed.offload_checkpoints=true", several_gpus=True)
+    layers = list(model.base_model.model.model.layers)
+    assert all(layer._gradient_checkpointing_func is not offload_checkpoint.checkpoint for layer in layers)
+    expected = "checkpointed layer inputs offloaded to pinned CPU memory on 2 layers"
+    assert note("speed.offload_checkpoints=true") == expected
+    assert all(layer._gradient_checkpointing_func is offload_checkpoint.checkpoint for layer in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradients() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def run(offload: bool) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                             num_key_value_heads=4, vocab_size=VOCAB)
+        base = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offload:
+            assert offload_checkpoint.apply_offload(model) == 8
+        model.train()
+        tokens = torch.randint(0, VOCAB, (4, 2048), generator=torch.Generator().manual_seed(1)).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        torch.manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        held = torch.cuda.memory_allocated() - before  # what the forward leaves for the backward
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+        return grads, held
+
+    reference, held = run(False)
+    grads, held_offloaded = run(True)
+    layer_input = 4 * 2048 * 1024 * 2
+    assert held - held_offloaded >= 7 * layer_input  # 8 layer inputs on the GPU against at most one in flight
+    assert torch.allclose(grads, reference, atol=1e-6, rtol=1e-3)

@@ -79,10 +79,10 @@ class Recovery:
             try:
                 return trainer.train(resume_from_checkpoint=resume), trainer
             except torch.OutOfMemoryError as exc:
-                failed_at = trainer.state.global_step + 1
                 settings = smaller_batch(self.spec.training) if self.attempts < self.allowed else None
                 if settings is None:
                     raise
+                failed_at = trainer.state.global_step + 1
                 peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
                 message = str(exc).splitlines()[0] if str(exc) else "out of memory"
             # Out of the except block: the traceback no longer holds the failed step's tensors.

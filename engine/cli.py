@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_data, cli_hw, cli_model, hints, launcher, locations, presets, rundir
+from engine import __version__, cli_coach, cli_data, cli_hw, cli_model, hints, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_commands(sub)  # datasets, data check
     cli_model.add_commands(sub)  # chat, eval
     cli_hw.add_commands(sub)  # doctor, recommend, models, probe
+    cli_coach.add_commands(sub)  # compare, plot
     return parser
 
 

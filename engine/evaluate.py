@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.fileio import atomic_write_json, atomic_write_text
 from engine.heldout import HeldoutExample, heldout_examples
+from engine.plot import report_link
 from engine.rundir import RunDir
 
 RESULTS_NAME = "results.json"
@@ -235,6 +236,6 @@ def evaluate_run(run: RunDir, checkpoint: int | None = None, data_file: Path | N
     folder = report_dir(run, loaded.checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / RESULTS_NAME, report.to_dict())
-    atomic_write_text(folder / REPORT_NAME, report.markdown())
+    atomic_write_text(folder / REPORT_NAME, report.markdown() + report_link(run, folder))  # `tunewiz plot`'s chart
     report.path = folder / REPORT_NAME
     return report

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_coach, cli_data, cli_hw, cli_model, hints, launcher, locations, presets, rundir
+from engine import __version__, cli_coach, cli_data, cli_hw, cli_model, curves, hints, launcher, locations, presets, rundir
 from engine.errors import TunewizError
 from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader
@@ -173,19 +173,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
                      "model": status.get("model"), "method": status.get("method"),
                      "step": status.get("step"), "total_steps": status.get("total_steps"),
                      "loss": loss, "started": status.get("started") or status.get("created"),
-                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None)})
+                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None),
+                     "alerts": curves.alert_codes(run.events_path)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
         print(f"no runs yet; start one with: {hints.command('train demo')}")
         return 0
-    print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}")
+    print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}  ALERTS")
     for row in rows:
         step = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
         loss = f"{row['loss']:.4f}" if isinstance(row["loss"], (int, float)) else "-"
         print(f"{row['run_id']:<36} {row['state']:<10} {str(row['model'])[:24]:<24} {step:>11} {loss:>8} "
-              f"{duration(row['duration_s']):>7}")
+              f"{duration(row['duration_s']):>7}  {', '.join(row['alerts']) or '-'}")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from engine import rundir, spec as spec_mod
 from engine.errors import TunewizError
-from engine.events import EventReader
+from engine.events import EventReader, decode_line
 from engine.fileio import atomic_write_text
 from engine.spec import SpecError
 from engine.worktime import finite
@@ -144,3 +144,18 @@ def write_csv(curves: RunCurves, path: Path) -> None:
         row = {"step": step, "eval_loss": curves.evals.get(step), **curves.steps.get(step, {})}
         writer.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
     atomic_write_text(path, buffer.getvalue())
+
+
+def alert_codes(events_path: Path) -> list[str]:
+    """The codes of a run's `alert` events, oldest first (for `tunewiz runs`: only alert lines are decoded)."""
+    try:
+        data = events_path.read_bytes()
+    except FileNotFoundError:
+        return []
+    codes = []
+    for line in data.splitlines():
+        if b'"type": "alert"' in line:
+            event = decode_line(line)
+            if event is not None:
+                codes.append(str(event.get("code")))
+    return codes

@@ -28,6 +28,7 @@ from engine import hints
 from engine.render import GIB, duration, memory as gb
 from tui.messages import RunActionDone, RunSnapshot
 from tui.runmodel import ACTIVE_STATES, BulkEventReader, LogLine, RunModel, RunView
+from tui.widgets.alerts import coach_text
 from tui.widgets.chart import ChartSeries, LineChart, gauge, sparkline
 
 POLL_S = 1.0
@@ -46,7 +47,7 @@ STATE_STYLES = {"running": "bold green", "starting": "bold yellow", "stopping": 
                 "completed": "bold green", "failed": "bold red", "cancelled": "bold yellow", "dead": "bold red"}
 STATE_MARKS = {"running": "●", "starting": "◌", "stopping": "◍", "completed": "✓", "failed": "✗", "cancelled": "■",
                "dead": "✗"}
-LEVEL_STYLES = {"warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
+LEVEL_STYLES = {"alert": "bold yellow", "warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
                 "finished": "bold", "sample": "", "info": ""}
 STOP_OUTCOMES = {
     "graceful": "The run stopped after its step and saved a checkpoint.",
@@ -503,6 +504,9 @@ class DashboardScreen(Screen[None]):
     def _draw_alert(self) -> None:
         alert = self.query_one("#run-alert", Static)
         text = alert_text(self.view, tall=self.size.height >= TALL)
+        coach = coach_text(self.view, tall=self.size.height >= TALL)
+        if coach is not None:
+            text = coach if text is None else Text("\n").join([text, coach])
         if text is not None and self.run_state == "completed":
             extra = (Text(self._task_progress, style="yellow") if self._task_progress
                      else evaluation_text(self.eval_summary))

@@ -142,3 +142,27 @@ def test_the_engine_writes_alerts_as_valid_events(tmp_path: Path) -> None:
     [alert] = [e for e in written if e["type"] == "alert"]
     assert alert["code"] == "loss_not_finite" and alert["step"] == 6 and not validate(alert)
     assert validate({**alert, "severity": "meh"}) == ["alert.severity: 'meh' is not one of ('warning', 'critical')"]
+
+
+def test_a_nan_loss_stops_training_without_saving_and_is_alerted() -> None:
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from engine.trainer import _make_callback
+
+    run = make_run()
+    ctx = EngineContext(run, run.load_spec(), EventWriter(run.events_path))
+    callback = _make_callback(ctx, None, None, SimpleNamespace(samples=[]), 10, 5, coach.attach(ctx))
+    state = SimpleNamespace(global_step=4, num_input_tokens_seen=400, epoch=0.4)
+    args = SimpleNamespace(train_batch_size=1, gradient_accumulation_steps=1)
+    control = TrainerControl(should_save=True, should_evaluate=True)
+    callback.on_train_begin(args, state, control)
+    callback.on_log(args, state, control, logs={"loss": 1.5, "learning_rate": 1e-4})
+    state.global_step = 5
+    callback.on_log(args, state, control, logs={"loss": float("nan"), "learning_rate": 1e-4})
+    assert control.should_training_stop and not control.should_save and not control.should_evaluate
+    assert callback.broken_at == 5 and callback.last_train_loss == 1.5
+    written = read_events(run)
+    assert [e["step"] for e in written if e["type"] == "step"] == [4]  # no step event can hold a NaN
+    assert [(e["code"], e["step"]) for e in written if e["type"] == "alert"] == [("loss_not_finite", 5)]

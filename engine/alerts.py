@@ -58,6 +58,10 @@ class Alert:
                 "hint": self.hint, "details": self.details}
 
 
+def _warning(code: str, step: int, message: str, hint: str, details: dict[str, Any]) -> list[Alert]:
+    return [Alert(code, WARNING, step, message, hint, details)]
+
+
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -158,12 +162,12 @@ class Coach:
         early = max(self.grad_norms[:WINDOW])
         if grad <= GRAD_EXPLOSION * median or grad <= early:
             return []
-        return [Alert("diverging", WARNING, step,
-                      f"The gradient norm jumped to {grad:.3g} at step {step}, {grad / median:.0f} times its usual "
-                      f"{median:.3g}: the updates are blowing up, and the loss usually follows.",
-                      "Lower training.learning_rate (2 to 10 times) or training.max_grad_norm; if the loss keeps "
-                      "rising, stop the run and start again from the last checkpoint with the lower rate.",
-                      {"grad_norm": grad, "median_grad_norm": median})]
+        return _warning("diverging", step,
+                        f"The gradient norm jumped to {grad:.3g} at step {step}, {grad / median:.0f} times its usual "
+                        f"{median:.3g}: the updates are blowing up, and the loss usually follows.",
+                        "Lower training.learning_rate (2 to 10 times) or training.max_grad_norm; if the loss keeps "
+                        "rising, stop the run and start again from the last checkpoint with the lower rate.",
+                        {"grad_norm": grad, "median_grad_norm": median})
 
     def _diverging(self, step: int) -> list[Alert]:
         if len(self.window_means) < WINDOW + 1:
@@ -172,12 +176,12 @@ class Coach:
         lowest = min(self.window_means[:-WINDOW])  # windows that do not overlap the last one
         if now < DIVERGE_RATIO * lowest or now - lowest < DIVERGE_MIN_RISE * first:
             return []
-        return [Alert("diverging", WARNING, step,
-                      f"The loss is rising: its mean over the last {WINDOW} logged steps is {now:.4g}, up from "
-                      f"{lowest:.4g} earlier. Training is moving away from what it learned.",
-                      "Lower training.learning_rate (2 to 10 times), or use more warm-up (training.warmup_ratio); "
-                      "resume from a checkpoint made before the rise.",
-                      {"window_mean": now, "lowest_window_mean": lowest})]
+        return _warning("diverging", step,
+                        f"The loss is rising: its mean over the last {WINDOW} logged steps is {now:.4g}, up from "
+                        f"{lowest:.4g} earlier. Training is moving away from what it learned.",
+                        "Lower training.learning_rate (2 to 10 times), or use more warm-up (training.warmup_ratio); "
+                        "resume from a checkpoint made before the rise.",
+                        {"window_mean": now, "lowest_window_mean": lowest})
 
     def _flat(self, step: int) -> list[Alert]:
         if len(self.losses) < FLAT_MIN_STEPS:
@@ -185,12 +189,12 @@ class Coach:
         first, now = self.window_means[0], self.window_means[-1]
         if abs(now - first) > FLAT_CHANGE * max(abs(first), 1e-12):
             return []
-        return [Alert("loss_flat", WARNING, step,
-                      f"The loss has barely moved in {len(self.losses)} logged steps ({first:.4g} then, {now:.4g} "
-                      "now): the model is not learning.",
-                      "The learning rate may be too low (raise training.learning_rate), or the labels may be "
-                      "masked out so there is nothing to learn: run `tunewiz data check` on the dataset.",
-                      {"first_window_mean": first, "window_mean": now})]
+        return _warning("loss_flat", step,
+                        f"The loss has barely moved in {len(self.losses)} logged steps ({first:.4g} then, {now:.4g} "
+                        "now): the model is not learning.",
+                        "The learning rate may be too low (raise training.learning_rate), or the labels may be "
+                        "masked out so there is nothing to learn: run `tunewiz data check` on the dataset.",
+                        {"first_window_mean": first, "window_mean": now})
 
     def _eval(self, d: dict[str, Any]) -> list[Alert]:
         value, step = _finite(d.get("eval_loss")), d.get("step")
@@ -210,15 +214,15 @@ class Coach:
         checkpoint = self._checkpoint_near(best_step)
         where = (f"checkpoint-{checkpoint[0]} is the saved checkpoint nearest to it" if checkpoint
                  else "no checkpoint was saved near it")
-        return [Alert("overfitting", WARNING, step,
-                      f"The eval loss has been rising since step {began} while the training loss falls: the model "
-                      f"is memorising its training data. The best eval loss was {best:.4g} at step {best_step}; "
-                      f"{where}.",
-                      "Stop here and use the best checkpoint, or train fewer epochs, add data, or raise "
-                      "lora.dropout.",
-                      {"began_at_step": began, "best_eval_step": best_step, "best_eval_loss": best,
-                       "best_checkpoint_step": checkpoint[0] if checkpoint else None,
-                       "best_checkpoint": checkpoint[1] if checkpoint else None})]
+        return _warning("overfitting", step,
+                        f"The eval loss has been rising since step {began} while the training loss falls: the model "
+                        f"is memorising its training data. The best eval loss was {best:.4g} at step {best_step}; "
+                        f"{where}.",
+                        "Stop here and use the best checkpoint, or train fewer epochs, add data, or raise "
+                        "lora.dropout.",
+                        {"began_at_step": began, "best_eval_step": best_step, "best_eval_loss": best,
+                         "best_checkpoint_step": checkpoint[0] if checkpoint else None,
+                         "best_checkpoint": checkpoint[1] if checkpoint else None})
 
     def _checkpoint_near(self, step: int) -> tuple[int, str] | None:
         if not self.checkpoints:
@@ -235,12 +239,12 @@ class Coach:
         if recent >= THROUGHPUT_DROP * baseline:
             return []
         cause = self._explain() if self._explain else None
-        return [Alert("throughput_drop", WARNING, step,
-                      f"Training slowed down to {recent:,.0f} tokens/s from {baseline:,.0f} "
-                      f"({1 - recent / baseline:.0%} slower). " + (cause or "NVML names no cause: no other process "
-                                                                   "on the GPU and no high temperature."),
-                      "Check the GPU's cooling and `nvidia-smi` for other processes; the run goes on meanwhile.",
-                      {"tokens_per_s": recent, "baseline_tokens_per_s": baseline, "cause": cause})]
+        return _warning("throughput_drop", step,
+                        f"Training slowed down to {recent:,.0f} tokens/s from {baseline:,.0f} "
+                        f"({1 - recent / baseline:.0%} slower). " + (cause or "NVML names no cause: no other process "
+                                                                     "on the GPU and no high temperature."),
+                        "Check the GPU's cooling and `nvidia-smi` for other processes; the run goes on meanwhile.",
+                        {"tokens_per_s": recent, "baseline_tokens_per_s": baseline, "cause": cause})
 
     def _gpu(self, d: dict[str, Any]) -> list[Alert]:
         alerts = []

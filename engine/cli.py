@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__, cli_coach, cli_data, cli_hw, cli_model, curves, hints, launcher, locations, presets, rundir
+from engine import (__version__, cli_coach, cli_data, cli_hw, cli_model, curves, hints, launcher, locations, presets,
+                    rundir)
 from engine.errors import TunewizError
 from engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from engine.events import EventReader

@@ -50,7 +50,8 @@ def load_runs(names: list[str]) -> list[RunCurves]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
-        raise TunewizError("compare needs at least two runs", hint="e.g. tunewiz compare RUN_A RUN_B (see `tunewiz runs`)")
+        raise TunewizError("compare needs at least two runs",
+                           hint="e.g. tunewiz compare RUN_A RUN_B (see `tunewiz runs`)")
     if len(args.runs) > len(MARKERS):
         raise TunewizError(f"compare shows at most {len(MARKERS)} runs at once", hint="name fewer runs")
     runs = load_runs(args.runs)
@@ -92,7 +93,8 @@ def runs_table(runs: list[RunCurves]) -> Any:
     for name, justify in (("#", "right"), ("state", "left"), ("steps", "right"), ("loss", "right"),
                           ("best eval", "right"), ("tok/s", "right"), ("peak memory", "right"),
                           ("alerts", "left")):
-        table.add_column(name, justify=justify, no_wrap=name != "alerts", min_width=6 if name == "alerts" else None)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=name != "alerts",  # type: ignore[arg-type]
+                         min_width=6 if name == "alerts" else None)
     for i, run in enumerate(runs):
         best = run.best_eval
         table.add_row(MARKERS[i], run.state, f"{run.last_step or 0}/{run.total_steps or '?'}",

@@ -55,8 +55,8 @@ def injected_fault() -> tuple[int, int] | None:
 class Recovery:
     """Runs `trainer.train`, rebuilding the trainer with smaller batches after each out-of-memory error."""
 
-    def __init__(self, ctx: EngineContext, spec: RunSpec, model: Any, find_resume: Callable[[], tuple[Path, int] | None],
-                 single_process: bool) -> None:
+    def __init__(self, ctx: EngineContext, spec: RunSpec, model: Any,
+                 find_resume: Callable[[], tuple[Path, int] | None], single_process: bool) -> None:
         from peft import get_peft_model_state_dict
 
         self.ctx = ctx

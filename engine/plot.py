@@ -41,7 +41,8 @@ def write_chart(curves: RunCurves, out: Path) -> Path:
         raise TunewizError(f"run {curves.run_id} has no training steps to draw yet",
                            hint="wait for its first step event (`tunewiz tail RUN`)")
     plt = _pyplot()
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), height_ratios=(3, 1))  # type: ignore[attr-defined]
+    figure, (top, bottom) = plt.subplots(  # type: ignore[attr-defined]
+        2, 1, sharex=True, figsize=(8, 6), height_ratios=(3, 1))
     top.plot(*curves.series("loss"), label="training loss", linewidth=1.2)
     eval_xs, eval_ys = curves.eval_series()
     if eval_xs:

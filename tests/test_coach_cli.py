@@ -83,7 +83,8 @@ def test_plot_writes_the_metrics_as_csv(runs: dict[str, rundir.RunDir], tmp_path
     code, said, _ = run_cli(capsys, "plot", runs["completed"].run_id, "--csv", str(out))
     rows = list(csv.DictReader(out.open()))
     assert code == 0 and "wrote 24 steps" in said and len(rows) == 24
-    assert rows[0]["step"] == "1" and rows[0]["tokens_seen"] == "289" and float(rows[0]["loss"]) == pytest.approx(1.645, abs=1e-3)
+    assert rows[0]["step"] == "1" and rows[0]["tokens_seen"] == "289"
+    assert float(rows[0]["loss"]) == pytest.approx(1.645, abs=1e-3)
     assert [r["step"] for r in rows if r["eval_loss"]] == ["4", "8", "12", "16", "20", "24"]
     assert not plot.default_path(runs["completed"]).exists()  # --csv alone draws nothing
 
@@ -101,7 +102,7 @@ def test_plot_draws_the_chart_and_the_eval_report_links_it(runs: dict[str, rundi
     assert report.read_text().endswith("![loss, eval loss and learning rate](../plots/curves.png)\n")
     run_cli(capsys, "plot", run.run_id)
     assert report.read_text().count("curves.png") == 1  # linked once
-    assert plot.report_link(run, run.path / "eval" / "checkpoint-12") .strip().endswith("(../../plots/curves.png)")
+    assert plot.report_link(run, run.path / "eval" / "checkpoint-12").strip().endswith("(../../plots/curves.png)")
     code, _, _ = run_cli(capsys, "plot", run.run_id, "--out", str(tmp_path / "loss.svg"))
     assert code == 0 and b"<svg" in (tmp_path / "loss.svg").read_bytes()[:400]
 

@@ -53,7 +53,8 @@ def test_an_injected_out_of_memory_error_is_recovered_twice_from_the_last_checkp
     assert stream[-1]["type"] == "finished" and stream[-1]["status"] == "completed", stream[-3:]
     alerts = of_type(stream, "alert")
     assert [a["code"] for a in alerts] == ["out_of_memory", "out_of_memory"]
-    assert [(a["details"]["micro_batch_size"], a["details"]["gradient_accumulation"]) for a in alerts] == [(2, 2), (1, 4)]
+    settings = [(a["details"]["micro_batch_size"], a["details"]["gradient_accumulation"]) for a in alerts]
+    assert settings == [(2, 2), (1, 4)]
     assert all(a["step"] == 2 and a["details"]["resumed_from_step"] == 1 for a in alerts)
     assert [a["details"]["attempt"] for a in alerts] == [1, 2] and "checkpoint-1" in alerts[0]["message"]
     # steps counted once: step 2 never finished before recovery, so each step is written once
@@ -104,7 +105,8 @@ def test_a_micro_batch_that_cannot_fit_is_recovered_on_the_gpu(tokenizer_dir: Pa
     try:
         result = subprocess.run(
             [PYTHON, "-m", "engine", "train", "demo", "--name", "gpu-oom", "--set", f"model.name={model_dir}",
-             "--set", "training.max_steps=4", "--set", "training.save_every=1", "--set", "training.micro_batch_size=128",
+             "--set", "training.max_steps=4", "--set", "training.save_every=1",
+             "--set", "training.micro_batch_size=128",
              "--set", "training.gradient_accumulation=1", "--set", "training.gradient_checkpointing=false",
              "--set", "training.oom_recovery=6", "--set", "training.sample_prompts=0"],
             capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)

@@ -37,7 +37,8 @@ def add_alerts(run: rundir.RunDir, count: int = 2) -> list[dict[str, Any]]:
         if i == 12:
             coach.observe("checkpoint", {"step": 12, "path": "/r/checkpoint-12"})
     memory = {"code": "out_of_memory", "severity": "warning", "step": 9,
-              "message": "Step 9 ran out of GPU memory. Retrying from checkpoint-6 with micro-batch 2 x accumulation 8.",
+              "message": "Step 9 ran out of GPU memory. Retrying from checkpoint-6 with micro-batch 2 x accumulation "
+                         "8.",
               "hint": "Nothing to do: the run goes on.", "details": {"micro_batch_size": 2, "gradient_accumulation": 8}}
     fields = [memory, *(a.event_fields() for a in alerts)][:count]
     last = json.loads(run.events_path.read_text().splitlines()[-1])
@@ -75,7 +76,8 @@ async def test_an_ended_run_names_its_alerts_in_one_line(tmp_path: Path, placed_
     async with TunewizApp(services, attach=run).run_test(size=(100, 30)) as pilot:
         screen = await shown(pilot, "completed")
         banner = text_of(screen.query_one("#run-alert"))
-        assert "Training completed" in banner and "Coach: 2 alerts during this run (out_of_memory, overfitting)" in banner
+        assert "Training completed" in banner
+        assert "Coach: 2 alerts during this run (out_of_memory, overfitting)" in banner
 
 
 @pytest.mark.asyncio

@@ -78,6 +78,9 @@ def format_event(event: Event) -> str:
         body = f"checkpoint at step {d['step']}: {d['path']}"
     elif kind == "log":
         body = f"{d.get('level')}: {d.get('message')}"
+    elif kind == "alert":
+        where = f" at step {d['step']}" if d.get("step") is not None else ""
+        body = f"ALERT {d.get('code')}{where}: {d.get('message')}\n    try: {d.get('hint')}"
     elif kind == "error":
         body = f"ERROR {d.get('error_type')}: {d.get('message')}"
         if d.get("hint"):

@@ -121,3 +121,67 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory, shared_demo_model: Pa
     run = rundir.list_runs(home / "state" / "runs")[0]
     os.environ["TUNEWIZ_HOME"] = str(home)  # the autouse fixture resets it for each test
     return run, home
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures that several test modules share
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """Tokenizer files for random-init models (bench/random_model.py): carried to the GPU machine in
+    .devcarry/tokenizer, else the demo model's."""
+    carried = ROOT / ".devcarry" / "tokenizer"
+    if carried.exists():
+        return carried
+    return request.getfixturevalue("shared_demo_model")
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a module's random-init models are made."""
+    return tmp_path_factory.mktemp("random-models")
+
+
+@pytest.fixture
+def placed_runs() -> Any:
+    """make(root, *states): copies of the recorded runs of tests/data/runs/ under `root` (a running one holds its
+    lock, as a live engine does), released after the test."""
+    from tests.test_tui_dashboard import Placed, place
+
+    made: list[Placed] = []
+
+    def make(root: Path, *states: str) -> Placed:
+        result = place(root, *states)
+        made.append(result)
+        return result
+
+    yield make
+    for result in made:
+        result.release()
+
+
+@pytest.fixture
+def fixed_zone(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """UTC for clocks drawn in snapshots."""
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+@pytest.fixture
+def fixed_place() -> Any:
+    """The snapshots' one folder (tests/test_tui_dashboard.py FIXED) for every process on the machine: a lock keeps
+    two test runs from clobbering it."""
+    import fcntl
+
+    from tests.test_tui_dashboard import FIXED
+
+    FIXED.parent.mkdir(parents=True, exist_ok=True)
+    with open(FIXED.parent / (FIXED.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield FIXED

@@ -62,8 +62,14 @@ def _parse(command: str) -> None:
     def refuse(message: str) -> typing.NoReturn:
         raise _Refused(message)
 
-    for p in [parser, *[sub for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-                        for sub in a.choices.values()]]:
+    def every(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from every(sub)
+
+    for p in every(parser):
         p.error = refuse  # type: ignore[method-assign]
     try:
         parser.parse_args([w for w in words if w is not None])

@@ -61,6 +61,7 @@ def test_events_tell_the_whole_story(trained: tuple[rundir.RunDir, Path]) -> Non
     assert [e["step"] for e in samples] == [0, 18, 36]
     assert all(s["reference"] in ("positive", "negative") for s in samples[0]["samples"])
     assert any(e["type"] == "checkpoint" for e in stream)
+    assert not [e for e in stream if e["type"] == "alert"], "the coach raised alerts on the healthy CPU demo"
     assert any(e["type"] == "log" and e["message"] == "gradient checkpointing on 10 of 30 layers" for e in stream)
     resources = [e for e in stream if e["type"] == "gpu"]
     assert resources and resources[0]["devices"] == [] and resources[0]["process"]["rss_bytes"] > 0

@@ -28,20 +28,6 @@ STEPS = 24
 MEMORY_TOLERANCE = 0.25
 """How far the measured peak may be from the estimate on these small shapes: the calibration (±7%) is for
 1B-8B runs at full length; here fixed costs weigh more."""
-CARRIED_TOKENIZER = ROOT / ".devcarry" / "tokenizer"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
-    """Tokenizer files for the random models: carried to the GPU machine, else the demo model's."""
-    if CARRIED_TOKENIZER.exists():
-        return CARRIED_TOKENIZER
-    return request.getfixturevalue("shared_demo_model")
-
-
-@pytest.fixture(scope="module")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("random-models")
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +15,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_probe_measures_close_to_the_estimate(method: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_probe_measures_close_to_the_estimate(method: str, tmp_path_factory: pytest.TempPathFactory,
+                                              tokenizer_dir: Path) -> None:
     from bench.random_model import make
-    from tests.test_gpu_engine import CARRIED_TOKENIZER
 
-    model_dir = make("llama-3.2-1b", tmp_path_factory.getbasetemp() / "probe-1b", CARRIED_TOKENIZER)
+    model_dir = make("llama-3.2-1b", tmp_path_factory.getbasetemp() / "probe-1b", tokenizer_dir)
     result = subprocess.run(
         [PYTHON, "-m", "tunewiz.engine", "probe", "demo", "--json", "--set", f"model.name={model_dir}",
          "--set", f"method={method}", "--set", "training.max_seq_length=2048", "--set", "training.micro_batch_size=2",

@@ -89,20 +89,6 @@ def place(root: Path, *states: str) -> Placed:
     return placed
 
 
-@pytest.fixture
-def placed_runs(request: pytest.FixtureRequest) -> Any:
-    made: list[Placed] = []
-
-    def make(root: Path, *states: str) -> Placed:
-        result = place(root, *states)
-        made.append(result)
-        return result
-
-    yield make
-    for result in made:
-        result.release()
-
-
 @dataclasses.dataclass
 class ActionFakes:
     """Stop, resume and export services that record their calls instead of touching engines."""
@@ -647,26 +633,6 @@ SNAPSHOTS: dict[str, tuple[str | None, Callable[[Any], Any]]] = {
     "help": ("completed", _dashboard_case("completed", ("question_mark",))),
     "runs": (None, _runs_case),
 }
-
-
-@pytest.fixture
-def fixed_zone(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.delenv("TZ")
-    time.tzset()
-
-
-@pytest.fixture
-def fixed_place() -> Any:
-    """FIXED is one folder for every process on the machine: hold a lock so that two test runs cannot clobber it."""
-    import fcntl
-
-    FIXED.parent.mkdir(parents=True, exist_ok=True)
-    with open(FIXED.parent / (FIXED.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield FIXED
 
 
 @pytest.mark.parametrize("size", list(SIZES))

@@ -26,6 +26,7 @@ class Place(StrEnum):
     RUNS = "runs"
     DASHBOARD = "dashboard"
     CHAT = "chat"
+    COMPARE = "compare"
 
 
 SCREENS: dict[Place, str] = {
@@ -39,6 +40,7 @@ SCREENS: dict[Place, str] = {
     Place.RUNS: "tunewiz.tui.screens.runs:RunsScreen",
     Place.DASHBOARD: "tunewiz.tui.screens.dashboard:DashboardScreen",
     Place.CHAT: "tunewiz.tui.screens.chat:ChatScreen",
+    Place.COMPARE: "tunewiz.tui.screens.compare:CompareScreen",
 }
 """Each place's screen class, imported when first needed (the app starts faster without them all)."""
 

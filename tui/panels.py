@@ -21,8 +21,8 @@ from tunewiz.tui.styles import STATE_MARKS, STATE_STYLES
 from tunewiz.tui.widgets.chart import ChartSeries, gauge, sparkline
 
 TRACEBACK_LINES_SHOWN = 4
-LEVEL_STYLES = {"warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta", "checkpoint": "green",
-                "finished": "bold", "sample": "", "info": ""}
+LEVEL_STYLES = {"alert": "bold yellow", "warning": "yellow", "error": "bold red", "phase": "cyan", "eval": "magenta",
+                "checkpoint": "green", "finished": "bold", "sample": "", "info": ""}
 
 
 @dataclass(frozen=True)

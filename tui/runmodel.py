@@ -27,6 +27,7 @@ SERIES_POINTS = 512
 RESOURCE_POINTS = 120
 """Resource samples kept per gauge (the engine writes one every 5 s: the last 10 minutes)."""
 LOG_LINES = 400
+ALERTS_KEPT = 50
 SMOOTHING = 0.8
 """Weight of the debiased exponential moving average drawn over the training loss (TensorBoard's slider)."""
 CHARTED = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
@@ -223,6 +224,8 @@ class RunView:
     error: dict[str, Any] | None
     finished: dict[str, Any] | None
     output_dir: str | None
+    alerts: tuple[dict[str, Any], ...] = ()
+    """The coach's alerts (`alert` events: code, severity, step, message, hint), oldest first."""
 
     @property
     def live(self) -> bool:
@@ -282,6 +285,7 @@ class RunModel:
         self.phase_message: str | None = None
         self.checkpoint_step: int | None = None
         self.output_dir: str | None = None
+        self.alerts: deque[dict[str, Any]] = deque(maxlen=ALERTS_KEPT)
         self._buffer = _empty_buffer()
         self._last_step_no = 0
 
@@ -473,6 +477,9 @@ class RunModel:
             level = str(d.get("level")) if d.get("level") in ("debug", "info", "warning", "error") else "info"
             if level != "debug":
                 self._log(when, level, str(d.get("message")))
+        elif kind == "alert":
+            self.alerts.append({k: d.get(k) for k in ("code", "severity", "step", "message", "hint")})
+            self._log(when, "alert", f"coach: {d.get('message')} Try: {d.get('hint')}")
         elif kind == "error":
             self.error = {k: v for k, v in d.items() if k not in ("v", "seq", "time", "type")}
             self._log(when, "error", f"{d.get('error_type')}: {d.get('message')}")
@@ -512,6 +519,7 @@ class RunModel:
             peak_rss=self.peak_rss, samples_first=self.samples_first, samples_latest=self.samples_latest,
             logs=tuple(self.logs), log_total=self.log_total, error=dict(self.error) if self.error else None,
             finished=dict(self.finished) if self.finished else None, output_dir=self.output_dir,
+            alerts=tuple(self.alerts),
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewiz.engine import __version__, hints, locations
+from tunewiz.engine.cli import coach as cli_coach
 from tunewiz.engine.cli import completion
 from tunewiz.engine.cli import data as cli_data
 from tunewiz.engine.cli import hardware as cli_hw
@@ -24,7 +25,7 @@ from tunewiz.engine.config.spec import SpecError
 from tunewiz.engine.errors import EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, TunewizError
 from tunewiz.engine.fileio import DISK_FULL_ERRNOS, free_bytes
 from tunewiz.engine.render import duration, format_event
-from tunewiz.engine.run import launcher, rundir
+from tunewiz.engine.run import curves, launcher, rundir
 from tunewiz.engine.run.events import EventReader
 from tunewiz.engine.run.worktime import LossScan
 
@@ -180,19 +181,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
                      "model": status.get("model"), "method": status.get("method"),
                      "step": status.get("step"), "total_steps": status.get("total_steps"),
                      "loss": loss, "started": status.get("started") or status.get("created"),
-                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None)})
+                     "duration_s": scan.worked(time.time() if state in ("running", "stopping") else None),
+                     "alerts": curves.alert_codes(run.events_path)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
         print(f"no runs yet; start one with: {hints.command('train demo')}")
         return 0
-    print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}")
+    print(f"{'RUN':<36} {'STATE':<10} {'MODEL':<24} {'STEP':>11} {'LOSS':>8} {'TIME':>7}  ALERTS")
     for row in rows:
         step = f"{row['step'] or 0}/{row['total_steps'] or '?'}"
         loss = f"{row['loss']:.4f}" if isinstance(row["loss"], (int, float)) else "-"
         print(f"{row['run_id']:<36} {row['state']:<10} {str(row['model'])[:24]:<24} {step:>11} {loss:>8} "
-              f"{duration(row['duration_s']):>7}")
+              f"{duration(row['duration_s']):>7}  {', '.join(row['alerts']) or '-'}")
     return 0
 
 
@@ -376,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_commands(sub)  # datasets, data check
     cli_model.add_commands(sub)  # chat, eval
     cli_hw.add_commands(sub)  # doctor, recommend, models, probe
+    cli_coach.add_commands(sub)  # compare, plot
 
     p = sub.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
                        description="Tab completion of commands, options, run ids and presets. bash: add "

@@ -134,6 +134,10 @@ class TrainingSpec:
                              lo=0, hi=16)
     sample_max_new_tokens: int = _f(64, "Longest sample answer in tokens.", lo=1, hi=4096)
     save_total_limit: int = _f(2, "Keep at most this many checkpoints.", lo=1)
+    oom_recovery: int = _f(3, "When a step runs out of GPU memory, retry up to this many times with half the "
+                           "micro-batch and twice the accumulation (the same effective batch) and gradient "
+                           "checkpointing on every layer, from the last checkpoint (0 turns this off; one GPU only).",
+                           lo=0, hi=8)
     gpus: int | list[int] = _f(1, "GPUs to train on: a count (the first N visible GPUs; 0 means all) or a list of "
                                "GPU indices like [0, 2]. More than one GPU starts the engine through "
                                "`accelerate launch`.", lo=0)

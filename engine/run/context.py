@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ class EngineContext:
     writes: bool = True  # False on the ranks after the first of a multi-GPU run: rank 0 alone writes
     stop_event: threading.Event = field(default_factory=threading.Event)
     last_step: int = 0  # the newest `step` event's step, for the final events
+    observers: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+    """Called with each event written (type, fields): the coach (engine/run/coach.py) watches the metrics."""
     _last_status: float = 0.0
     _unwritten_step: dict[str, Any] = field(default_factory=dict)
     """The last step's summary when throttling kept it out of status.json: the next write carries it."""
@@ -51,6 +54,8 @@ class EngineContext:
         if not self.writes:
             return {"type": kind, **data}
         event = self.events.emit(kind, **data)
+        for observer in self.observers:
+            observer(kind, data)
         now = time.monotonic()
         last_step = kind == "step" and data["step"] >= data["total_steps"]
         if kind == "step":

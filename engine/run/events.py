@@ -37,6 +37,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "sample": {"step": ((int,), True), "samples": ((list,), True)},
     "checkpoint": {"step": ((int,), True), "path": ((str,), True)},
     "log": {"level": ((str,), True), "message": ((str,), True)},
+    "alert": {"code": ((str,), True), "severity": ((str,), True), "step": ((int, type(None)), False),
+              "message": ((str,), True), "hint": ((str,), True), "details": ((dict,), False)},
     "error": {"error_type": ((str,), True), "message": ((str,), True), "hint": ((str, type(None)), False),
               "traceback": ((str,), False)},
     "finished": {"status": ((str,), True), "step": ((int,), False), "metrics": ((dict,), False),
@@ -69,6 +71,7 @@ def step_line_pattern(captured: tuple[str, ...]) -> bytes:
 
 FINISHED_STATUSES = ("completed", "failed", "cancelled")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ALERT_SEVERITIES = ("warning", "critical")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ def validate(obj: Any) -> list[str]:
         problems.append(f"finished.status: {obj.get('status')!r} is not one of {FINISHED_STATUSES}")
     if kind == "log" and obj.get("level") not in LOG_LEVELS:
         problems.append(f"log.level: {obj.get('level')!r} is not one of {LOG_LEVELS}")
+    if kind == "alert" and obj.get("severity") not in ALERT_SEVERITIES:
+        problems.append(f"alert.severity: {obj.get('severity')!r} is not one of {ALERT_SEVERITIES}")
     return problems
 
 

@@ -32,6 +32,8 @@ from tunewiz.engine.fileio import atomic_write_json, read_json, slug
 from tunewiz.engine.run.events import EventReader
 
 LIVE_STATES = ("starting", "running", "stopping")
+EVAL_REPORT_NAME = "report.md"
+"""The before/after evaluation's report, in RUN/eval/ or a folder under it (engine/use/evaluate.py)."""
 FINAL_STATES = ("completed", "failed", "cancelled")
 MARKER_NAME = ".tunewiz-run"
 CHECKPOINT_MARKER = "tunewiz-complete.json"

@@ -23,10 +23,10 @@ from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve
 from tunewiz.engine.data.prepare import PreparedData, prepare
 from tunewiz.engine.errors import HardwareError, TunewizError
 from tunewiz.engine.fileio import atomic_write_json
-from tunewiz.engine.run import monitor, ranks
+from tunewiz.engine.run import coach, monitor, ranks
 from tunewiz.engine.run.context import EngineContext, TrainOutcome
 from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints, seal_checkpoint, unseal_checkpoint
-from tunewiz.engine.training import distributed, download, models, speed
+from tunewiz.engine.training import distributed, download, models, oom, speed
 from tunewiz.engine.training.generate import answers, matches
 
 
@@ -202,6 +202,7 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", report_to=list(t.report_to) or "none",
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the coach, not be averaged away
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
         torch_compile=spec.speed.compile and cuda,
@@ -209,7 +210,7 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
 
 
 def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
-                   sample_every: int) -> Any:
+                   sample_every: int, watch: coach.Watch) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -227,11 +228,13 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             self.step_began = 0.0
             self.last_train_loss: float | None = None
             self.last_eval_loss: float | None = None
+            self.broken_at: int | None = None  # the step whose loss was NaN or infinite
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if spec.training.gradient_checkpointing and spec.training.checkpoint_layers is not None:
+            training = ctx.spec.training  # out-of-memory recovery may have changed it since (engine/training/oom.py)
+            if training.gradient_checkpointing and training.checkpoint_layers is not None:
                 # The Trainer has just turned checkpointing on for every layer.
-                kept, total_layers = limit_checkpointing(model, spec.training.checkpoint_layers)
+                kept, total_layers = limit_checkpointing(model, training.checkpoint_layers)
                 ctx.log(f"gradient checkpointing on {kept} of {total_layers} layers")
             if note := speed.apply_offload_checkpoints(model, spec, cuda, ranks.world_size() > 1):
                 ctx.log(note)
@@ -260,6 +263,12 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             steps_done = state.global_step - last_step
             tokens = state.num_input_tokens_seen
             per_step = (now - self.started) / max(1, state.global_step - self.first_step)
+            if not math.isfinite(float(logs["loss"])):  # no step event can hold it: stop, keep the last checkpoint
+                watch("step", {"step": state.global_step, "loss": float(logs["loss"])})
+                self.broken_at = state.global_step
+                control.should_training_stop = True
+                control.should_evaluate = control.should_save = False
+                return
             self.last_train_loss = float(logs["loss"])
             ctx.emit("step", step=state.global_step, total_steps=total, epoch=float(state.epoch or 0),
                      loss=self.last_train_loss, learning_rate=float(logs.get("learning_rate", 0.0)),
@@ -355,17 +364,22 @@ def train(ctx: EngineContext) -> TrainOutcome:
     if cuda:  # "per GPU" means nothing on a CPU run
         ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
-    args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
-    callback = _make_callback(ctx, model, encoder, data, total, sample_every)
+    callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx))
 
     from transformers import DataCollatorWithFlattening, PrinterCallback
 
     collator = (DataCollatorWithFlattening() if spec.training.packing
                 else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
-    trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
-                                         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-                                         data_collator=collator, callbacks=[callback])
-    trainer.remove_callback(PrinterCallback)  # our events replace its prints
+
+    def build(spec: RunSpec) -> Any:
+        args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
+        trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                                             eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                                             data_collator=collator, callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)  # our events replace its prints
+        return trainer
+
+    recovery = oom.Recovery(ctx, spec, model, lambda: _resume_point(ctx, output), ranks.world_size() == 1)
     found = _resume_point(ctx, output) if ctx.resume else None
     resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
     resources.sample()
@@ -375,11 +389,16 @@ def train(ctx: EngineContext) -> TrainOutcome:
     result = None
     try:
         if found is not None and found[1] >= total:
+            trainer = build(spec)
             _finish_from_final_checkpoint(ctx, trainer, callback, found[0], found[1], total)
         else:
-            result = trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+            result, trainer = recovery.train(build, str(found[0]) if found else None)
     finally:
         resources.stop()
+    if callback.broken_at is not None:
+        raise TunewizError(f"training stopped at step {callback.broken_at}: the loss is not a number (NaN or "
+                           "infinite)", hint="the alert before this says what to try; resuming would repeat it, so "
+                                             "lower training.learning_rate and start a new run")
     step = trainer.state.global_step
     metrics = {"train_loss": callback.last_train_loss, "eval_loss": callback.last_eval_loss,
                "train_runtime_s": round(time.time() - started, 1), "steps": step,

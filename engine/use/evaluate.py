@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from tunewiz.engine.fileio import atomic_write_json, atomic_write_text
-from tunewiz.engine.run.rundir import RunDir
+from tunewiz.engine.run.rundir import EVAL_REPORT_NAME, RunDir
 from tunewiz.engine.use.heldout import HeldoutExample, heldout_examples
+from tunewiz.engine.use.plot import report_link
 
 RESULTS_NAME = "results.json"
-REPORT_NAME = "report.md"
+REPORT_NAME = EVAL_REPORT_NAME
 LABEL_MAX_WORDS = 3  # references this short, from a small set, make a short-label task
 LABEL_MAX_DISTINCT = 20
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -236,6 +237,6 @@ def evaluate_run(run: RunDir, checkpoint: int | None = None, data_file: Path | N
     folder = report_dir(run, loaded.checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / RESULTS_NAME, report.to_dict())
-    atomic_write_text(folder / REPORT_NAME, report.markdown())
+    atomic_write_text(folder / REPORT_NAME, report.markdown() + report_link(run, folder))  # `tunewiz plot`'s chart
     report.path = folder / REPORT_NAME
     return report

@@ -42,6 +42,7 @@ from tunewiz.tui.panels import (
 )
 from tunewiz.tui.runmodel import RunModel, RunView
 from tunewiz.tui.screens.base import TunewizScreen
+from tunewiz.tui.widgets.alerts import coach_text
 from tunewiz.tui.widgets.chart import LineChart
 
 POLL_S = 1.0
@@ -270,6 +271,9 @@ class DashboardScreen(TunewizScreen):
     def _draw_alert(self) -> None:
         alert = self.query_one("#run-alert", Static)
         text = alert_text(self.view, tall=self.size.height >= TALL)
+        coach = coach_text(self.view, tall=self.size.height >= TALL)
+        if coach is not None:
+            text = coach if text is None else Text("\n").join([text, coach])
         if text is not None and self.run_state == "completed":
             extra = (Text(self._task_progress, style="yellow") if self._task_progress
                      else evaluation_text(self.eval_summary))

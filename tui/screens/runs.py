@@ -113,6 +113,8 @@ class RunsScreen(WizardScreen):
         Binding("r", "resume", "Resume"),
         Binding("c", "chat", "Chat"),
         Binding("x,delete", "delete", "Delete"),
+        Binding("space", "mark", "Mark to compare", show=False),
+        Binding("m", "compare", "Compare marked", show=False),
     ]
 
     def __init__(self) -> None:
@@ -122,6 +124,8 @@ class RunsScreen(WizardScreen):
         """Per run, its losses and working time, read incrementally; only listing workers touch it."""
         self._scan_lock = threading.Lock()
         """Workers are exclusive, but a thread worker that was replaced runs on to its end: one at a time here."""
+        self.marked: list[Path] = []
+        """Runs marked (space) for the compare screen (m), in the order they were marked."""
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Text] = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
@@ -173,7 +177,7 @@ class RunsScreen(WizardScreen):
             self.rows = message.rows
             table.clear()
             for row in message.rows:
-                table.add_row(*row_cells(row), key=str(row["path"]), height=2)
+                table.add_row(*self._cells(row), key=str(row["path"]), height=2)
             if selected is not None:
                 for index, row in enumerate(message.rows):
                     if row["path"] == selected["path"]:
@@ -193,7 +197,18 @@ class RunsScreen(WizardScreen):
         self.action_open()
 
     def _show_detail(self) -> None:
-        self.query_one("#run-detail", Static).update(detail_text(self.selected_row()))
+        text = detail_text(self.selected_row())
+        if self.marked:
+            text.append(f"\n{len(self.marked)} marked to compare: ", style="bold")
+            text.append("m compares them · space marks or unmarks another")
+        self.query_one("#run-detail", Static).update(text)
+
+    def _cells(self, row: dict[str, Any]) -> list[Text]:
+        """row_cells, with a mark on the runs marked to compare."""
+        cells = row_cells(row)
+        if row["path"] in self.marked:
+            cells[0] = Text.assemble(("● ", "bold magenta"), cells[0])
+        return cells
 
     def selected_row(self) -> dict[str, Any] | None:
         table = self.query_one("#runs", DataTable)
@@ -275,6 +290,26 @@ class RunsScreen(WizardScreen):
             self.notify(f"{exc}: nothing to chat with yet.", severity="warning")
             return
         self.tw.go(Place.CHAT, run)
+
+    def action_mark(self) -> None:
+        row = self.selected_row()
+        if row is None:
+            return
+        path = row["path"]
+        if path in self.marked:
+            self.marked.remove(path)
+        else:
+            self.marked.append(path)
+        self.query_one("#runs", DataTable).update_cell(str(path), "name", self._cells(row)[0])
+        self._show_detail()
+
+    def action_compare(self) -> None:
+        live = {row["path"] for row in self.rows}
+        self.marked = [path for path in self.marked if path in live]  # deleted meanwhile
+        if len(self.marked) < 2:
+            self.notify("Mark two or more runs with space first, then m compares them.", severity="warning")
+            return
+        self.tw.go(Place.COMPARE, [rundir.RunDir(Path(path)) for path in self.marked])
 
     def action_delete(self) -> None:
         from tunewiz.tui.dialogs import ConfirmDialog

@@ -205,6 +205,8 @@ class LineChart(Widget):
         self.series: tuple[ChartSeries, ...] = ()
         self.version: object = None
         self._cache: tuple[tuple[object, ...], list[Strip]] | None = None
+        self.x_label = "step"
+        """What x counts (the compare screen draws by tokens seen too)."""
         self.log_scale = False
         """Draw y on a log scale (a loss that falls by orders of magnitude stays readable)."""
         self.renders = 0
@@ -237,7 +239,8 @@ class LineChart(Widget):
         key = (size.width, size.height, self.version, self.app.theme, self.log_scale)
         if self._cache is None or self._cache[0] != key:
             self.renders += 1
-            text = render_chart(self.series, size.width, size.height, self.fmt, empty=self.empty, log=self.log_scale)
+            text = render_chart(self.series, size.width, size.height, self.fmt, x_label=self.x_label, empty=self.empty,
+                                log=self.log_scale)
             base = self.rich_style
             console = self.app.console
             strips = []

@@ -185,3 +185,17 @@ def fixed_place() -> Any:
     with open(FIXED.parent / (FIXED.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield FIXED
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine seen as a CPU-only one, whatever it has (tests of what a CPU user meets must pass under
+    `make test` on a GPU host too): NVML finds no driver and torch sees no CUDA device."""
+    from tunewiz.engine.planning import nvml
+
+    monkeypatch.setattr(nvml, "ensure", lambda: None)
+    try:
+        import torch
+    except ImportError:
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -91,7 +91,7 @@ def test_hub_model_unreachable_offline(tmp_path: Path) -> None:
         preflight.check(spec)
 
 
-def test_qlora_without_cuda(tmp_path: Path) -> None:
+def test_qlora_without_cuda(tmp_path: Path, cpu_only: None) -> None:
     spec = spec_for(write_jsonl(tmp_path / "ok.jsonl", [GOOD]))
     spec.method = "qlora"
     with pytest.raises(HardwareError, match="QLoRA needs a CUDA GPU") as info:

@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 import typing
+from collections.abc import Iterator
 
 import pytest
 

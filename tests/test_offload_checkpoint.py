@@ -133,7 +133,11 @@ def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradien
         return grads, held
 
     reference, held = run(False)
+    again, _ = run(False)
     grads, held_offloaded = run(True)
     layer_input = 4 * 2048 * 1024 * 2
     assert held - held_offloaded >= 7 * layer_input  # 8 layer inputs on the GPU against at most one in flight
-    assert torch.allclose(grads, reference, atol=1e-6, rtol=1e-3)
+    # bf16 attention backward on CUDA is not bit-reproducible: the same run twice sets the noise floor
+    noise, gap = (again - reference).norm().item(), (grads - reference).norm().item()
+    print(f"gradient gap {gap:.3e}, run-to-run noise {noise:.3e}, norm {reference.norm().item():.3e}")
+    assert gap <= max(2 * noise, 1e-3 * reference.norm().item())

@@ -173,7 +173,7 @@ def test_choice_for_a_local_folder(tmp_path) -> None:  # type: ignore[no-untyped
     assert local.estimate == catalogued.estimate
 
 
-def test_recommend_cli_json_and_doctor(capsys: pytest.CaptureFixture[str]) -> None:
+def test_recommend_cli_json_and_doctor(capsys: pytest.CaptureFixture[str], cpu_only: None) -> None:
     assert main(["recommend", "--vram", "24", "--json", "--top", "3"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["choices"]) == 3 and data["choices"][0]["estimate"]["total"] > 0
@@ -184,7 +184,7 @@ def test_recommend_cli_json_and_doctor(capsys: pytest.CaptureFixture[str]) -> No
     assert "llama-3.1-8b" in capsys.readouterr().out
 
 
-def test_probe_on_a_cpu_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_on_a_cpu_says_why(capsys: pytest.CaptureFixture[str], cpu_only: None) -> None:
     assert main(["probe", "demo"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
@@ -298,7 +298,8 @@ def test_a_gated_model_without_a_token_stops_before_any_download(monkeypatch: py
 
 
 def test_doctor_on_a_cpu_box_says_gpu_only_libraries_are_not_needed(capsys: pytest.CaptureFixture[str],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     cpu_only: None) -> None:
     from tunewiz.engine.cli import hardware as cli_hw
 
     versions = {name: "1.0" for name in cli_hw.LIBRARIES}

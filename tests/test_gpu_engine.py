@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 STEPS = 24
-MEMORY_TOLERANCE = 0.25
-"""How far the measured peak may be from the estimate on these small shapes: the calibration (±7%) is for
-1B-8B runs at full length; here fixed costs weigh more."""
+MEMORY_TOLERANCE = 0.10
+"""How far the measured peak may be from the estimate on these small shapes (one H200, 2026-12-02: 0.2% to 4.6%
+off, bench/results/engine_gpu_smoke_h200.jsonl); the calibration (±7%) is for 1B-8B runs at full length."""
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -20,6 +20,7 @@ from typing import Any
 from engine import __version__, distributed, models, monitor, ranks, speed
 from engine.context import EngineContext, TrainOutcome
 from engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from engine.data.pairs import PreparedPairs, prepare_pairs
 from engine.data.prepare import PreparedData, prepare
 from engine.errors import HardwareError, TunewizError
 from engine.fileio import atomic_write_json
@@ -136,7 +137,8 @@ def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tupl
     One function for the trainer, `tunewiz probe` and the profiler, so that what is measured is
     what trains. Fused kernels patch the base model before peft wraps it.
     """
-    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
+    # trl's preference trainers compute log-probabilities in chunks themselves: no fused loss for them.
+    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda, loss=spec.training.objective == "sft")
     model, targets = apply_lora(model, spec)
     adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
     speed.cast_adapters(model, adapter_dtype)
@@ -177,12 +179,14 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool) -> Any:
+def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool,
+                        config_class: type | None = None, **options: Any) -> Any:
+    """transformers' TrainingArguments for the spec, or `config_class` (a subclass, e.g. trl's) with `options`."""
     import torch
     from transformers import TrainingArguments
 
     t = spec.training
-    return TrainingArguments(
+    return (config_class or TrainingArguments)(
         output_dir=str(output / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation, max_steps=total, learning_rate=t.learning_rate,
@@ -198,12 +202,12 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
         include_num_input_tokens_seen="non_padding", report_to="none", remove_unused_columns=False,
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
-        torch_compile=spec.speed.compile and cuda,
+        torch_compile=spec.speed.compile and cuda, **options,
     )
 
 
-def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
-                   sample_every: int) -> Any:
+def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData | PreparedPairs,
+                   total: int, sample_every: int) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -322,7 +326,11 @@ def train(ctx: EngineContext) -> TrainOutcome:
 
     ctx.emit("phase", phase="prepare_data", message="reading and tokenising the dataset")
     model_stop_ids = models.generation_stop_ids(source)
-    data = prepare(spec, tokenizer, stop_ids=model_stop_ids)
+    preferring = spec.training.objective != "sft"
+    if preferring:
+        from engine import preference  # trl loads only for preference runs
+    data = (prepare_pairs(spec, tokenizer, model_stop_ids) if preferring
+            else prepare(spec, tokenizer, stop_ids=model_stop_ids))
     ctx.emit("phase", phase="prepare_data", message=_data_summary(data.stats), stats=data.stats)
     for problem in data.stats["problems"][:5]:
         ctx.log(f"skipped row {problem}", level="warning")
@@ -334,7 +342,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
     fused_loss, targets, adapter_dtype = prepared.fused_loss, prepared.targets, prepared.adapter_dtype
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
-             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "
+             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}, {spec.training.objective}) on {', '.join(targets)}; "
              f"{_dtype_name(dtype)} on {device}, adapters in {_dtype_name(adapter_dtype)}",
              stats={"parameters": total_params, "trainable": trainable, "targets": targets,
                     "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "device": device,
@@ -346,16 +354,23 @@ def train(ctx: EngineContext) -> TrainOutcome:
     if cuda:  # "per GPU" means nothing on a CPU run
         ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
-    args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
+    if preferring:
+        args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval),
+                                   preference.config_class(spec.training.objective), **preference.config_options(spec))
+    else:
+        args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
     callback = _make_callback(ctx, model, encoder, data, total, sample_every)
 
     from transformers import DataCollatorWithFlattening, PrinterCallback
 
-    collator = (DataCollatorWithFlattening() if spec.training.packing
-                else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
-    trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
-                                         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-                                         data_collator=collator, callbacks=[callback])
+    if preferring:
+        trainer = preference.make_trainer(spec, model, tokenizer, args, data, [callback, preference.events_callback(ctx)])
+    else:
+        collator = (DataCollatorWithFlattening() if spec.training.packing
+                    else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
+        trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                                             eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                                             data_collator=collator, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # our events replace its prints
     found = _resume_point(ctx, output) if ctx.resume else None
     resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
@@ -497,7 +512,8 @@ def _data_summary(stats: dict[str, Any]) -> str:
             f"{stats['supervised_tokens']} supervised tokens")
 
 
-def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource, data: PreparedData,
+def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource,
+                    data: PreparedData | PreparedPairs,
                     metrics: dict[str, Any], device: str, result: Any) -> None:
     import torch
 

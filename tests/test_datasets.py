@@ -19,7 +19,7 @@ from engine.spec import RunSpec
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 PRESETS = list(catalog.datasets())
-USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code"}
+USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code", "preference"}
 
 
 def preset_spec(name: str) -> RunSpec:

@@ -30,6 +30,8 @@ LOG_LINES = 400
 SMOOTHING = 0.8
 """Weight of the debiased exponential moving average drawn over the training loss (TensorBoard's slider)."""
 ACTIVE_STATES = ("starting", "running", "stopping")
+PREFERENCE_METRICS = ("chosen_reward", "rejected_reward", "margin", "accuracy")
+"""The fields of `preference` events the dashboard charts (docs/run-protocol.md)."""
 _finite = math.isfinite
 _lt = operator.lt
 _NUMBER = rb"(-?[0-9][0-9.eE+-]*|null)"
@@ -246,6 +248,9 @@ class RunView:
     error: dict[str, Any] | None
     finished: dict[str, Any] | None
     output_dir: str | None
+    preference: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    """A preference run's training metrics by `preference` event field (margin, chosen_reward, ...): (steps,
+    values); empty for supervised runs."""
 
     @property
     def live(self) -> bool:
@@ -308,6 +313,7 @@ class RunModel:
         self.phase_message: str | None = None
         self.checkpoint_step: int | None = None
         self.output_dir: str | None = None
+        self.preference: dict[str, Series] = {}
         self._buffer: tuple[list[float], ...] = ([], [], [], [], [], [], [], [])
         self._last_step_no = 0
 
@@ -508,6 +514,18 @@ class RunModel:
                 self.eval_loss = value
                 self.best_eval = value if self.best_eval is None else min(self.best_eval, value)
                 self._log(when, "eval", f"eval loss {value:.4f} at step {d['step']}")
+        elif kind == "preference":
+            step = d.get("step")
+            if d.get("split") == "train" and isinstance(step, int):
+                for key in PREFERENCE_METRICS:
+                    value = _num(d.get(key))
+                    if value is not None:
+                        series = self.preference.setdefault(key, Series())
+                        series.cut_from(step)
+                        series.add(step, value)
+            elif d.get("split") == "eval":
+                self._log(when, "eval", f"eval reward margin {_num(d.get('margin')) or 0:.3f}, accuracy "
+                                        f"{_num(d.get('accuracy')) or 0:.0%} at step {step}")
         elif kind == "sample":
             samples = tuple(s for s in d.get("samples") or () if isinstance(s, dict))
             entry = (int(d.get("step") or 0), samples)
@@ -569,6 +587,7 @@ class RunModel:
             peak_rss=self.peak_rss, samples_first=self.samples_first, samples_latest=self.samples_latest,
             logs=tuple(self.logs), log_total=self.log_total, error=dict(self.error) if self.error else None,
             finished=dict(self.finished) if self.finished else None, output_dir=self.output_dir,
+            preference={key: series.points() for key, series in self.preference.items()},
         )
 
 

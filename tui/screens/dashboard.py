@@ -56,6 +56,8 @@ STOP_OUTCOMES = {
 }
 EXPORT_KINDS = {"adapter": "the adapter", "merged": "a merged model", "gguf-q8_0": "GGUF q8_0 + Modelfile",
                 "gguf-q4_k_m": "GGUF q4_k_m + Modelfile", "gguf-f16": "GGUF f16 + Modelfile"}
+REWARD_SERIES = (("chosen_reward", "chosen", "green"), ("rejected_reward", "rejected", "red"),
+                 ("margin", "margin", "bold yellow"))
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 HELP = """\
@@ -66,7 +68,10 @@ Reading the charts
   keeps falling, the model is memorising its examples rather than learning: stop, or train less.
 - Learning rate: the size of each update, as the schedule sets it (warm-up, then constant or decaying).
 - Grad norm: how big each update wanted to be; sudden spikes often come before the loss jumps.
-- Tokens/s: training speed. On a GPU, Resources shows memory, use, power and temperature."""
+- Tokens/s: training speed. On a GPU, Resources shows memory, use, power and temperature.
+- Rewards (preference runs, dpo/orpo): how much more the model now favours the chosen answers (green) and
+  the rejected ones (red) than at the start; the margin between them should rise. Accuracy: the share of
+  pairs where the chosen answer is favoured; it should approach 100%."""
 
 
 def clock_text(when: float | None) -> str:
@@ -264,9 +269,13 @@ def samples_renderable(view: RunView | None) -> RenderableType:
     first_step, first = view.samples_first
     latest_step, latest = view.samples_latest or view.samples_first
     same = latest_step == first_step
+    preference = bool(view.preference)  # the reference is the preferred answer, a style to move towards
     table = Table(expand=True, show_lines=True, pad_edge=False, header_style="bold")
     table.add_column("Prompt", ratio=3)
-    table.add_column("Expected", width=10)
+    if preference:
+        table.add_column("Preferred", ratio=2)
+    else:
+        table.add_column("Expected", width=10)
     table.add_column(f"Before (step {first_step})" if first_step == 0 else f"Step {first_step}", ratio=2)
     if not same:
         table.add_column(f"Now (step {latest_step})", ratio=2)
@@ -276,20 +285,37 @@ def samples_renderable(view: RunView | None) -> RenderableType:
         now = by_prompt.get(prompt, {})
         head, _, rest = prompt.strip().partition("\n")
         cells: list[RenderableType] = [Text(head + (" …" if rest.strip() else "")), Text(str(sample.get("reference", "")), style="dim"),
-                                       _answer(sample)]
+                                       _answer(sample, not preference)]
         if not same:
-            cells.append(_answer(now) if now else Text("-", style="dim"))
+            cells.append(_answer(now, not preference) if now else Text("-", style="dim"))
         table.add_row(*cells)
-    matched = sum(bool(s.get("match")) for s in latest)
-    summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
-                   + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"), style="bold")
+    if preference:
+        summary = Text(f"Answers average {_mean_words(latest):.0f} words at step {latest_step}"
+                       + ("" if same else f" ({_mean_words(first):.0f} before training)"), style="bold")
+    else:
+        matched = sum(bool(s.get("match")) for s in latest)
+        summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
+                       + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"),
+                       style="bold")
     note = Text("Fixed questions from the held-out data (first line shown), asked again as training goes.",
                 style="dim")
     return Group(summary, note, table)
 
 
-def _answer(sample: dict[str, Any]) -> Text:
+def _percent(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def _mean_words(samples: tuple[dict[str, Any], ...]) -> float:
+    """Mean length of the answers in words: how a preference run's style shows (e.g. shorter answers)."""
+    return sum(len(str(s.get("answer", "")).split()) for s in samples) / max(1, len(samples))
+
+
+def _answer(sample: dict[str, Any], marks: bool = True) -> Text:
+    """The answer, marked ✓/✗ against the expected one (not for preference runs: no answer is expected)."""
     answer = str(sample.get("answer", "")).strip() or "(empty)"
+    if not marks:
+        return Text(answer)
     mark = "✓ " if sample.get("match") else "✗ "
     return Text.assemble((mark, "green" if sample.get("match") else "red"), answer)
 
@@ -307,7 +333,7 @@ class DashboardScreen(Screen[None]):
     DashboardScreen #run-progress { height: 2; padding: 0 1; }
     DashboardScreen #run-title, DashboardScreen #run-progress { text-wrap: nowrap; text-overflow: ellipsis; }
     DashboardScreen #run-alert { height: auto; max-height: 12; padding: 0 1; display: none; }
-    DashboardScreen.short.alerting #charts-small { display: none; }
+    DashboardScreen.short.alerting #charts-small, DashboardScreen.short.alerting #charts-pref { display: none; }
     DashboardScreen #run-alert.shown { display: block; }
     DashboardScreen #dash-tabs { height: 1fr; }
     DashboardScreen #dash-tabs > ContentSwitcher { height: 1fr; }
@@ -315,6 +341,8 @@ class DashboardScreen(Screen[None]):
     DashboardScreen #charts { height: 1fr; }
     DashboardScreen #chart-loss { height: 3fr; }
     DashboardScreen #charts-small { height: 2fr; }
+    DashboardScreen #charts-pref { height: 2fr; display: none; }
+    DashboardScreen #charts-pref.shown { display: block; }
     DashboardScreen #resources, DashboardScreen #samples { padding: 0 1; }
     DashboardScreen #run-log { height: 1fr; padding: 0 1; }
     """
@@ -380,6 +408,9 @@ class DashboardScreen(Screen[None]):
             with TabPane("1 Training", id="tab-training"):
                 with Vertical(id="charts"):
                     yield LineChart("Loss", id="chart-loss", empty="no training steps yet")
+                    with Horizontal(id="charts-pref"):  # shown once a preference run reports its rewards
+                        yield LineChart("Rewards", id="chart-rewards", empty="-")
+                        yield LineChart("Preference accuracy", _percent, id="chart-accuracy", empty="-")
                     with Horizontal(id="charts-small"):
                         yield LineChart("Learning rate", id="chart-lr", empty="-")
                         yield LineChart("Grad norm", id="chart-grad", empty="-")
@@ -530,9 +561,24 @@ class DashboardScreen(Screen[None]):
             [ChartSeries("lr", view.lr_xs, view.lr_ys, "cyan")], view.version)
         self.query_one("#chart-grad", LineChart).update_series(
             [ChartSeries("grad", view.grad_xs, view.grad_ys, "green")], view.version)
+        self._draw_preference(view)
         samples = f"now {view.samples_per_s:,.2f} samples/s" if view.samples_per_s is not None else ""
         self.query_one("#chart-tok", LineChart).update_series(
             [ChartSeries("tok/s", view.tok_xs, view.tok_ys, "bright_blue")], view.version, subtitle=samples)
+
+    def _draw_preference(self, view: RunView) -> None:
+        """The rewards and their margin, and the implicit-reward accuracy, of a preference run."""
+        pref = view.preference
+        self.query_one("#charts-pref").set_class(bool(pref), "shown")
+        if not pref:
+            return
+        rewards = [ChartSeries(label, *pref[key], color) for key, label, color in REWARD_SERIES if key in pref]
+        margin = pref["margin"][1][-1] if "margin" in pref else None
+        self.query_one("#chart-rewards", LineChart).update_series(
+            rewards, view.version, subtitle=f"margin now {margin:.3f}" if margin is not None else "")
+        if "accuracy" in pref:
+            self.query_one("#chart-accuracy", LineChart).update_series(
+                [ChartSeries("accuracy", *pref["accuracy"], "green")], view.version)
 
     def _draw_log(self, view: RunView, reset: bool) -> None:
         log = self.query_one("#run-log", RichLog)

@@ -68,3 +68,18 @@ async def test_a_supervised_run_shows_no_reward_charts(tmp_path: Path, placed_ru
         screen = await shown(pilot, "completed")
         assert not screen.query_one("#charts-pref").has_class("shown")
         assert not screen.query_one("#charts-pref").display
+
+
+def test_the_wizard_offers_the_objective_that_fits_the_data() -> None:
+    from tui import wizard
+
+    base = wizard.base_spec()
+    pairs = wizard.apply_dataset(base, wizard.DatasetSelection(preset="ultrafeedback"), base)
+    assert pairs.training.objective == "dpo" and pairs.training.learning_rate == wizard.PREFERENCE_LEARNING_RATE
+    pairs.training.objective = "orpo"  # the user's choice for pairs is kept
+    assert wizard.apply_dataset(pairs, wizard.DatasetSelection(preset="human-like"), base).training.objective == "orpo"
+    back = wizard.apply_dataset(pairs, wizard.DatasetSelection(preset="alpaca"), base)
+    assert back.training.objective == "sft" and back.training.learning_rate == base.training.learning_rate
+    local = wizard.apply_dataset(base, wizard.DatasetSelection(source="/data/pairs.jsonl", format="preference"), base)
+    assert local.training.objective == "dpo"
+    assert "training.objective" in wizard.BASIC_KEYS

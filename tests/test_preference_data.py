@@ -131,3 +131,15 @@ def test_the_spec_takes_an_objective_and_refuses_packing_with_pairs() -> None:
         loads('name = "t"\n[dataset]\npreset = "concise"\n[training]\nobjective = "dop"\n')
     with pytest.raises(SpecError, match=r"spec:6: training.packing: objective 'dpo' compares whole answer pairs"):
         loads('name = "t"\n[dataset]\npreset = "concise"\n[training]\nobjective = "dpo"\npacking = true\n')
+
+
+def test_train_refuses_a_preference_objective_on_supervised_data_before_making_a_run(
+        demo_model: Path, tunewiz_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine import locations
+    from engine.cli import main
+
+    code = main(["train", "demo", "--set", "training.objective=dpo", "--detach"])
+    assert code != 0
+    assert "learns from preference pairs, and train.jsonl is messages data" in capsys.readouterr().err
+    runs = locations.runs_dir()
+    assert not runs.exists() or not any(runs.iterdir())  # nothing half-made

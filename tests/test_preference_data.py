@@ -143,3 +143,12 @@ def test_train_refuses_a_preference_objective_on_supervised_data_before_making_a
     assert "learns from preference pairs, and train.jsonl is messages data" in capsys.readouterr().err
     runs = locations.runs_dir()
     assert not runs.exists() or not any(runs.iterdir())  # nothing half-made
+
+
+def test_the_cli_prints_preference_events_as_a_line() -> None:
+    from engine.events import Event
+    from engine.render import format_event
+
+    line = format_event(Event(1, 1, 0.0, "preference", {"step": 3, "split": "eval", "chosen_reward": 0.25,
+                                                        "rejected_reward": -1.5, "margin": 1.75, "accuracy": 0.5}))
+    assert line.endswith("eval rewards at step 3: chosen 0.250  rejected -1.500  margin 1.750  accuracy 50%")

@@ -349,7 +349,8 @@ def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | Non
     else:
         where = f"{gpu.name} with {gb(available)} free"
     fitting = [c for c in ranked if c.fit == "fits"]
-    summary = f"On {where}: " + (ranked[0].reason if fitting else _shorter(report, seq_len, vram_bytes, gpus, objective))
+    summary = f"On {where}: " + (ranked[0].reason if fitting
+                                 else _shorter(report, seq_len, vram_bytes, gpus, objective))
     if gpu is not None and len(report.gpus) > 1:
         summary += f" ({len(report.gpus)} GPUs found; {_uses(report, group, gpus)}.)"
     held = sum(g.other_processes_bytes for g in report.gpus)

@@ -260,7 +260,7 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             ctx.emit("step", step=state.global_step, total_steps=total, epoch=float(state.epoch or 0),
                      loss=self.last_train_loss, learning_rate=float(logs.get("learning_rate", 0.0)),
                      grad_norm=_finite(logs.get("grad_norm")),
-                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done else None,
+                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done and tokens else None,
                      samples_per_s=round(steps_done * args.train_batch_size * args.gradient_accumulation_steps
                                          / dt, 3) if steps_done else None,
                      tokens_seen=int(tokens), elapsed_s=round(now - self.started, 2),
@@ -342,7 +342,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
     fused_loss, targets, adapter_dtype = prepared.fused_loss, prepared.targets, prepared.adapter_dtype
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
-             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}, {spec.training.objective}) on {', '.join(targets)}; "
+             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}, {spec.training.objective}) on "
+             f"{', '.join(targets)}; "
              f"{_dtype_name(dtype)} on {device}, adapters in {_dtype_name(adapter_dtype)}",
              stats={"parameters": total_params, "trainable": trainable, "targets": targets,
                     "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "device": device,
@@ -364,7 +365,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
     from transformers import DataCollatorWithFlattening, PrinterCallback
 
     if preferring:
-        trainer = preference.make_trainer(spec, model, tokenizer, args, data, [callback, preference.events_callback(ctx)])
+        callbacks = [callback, preference.events_callback(ctx)]
+        trainer = preference.make_trainer(spec, model, tokenizer, args, data, callbacks)
     else:
         collator = (DataCollatorWithFlattening() if spec.training.packing
                     else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))

@@ -136,8 +136,9 @@ def _preference(mapped: dict[str, Any], role_key: str, content_key: str) -> tupl
     if all(role == "assistant" for role, _ in chosen + rejected):  # answers only: the prompt is its own field
         prompt = mapped.get("prompt")
         if prompt is None:
-            raise RowProblem("missing_field", "no prompt: chosen and rejected are answers only, so the row needs a "
-                                              "prompt field (map it with dataset.columns, e.g. { prompt = \"question\" })")
+            raise RowProblem("missing_field", "no prompt: chosen and rejected are answers only, so the row needs "
+                                              "a prompt field (map it with dataset.columns, e.g. "
+                                              "{ prompt = \"question\" })")
         prompt_turns = (_turns(prompt, "prompt", role_key, content_key, None) if isinstance(prompt, list)
                         else [("user", _text(prompt, "prompt"))])
         chosen, rejected = prompt_turns + chosen, prompt_turns + rejected

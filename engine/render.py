@@ -59,6 +59,10 @@ def format_event(event: Event) -> str:
                 f"elapsed {duration(d.get('elapsed_s'))}  eta {duration(d.get('eta_s'))}")
     elif kind == "eval":
         body = f"eval at step {d['step']}: loss {_num(d.get('eval_loss'), '.4f')}"
+    elif kind == "preference":
+        body = (f"{'eval ' if d.get('split') == 'eval' else ''}rewards at step {d['step']}: chosen "
+                f"{_num(d.get('chosen_reward'), '.3f')}  rejected {_num(d.get('rejected_reward'), '.3f')}  margin "
+                f"{_num(d.get('margin'), '.3f')}  accuracy {_num(d.get('accuracy'), '.0%')}")
     elif kind == "gpu":
         parts = [f"gpu{g.get('index')} {(g.get('mem_used_bytes') or 0) / 2**30:.1f}/"
                  f"{(g.get('mem_total_bytes') or 0) / 2**30:.0f} GiB {g.get('util_pct', '-')}%"

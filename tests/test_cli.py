@@ -187,7 +187,7 @@ def test_train_with_a_bad_set_key_creates_no_run(fake_preflight: list, capsys: p
 def test_train_an_unknown_preset_suggests_presets(fake_preflight: list, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train", "nosuchpreset"]) == 2
     err = capsys.readouterr().err
-    assert "no preset of this name" in err and "(presets: demo" in err
+    assert "no preset of this name" in err and "(presets: concise, demo" in err
     assert cli.main(["train", "dmeo"]) == 2
     assert "did you mean 'demo'?" in capsys.readouterr().err
     assert cli.main(["train", "missing/spec.toml"]) == 2

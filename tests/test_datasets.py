@@ -19,7 +19,7 @@ from tunewiz.engine.data.formats import RowProblem
 from tunewiz.engine.data.prepare import prepare, read_examples
 
 PRESETS = list(catalog.datasets())
-USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code"}
+USES = {"instruction", "chat", "classification", "support", "legal", "math", "reasoning", "code", "preference"}
 
 
 def preset_spec(name: str) -> RunSpec:

@@ -95,3 +95,15 @@ def test_headless_commands_that_only_read_do_not_import_torch(tunewiz_home: Path
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
     assert not loaded & set(TRAINING_STACK), sorted(loaded & set(TRAINING_STACK))
     assert "textual" not in loaded
+
+
+# trl takes seconds to import: only a preference run's trainer (engine/training/preference.py, inside its
+# functions) loads it.
+TRL_FREE = ("tunewiz.engine.training.trainer", "tunewiz.engine.training.preference", "tunewiz.engine.data.pairs",
+            "tunewiz.engine.data.check", "tunewiz.engine.run.worker", "tunewiz.engine.planning.estimator",
+            "tunewiz.engine.planning.recommend")
+
+
+@pytest.mark.parametrize("module", TRL_FREE)
+def test_trl_loads_only_when_a_preference_trainer_is_built(module: str) -> None:
+    assert "trl" not in _loaded_after_import(module)

@@ -170,9 +170,10 @@ async def test_saved_presets_screen_survives_duplicates_and_broken_files(tmp_pat
         await pilot.press("p")
         await on_screen(pilot, PresetsScreen)
         screen = app.screen
-        assert [p.key for p in screen._listed] == ["built-in:demo", "user:broken", "user:demo", "user:mine"]
+        assert [p.key for p in screen._listed] == ["built-in:concise", "built-in:demo", "user:broken", "user:demo",
+                                                   "user:mine"]
         assert screen.check_action("delete", ()) is False  # a built-in
-        await pilot.press("down")  # broken: opening it says why
+        await pilot.press("down", "down")  # broken: opening it says why
         await pilot.press("enter")
         await on_screen(pilot, MessageDialog)
         await pilot.press("escape")

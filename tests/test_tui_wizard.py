@@ -463,8 +463,8 @@ async def test_save_a_preset_then_relaunch_it_from_the_welcome_screen(tmp_path: 
         await on_screen(pilot, PresetsScreen)
         options = app.screen.query_one("#presets")
         ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
-        assert ids == ["built-in:demo", "user:my-recipe"]
-        await pilot.press("down", "enter")
+        assert ids == ["built-in:concise", "built-in:demo", "user:my-recipe"]
+        await pilot.press("down", "down", "enter")
         await launch_from_review(pilot, fakes)
     assert fakes.launched == [reviewed]
 

@@ -63,6 +63,30 @@ def chart_series(chart: Chart, view: RunView) -> list[ChartSeries]:
     return [ChartSeries(chart.label, xs, ys, chart.color)]
 
 
+REWARD_SERIES = (("chosen_reward", "chosen", "green"), ("rejected_reward", "rejected", "red"),
+                 ("margin", "margin", "bold yellow"))
+"""A preference run's reward chart: its `preference` event fields (tunewiz.tui.runmodel.PREFERENCE_METRICS)."""
+
+
+def reward_series(view: RunView) -> list[ChartSeries]:
+    pref = view.preference
+    return [ChartSeries(label, *pref[key], color) for key, label, color in REWARD_SERIES if key in pref]
+
+
+def reward_subtitle(view: RunView) -> str:
+    margin = view.preference.get("margin")
+    return f"margin now {margin[1][-1]:.3f}" if margin and margin[1] else ""
+
+
+def accuracy_series(view: RunView) -> list[ChartSeries]:
+    accuracy = view.preference.get("accuracy")
+    return [ChartSeries("accuracy", *accuracy, "green")] if accuracy else []
+
+
+def percent(value: float) -> str:
+    return f"{value:.0%}"
+
+
 HELP = """\
 Reading the charts
 - Loss: how wrong the model still is on the training examples; lower is better. "smoothed" is a moving
@@ -71,7 +95,10 @@ Reading the charts
   keeps falling, the model is memorising its examples rather than learning: stop, or train less.
 - Learning rate: the size of each update, as the schedule sets it (warm-up, then constant or decaying).
 - Grad norm: how big each update wanted to be; sudden spikes often come before the loss jumps.
-- Tokens/s: training speed. On a GPU, Resources shows memory, use, power and temperature."""
+- Tokens/s: training speed. On a GPU, Resources shows memory, use, power and temperature.
+- Rewards (preference runs, dpo/orpo): how much more the model now favours the chosen answers (green) and
+  the rejected ones (red) than at the start; the margin between them should rise. Accuracy: the share of
+  pairs where the chosen answer is favoured; it should approach 100%."""
 
 
 def clock_text(when: float | None) -> str:
@@ -269,9 +296,13 @@ def samples_renderable(view: RunView | None) -> RenderableType:
     first_step, first = view.samples_first
     latest_step, latest = view.samples_latest or view.samples_first
     same = latest_step == first_step
+    preference = bool(view.preference)  # the reference is the preferred answer, a style to move towards
     table = Table(expand=True, show_lines=True, pad_edge=False, header_style="bold")
     table.add_column("Prompt", ratio=3)
-    table.add_column("Expected", width=10)
+    if preference:
+        table.add_column("Preferred", ratio=2)
+    else:
+        table.add_column("Expected", width=10)
     table.add_column(f"Before (step {first_step})" if first_step == 0 else f"Step {first_step}", ratio=2)
     if not same:
         table.add_column(f"Now (step {latest_step})", ratio=2)
@@ -281,20 +312,34 @@ def samples_renderable(view: RunView | None) -> RenderableType:
         now = by_prompt.get(prompt, {})
         head, _, rest = prompt.strip().partition("\n")
         cells: list[RenderableType] = [Text(head + (" …" if rest.strip() else "")),
-                                       Text(str(sample.get("reference", "")), style="dim"), _answer(sample)]
+                                       Text(str(sample.get("reference", "")), style="dim"),
+                                       _answer(sample, not preference)]
         if not same:
-            cells.append(_answer(now) if now else Text("-", style="dim"))
+            cells.append(_answer(now, not preference) if now else Text("-", style="dim"))
         table.add_row(*cells)
-    matched = sum(bool(s.get("match")) for s in latest)
-    summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
-                   + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"), style="bold")
+    if preference:
+        summary = Text(f"Answers average {_mean_words(latest):.0f} words at step {latest_step}"
+                       + ("" if same else f" ({_mean_words(first):.0f} before training)"), style="bold")
+    else:
+        matched = sum(bool(s.get("match")) for s in latest)
+        summary = Text(f"{matched} of {len(latest)} answers match the expected one at step {latest_step}"
+                       + ("" if same else f" (before training: {sum(bool(s.get('match')) for s in first)})"),
+                       style="bold")
     note = Text("Fixed questions from the held-out data (first line shown), asked again as training goes.",
                 style="dim")
     return Group(summary, note, table)
 
 
-def _answer(sample: dict[str, Any]) -> Text:
+def _mean_words(samples: tuple[dict[str, Any], ...]) -> float:
+    """Mean length of the answers in words: how a preference run's style shows (e.g. shorter answers)."""
+    return sum(len(str(s.get("answer", "")).split()) for s in samples) / max(1, len(samples))
+
+
+def _answer(sample: dict[str, Any], marks: bool = True) -> Text:
+    """The answer, marked ✓/✗ against the expected one (not for preference runs: no answer is expected)."""
     answer = str(sample.get("answer", "")).strip() or "(empty)"
+    if not marks:
+        return Text(answer)
     mark = "✓ " if sample.get("match") else "✗ "
     return Text.assemble((mark, "green" if sample.get("match") else "red"), answer)
 

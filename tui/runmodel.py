@@ -33,6 +33,8 @@ SMOOTHING = 0.8
 CHARTED = ("loss", "learning_rate", "grad_norm", "tokens_per_s")
 """Step fields kept as chart series, in the order of events.STEP_FIELDS (the fast path reads exactly these).
 A new chart: its field here, its drawing in tunewiz.tui.panels.CHARTS."""
+PREFERENCE_METRICS = ("chosen_reward", "rejected_reward", "margin", "accuracy")
+"""The fields of `preference` events the dashboard charts (docs/run-protocol.md)."""
 _finite = math.isfinite
 _lt = operator.lt
 
@@ -226,6 +228,9 @@ class RunView:
     output_dir: str | None
     alerts: tuple[dict[str, Any], ...] = ()
     """The coach's alerts (`alert` events: code, severity, step, message, hint), oldest first."""
+    preference: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    """A preference run's training metrics by `preference` event field (margin, chosen_reward, ...): (steps,
+    values); empty for supervised runs."""
 
     @property
     def live(self) -> bool:
@@ -286,6 +291,7 @@ class RunModel:
         self.checkpoint_step: int | None = None
         self.output_dir: str | None = None
         self.alerts: deque[dict[str, Any]] = deque(maxlen=ALERTS_KEPT)
+        self.preference: dict[str, Series] = {}
         self._buffer = _empty_buffer()
         self._last_step_no = 0
 
@@ -459,6 +465,18 @@ class RunModel:
                 self.eval_loss = value
                 self.best_eval = value if self.best_eval is None else min(self.best_eval, value)
                 self._log(when, "eval", f"eval loss {value:.4f} at step {d['step']}")
+        elif kind == "preference":
+            step = d.get("step")
+            if d.get("split") == "train" and isinstance(step, int):
+                for key in PREFERENCE_METRICS:
+                    value = _num(d.get(key))
+                    if value is not None:
+                        series = self.preference.setdefault(key, Series())
+                        series.cut_from(step)
+                        series.add(step, value)
+            elif d.get("split") == "eval":
+                self._log(when, "eval", f"eval reward margin {_num(d.get('margin')) or 0:.3f}, accuracy "
+                                        f"{_num(d.get('accuracy')) or 0:.0%} at step {step}")
         elif kind == "sample":
             samples = tuple(s for s in d.get("samples") or () if isinstance(s, dict))
             entry = (int(d.get("step") or 0), samples)
@@ -520,6 +538,7 @@ class RunModel:
             logs=tuple(self.logs), log_total=self.log_total, error=dict(self.error) if self.error else None,
             finished=dict(self.finished) if self.finished else None, output_dir=self.output_dir,
             alerts=tuple(self.alerts),
+            preference={key: series.points() for key, series in self.preference.items()},
         )
 
 

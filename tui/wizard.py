@@ -34,8 +34,12 @@ CUSTOM = "custom"
 """Option id of "your own file or hub dataset" on the dataset step."""
 
 BASIC_KEYS = ("name", "training.epochs", "training.max_steps", "training.learning_rate",
-              "training.max_seq_length")
+              "training.max_seq_length", "training.objective")
 """The settings a beginner sees first; the advanced view shows every key of the spec."""
+
+PREFERENCE_LEARNING_RATE = 5e-5
+"""The learning rate offered with preference pairs: DPO moves an adapter much further per step than supervised
+training does (trl's LoRA DPO examples use 5e-6 to 5e-5)."""
 
 STEPS = ("Welcome", "Hardware", "Model", "Data", "Settings", "Review", "Launch")
 
@@ -184,7 +188,18 @@ def apply_dataset(spec: RunSpec, selection: DatasetSelection, base: RunSpec,
         new.training.epochs = entry.epochs
     elif choice is not None:
         new.training.max_seq_length = choice.max_seq_length
+    match_objective(new, (entry.format if entry is not None else selection.format) == "preference", base)
     return validated(auto_name(new, base))
+
+
+def match_objective(spec: RunSpec, pairs: bool, base: RunSpec) -> None:
+    """Offer the objective that fits the data: dpo (at a preference learning rate) for preference pairs,
+    supervised training for anything else. A preference objective the user chose for pairs is kept."""
+    t = spec.training
+    if pairs and t.objective == "sft":
+        t.objective, t.learning_rate = "dpo", PREFERENCE_LEARNING_RATE
+    elif not pairs and t.objective != "sft":
+        t.objective, t.learning_rate = "sft", base.training.learning_rate
 
 
 STRATEGY_WORDS = {

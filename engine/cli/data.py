@@ -178,6 +178,9 @@ def print_report(report: CheckReport, console: Console) -> None:
                                             + (f" ({report.supervised_tokens_cut:,} cut by truncation)"
                                                if report.supervised_tokens_cut else "")),
             ("tokens in all", f"{report.tokens:,}")]
+    rows += [(f"{side} answer tokens p50 / p90 / max",
+              " / ".join(f"{values.get(k, 0):,.0f}" for k in ("p50", "p90", "max")))
+             for side, values in report.answer_lengths.items()]
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="dim")
     summary.add_column(justify="right")

@@ -144,11 +144,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise TunewizError(f"--data {data!r} is not a catalog dataset",
                            hint=f"use one of: {', '.join(catalog.datasets())} (`tunewiz data list`)")
     seq_len = args.seq_len or catalog.datasets()[data].max_seq_length
+    objective = "dpo" if catalog.datasets()[data].format == "preference" else "sft"  # pairs: two sequences each
     if args.model:
-        choices = [rec.choice_for(args.model, report, seq_len, vram, gpus=args.gpus)]
+        choices = [rec.choice_for(args.model, report, seq_len, vram, gpus=args.gpus, objective=objective)]
         summary = choices[0].reason
     else:
-        result = rec.recommend(report, seq_len, vram, gpus=args.gpus)
+        result = rec.recommend(report, seq_len, vram, gpus=args.gpus, objective=objective)
         choices, summary = result.choices[: args.top], result.summary
     if args.json:
         print(json.dumps({"summary": summary, "choices": [_choice_dict(c) for c in choices]}, indent=1))

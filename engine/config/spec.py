@@ -26,6 +26,7 @@ SPEC_VERSION = 1
 Method = Literal["lora", "qlora"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Objective = Literal["sft", "dpo", "orpo"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 FusedKernels = Literal["all", "loss", "off"]
@@ -102,6 +103,16 @@ class DatasetSpec:
 class TrainingSpec:
     """The optimisation loop."""
 
+    objective: Objective = _f("sft", "What the model learns from. `sft`: supervised examples, the model learns to "
+                              "write the answers given. `dpo`: preference pairs (a prompt with a chosen and a rejected "
+                              "answer), the model learns to prefer the chosen kind of answer over the rejected one, "
+                              "measured against where it started (the base model with the adapter switched off, no "
+                              "second copy in memory): best for tone and style. `orpo`: preference pairs without a "
+                              "reference: supervised learning on the chosen answers plus a penalty on the rejected "
+                              "ones. `dpo` and `orpo` need `preference` data (prompt, chosen, rejected).")
+    beta: float = _f(0.1, "Preference strength for `dpo` and `orpo`. dpo: how far the model may move from the "
+                     "reference (lower lets it move further); orpo: the weight of the penalty on rejected answers.",
+                     lo=0, lo_open=True)
     epochs: float = _f(1.0, "Passes over the data (ignored when `max_steps` is set).", lo=0, lo_open=True)
     max_steps: int | None = _f(None, "Stop after this many optimiser steps.", lo=1)
     learning_rate: float = _f(2e-4, "Peak learning rate.", lo=0, hi=1.0, lo_open=True)
@@ -365,6 +376,9 @@ def _cross_checks(spec: RunSpec) -> list[Problem]:
     gpus = spec.training.gpus
     if isinstance(gpus, list) and (not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0):
         problems.append(Problem("training.gpus", f"{gpus!r}: list distinct GPU indices (0, 1, ...), at least one"))
+    if spec.training.objective != "sft" and spec.training.packing:
+        problems.append(Problem("training.packing", f"objective {spec.training.objective!r} compares whole answer "
+                                "pairs, which cannot be packed: set training.packing = false"))
     if not spec.model.name.strip():
         problems.append(Problem("model.name", "empty: name a catalog model, a hub id or a local path"))
     return problems

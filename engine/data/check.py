@@ -21,6 +21,7 @@ from typing import Any
 from tunewiz.engine.data import sources
 from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded
 from tunewiz.engine.data.formats import Example, RowProblem
+from tunewiz.engine.data.pairs import encode_pair
 from tunewiz.engine.data.prepare import ExampleReader, percentiles, trim
 from tunewiz.engine.errors import DataError
 
@@ -66,6 +67,7 @@ class CheckReport:
     supervised_tokens: int = 0  # trained tokens after truncation
     supervised_tokens_cut: int = 0  # trained tokens lost to truncation
     tokens: int = 0  # all tokens after truncation
+    answer_lengths: dict[str, dict[str, float]] = field(default_factory=dict)  # preference data: chosen/rejected
     example: list[Segment] = field(default_factory=list)
     example_where: str = ""
     bytes_read: int = 0
@@ -117,6 +119,8 @@ class _Lengths:
 def _digest(example: Example) -> int:
     """An 8-byte hash of the normalised example (what training would see)."""
     text = example.text if example.text is not None else "\x1e".join(f"{r}\x1f{c}" for r, c in example.messages)
+    if example.rejected is not None:
+        text += f"\x1d{example.rejected}"
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
@@ -141,6 +145,7 @@ class _Checker:
         self.counts: Counter[str] = Counter()
         self.seen: set[int] = set()
         self.lengths = _Lengths()
+        self.answers = {"chosen": _Lengths(), "rejected": _Lengths()}
 
     def problem(self, row: sources.Row, kind: str, message: str) -> None:
         self.counts[kind] += 1
@@ -157,14 +162,18 @@ class _Checker:
         self.seen.add(digest)
         try:
             encoded = self.encoder.encode(item)
+            longest = self.add_pair(item) if item.rejected is not None else len(encoded.input_ids)
+        except RowProblem as problem:
+            self.problem(row, problem.kind, str(problem))
+            return
         except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception)
             if isinstance(exc, DataError):
                 raise
             self.problem(row, "template_error", f"the chat template cannot render this row: {exc}")
             return
-        self.lengths.add(len(encoded.input_ids))
+        self.lengths.add(longest)
         cut, was_cut, reason = trim(encoded, self.report.max_seq_length)
-        self.report.truncated += was_cut
+        self.report.truncated += was_cut or longest > self.report.max_seq_length
         if reason == "no_supervised_tokens":
             self.problem(row, reason, "no token of this example is trained on (no assistant answer survives "
                                       "the chat template)")
@@ -180,6 +189,14 @@ class _Checker:
         if not self.report.example:
             self.report.example = segments(self.encoder.tokenizer, cut)
             self.report.example_where = row.where
+
+    def add_pair(self, example: Example) -> int:
+        """Count a preference pair's answer lengths; returns its length in tokens (the prompt with the longer
+        answer). The trained-token counts stay those of its chosen side, which is what SFT on it would learn."""
+        pair = encode_pair(self.encoder, example)
+        self.answers["chosen"].add(len(pair.chosen_ids))
+        self.answers["rejected"].add(len(pair.rejected_ids))
+        return pair.longest
 
 
 def check(source: sources.DataSource, encoder: ChatEncoder, max_seq_length: int, model: str = "",
@@ -212,5 +229,6 @@ def check(source: sources.DataSource, encoder: ChatEncoder, max_seq_length: int,
     report.format = reader.format
     report.problem_counts = dict(checker.counts.most_common())
     report.token_lengths = checker.lengths.summary()
+    report.answer_lengths = {side: lengths.summary() for side, lengths in checker.answers.items() if lengths.count}
     report.seconds = round(time.monotonic() - started, 2)
     return report

@@ -5,6 +5,8 @@ Formats and the fields they need (rename your columns onto these with `dataset.c
   sharegpt           conversations: [{from, value}, ...] (optional: system)
   alpaca             instruction, output (optional: input, system)
   prompt_completion  prompt, completion (strings, or lists of messages)
+  preference         prompt, chosen, rejected (preference pairs: strings, or lists of messages; when chosen
+                     and rejected are whole conversations, the prompt is the turns they share)
   text               text (trained on every token, no chat template)
 
 A field holding labels (e.g. integers) is turned into text with `label_names`: {field: {raw value: text}}.
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-RowFormat = Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+RowFormat = Literal["messages", "sharegpt", "alpaca", "preference", "prompt_completion", "text"]
 """The row formats, by name: the one list the spec (`dataset.format`), the checker and the app accept."""
 DataFormat = Literal["auto", RowFormat]
 """What `dataset.format` may say: a row format, or `auto` to detect it from the columns."""
@@ -24,12 +26,14 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
+    "preference": ("chosen", "rejected"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
 """Each format's required fields, in the order detection tries them (tests hold its keys to RowFormat)."""
 OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("input", "system"), "messages": ("system",), "sharegpt": ("system",)}
+    "alpaca": ("input", "system"), "messages": ("system",), "sharegpt": ("system",),
+    "preference": ("prompt", "system")}
 """Fields a format also reads when a row has them."""
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -47,10 +51,12 @@ class RowProblem(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """A normalised row: a conversation (list of role/content) or a plain text."""
+    """A normalised row: a conversation (list of role/content) or a plain text. A preference pair is the
+    conversation ending with the chosen answer, and the rejected answer in its place."""
 
     messages: tuple[tuple[str, str], ...] = ()
     text: str | None = None
+    rejected: str | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -121,6 +127,43 @@ def _turns(items: Any, field_name: str, role_key: str, content_key: str, role_ma
     return turns
 
 
+def _answer_side(value: Any, name: str, role_key: str, content_key: str) -> list[tuple[str, str]]:
+    """One side of a preference pair as turns: a string is the assistant's answer."""
+    last = value[-1] if isinstance(value, list) and value else None
+    content = last.get(content_key) if isinstance(last, Mapping) else value
+    if value is None or (isinstance(content, str) and not content.strip()):
+        raise RowProblem("empty_answer", f"the {name} answer is empty")
+    if isinstance(value, list):
+        return _turns(value, name, role_key, content_key, None)
+    return [("assistant", _text(value, name))]
+
+
+def _preference(mapped: dict[str, Any], role_key: str, content_key: str) -> tuple[list[tuple[str, str]], str]:
+    """(the conversation ending with the chosen answer, the rejected answer)."""
+    chosen = _answer_side(mapped["chosen"], "chosen", role_key, content_key)
+    rejected = _answer_side(mapped["rejected"], "rejected", role_key, content_key)
+    if all(role == "assistant" for role, _ in chosen + rejected):  # answers only: the prompt is its own field
+        prompt = mapped.get("prompt")
+        if prompt is None:
+            raise RowProblem("missing_field", "no prompt: chosen and rejected are answers only, so the row needs "
+                                              "a prompt field (map it with dataset.columns, e.g. "
+                                              "{ prompt = \"question\" })")
+        prompt_turns = (_turns(prompt, "prompt", role_key, content_key, None) if isinstance(prompt, list)
+                        else [("user", _text(prompt, "prompt"))])
+        chosen, rejected = prompt_turns + chosen, prompt_turns + rejected
+    if chosen[:-1] != rejected[:-1]:
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected), start=1) if a != b),
+                    min(len(chosen), len(rejected)))
+        raise RowProblem("prompts_differ", f"chosen and rejected must share everything but their last answer; "
+                                           f"they differ at turn {turn}")
+    if rejected[-1][0] != "assistant":
+        raise RowProblem("not_ending_with_assistant", "the rejected side does not end with an assistant answer")
+    if chosen[-1][1].strip() == rejected[-1][1].strip():
+        raise RowProblem("same_answers", "chosen and rejected answers are the same, so there is no preference "
+                                         "to learn")
+    return chosen, rejected[-1][1]
+
+
 def _check_conversation(turns: list[tuple[str, str]]) -> None:
     if not any(role == "assistant" for role, _ in turns):
         raise RowProblem("no_assistant", "the conversation has no assistant turn, so nothing would be learned")
@@ -156,6 +199,7 @@ def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str
         raise RowProblem("missing_field", f"missing field(s) {', '.join(missing)} for format {fmt}; "
                                           f"columns here: {', '.join(map(str, row)) or 'none'}")
     role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
+    rejected = None
     if fmt == "text":
         return Example(text=_text(mapped["text"], "text"))
     if fmt == "messages":
@@ -163,6 +207,8 @@ def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str
     elif fmt == "sharegpt":
         turns = _turns(mapped["conversations"], "conversations", columns.get("from", "from"),
                        columns.get("value", "value"), SHAREGPT_ROLES)
+    elif fmt == "preference":
+        turns, rejected = _preference(mapped, role_key, content_key)
     elif fmt == "alpaca":
         instruction = _text(mapped["instruction"], "instruction")
         extra = _text(mapped.get("input"), "input", required=False)
@@ -182,4 +228,4 @@ def normalise(row: Any, fmt: str, columns: Mapping[str, str], system_prompt: str
     _check_conversation(turns)
     if system_prompt and turns[0][0] != "system":
         turns.insert(0, ("system", system_prompt))
-    return Example(messages=tuple(turns))
+    return Example(messages=tuple(turns), rejected=rejected)

@@ -280,6 +280,16 @@ def split_examples(spec: RunSpec, examples: list[Example]) -> tuple[list[Example
     return _split(examples, spec.dataset.eval_fraction, spec.training.seed)
 
 
+def sample_prompts_for(spec: RunSpec, source: sources.DataSource, fmt: str, eval_rows: list[Example],
+                       train_rows: list[Example]) -> list[SamplePrompt]:
+    """The prompts answered as training goes: from the source's held-out file when it has one, else eval rows."""
+    heldout_examples: list[Example] = []
+    if source.heldout:
+        heldout_source = dataclasses.replace(source, kind="file", location=source.heldout, format=fmt, heldout=None)
+        heldout_examples, *_ = read_examples(heldout_source, spec.dataset.system_prompt)
+    return _sample_prompts(heldout_examples or eval_rows or train_rows, spec.training.sample_prompts)
+
+
 def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) -> PreparedData:
     examples, fmt, problems, problem_messages, rows = read_examples(source, spec.dataset.system_prompt)
     train_rows, eval_rows = split_examples(spec, examples)
@@ -327,11 +337,7 @@ def _prepare(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) ->
                                  "tokens)")
         raise DataError(f"no trainable examples in {source.label}: {dict(dropped)}",
                         hint="every example needs an assistant answer to learn from")
-    heldout_examples: list[Example] = []
-    if source.heldout:
-        heldout_source = dataclasses.replace(source, kind="file", location=source.heldout, format=fmt, heldout=None)
-        heldout_examples, *_ = read_examples(heldout_source, spec.dataset.system_prompt)
-    samples = _sample_prompts(heldout_examples or eval_rows or train_rows, spec.training.sample_prompts)
+    samples = sample_prompts_for(spec, source, fmt, eval_rows, train_rows)
     stats = {
         "source": source.label, "format": fmt, "rows_read": rows, "examples": len(train_rows) + len(eval_rows),
         "train_examples": len(train), "eval_examples": len(evaluation),

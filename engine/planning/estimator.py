@@ -11,6 +11,11 @@ The terms follow the physics of training (docs: shared notes on LoRA/QLoRA memor
   logits       the vocabulary-wide logits and their fp32 loss copies, or with the fused linear
                cross-entropy (`speed.fused_kernels`) only one chunk of them at a time;
   overhead     the allocator's reserve beyond what tensors hold (on the CPU also the process itself).
+Preference pairs (`training.objective` dpo or orpo) run each pair as two sequences, chosen and
+rejected, in one batch: twice the tokens of activations and logits per micro-batch. DPO's extra
+forward pass (the reference: the base with the adapter off) runs without gradients before the
+policy's and frees its work before the policy's forward starts, so it adds time, not memory; trl
+computes DPO's log-probabilities in chunks (like the fused loss), while ORPO builds the full logits.
 On the CPU (`Settings.cpu`) weights and activations are fp32, and the estimate is of the process's RAM.
 Under FSDP the weights and adapters are sharded across the GPUs, and each GPU also holds the
 gathered weights of the layers being computed and prefetched.
@@ -138,10 +143,16 @@ class Settings:
     offload_checkpoints: bool = False  # speed.offload_checkpoints: checkpointed layers' inputs in CPU memory
     fused_lora: bool = False  # speed.fused_lora: with QLoRA, one dequantised weight buffer per projection shape
     cpu: bool = False  # trains on the CPU: fp32 weights and activations, RAM instead of GPU memory
+    objective: str = "sft"  # training.objective: "dpo" and "orpo" run a chosen and a rejected sequence per example
+
+    @property
+    def sequences_per_example(self) -> int:
+        """The preference term: a pair is two sequences in the same forward and backward pass."""
+        return 1 if self.objective == "sft" else 2
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        return self.micro_batch_size * self.seq_len * self.sequences_per_example
 
     @classmethod
     def from_spec(cls, spec: RunSpec) -> Settings:
@@ -157,11 +168,18 @@ class Settings:
                    adapter_bytes=2 if spec.speed.adapter_dtype == "bf16" and bf16 else 4,
                    gpus=count, fsdp=count > 1 and spec.training.strategy == "fsdp",
                    checkpoint_layers=spec.training.checkpoint_layers,
-                   offload_checkpoints=spec.speed.offload_checkpoints, fused_lora=spec.speed.fused_lora)
+                   offload_checkpoints=spec.speed.offload_checkpoints, fused_lora=spec.speed.fused_lora,
+                   objective=spec.training.objective)
 
     @property
     def fused_loss(self) -> bool:
-        return self.fused_kernels in ("all", "loss")
+        """liger's fused loss: supervised runs only (trl computes the preference losses itself)."""
+        return self.fused_kernels in ("all", "loss") and self.objective == "sft"
+
+    @property
+    def chunked_logits(self) -> bool:
+        """Logits made a chunk at a time: by liger's fused loss, or by trl's DPO trainer (always)."""
+        return self.fused_loss or self.objective == "dpo"
 
 
 @dataclass(frozen=True)
@@ -261,7 +279,7 @@ def activation_bytes(arch: ModelArch, settings: Settings) -> int:
 
 
 def logits_bytes(arch: ModelArch, settings: Settings) -> int:
-    if settings.fused_loss:
+    if settings.chunked_logits:
         # liger computes the loss in chunks of about tokens * hidden / vocab tokens, so a chunk of
         # logits is about as big as the hidden states; plus the gradient of the hidden states.
         return int(arch.hidden * settings.tokens * COEFFICIENTS["fused_loss_bytes_per_hidden_token"])

@@ -112,6 +112,8 @@ class Choice:
                 "training.gradient_checkpointing": str(self.gradient_checkpointing).lower()}
         if self.checkpoint_layers is not None:
             sets["training.checkpoint_layers"] = self.checkpoint_layers
+        if entry.format == "preference":  # pairs teach through a preference objective
+            sets["training.objective"] = "dpo"
         if self.gpus > 1:
             sets["training.gpus"] = json.dumps(self.training_gpus).replace(" ", "")
             sets["training.strategy"] = self.strategy
@@ -144,7 +146,7 @@ def _fit(needed: int, available: int | None) -> str:
 
 
 def _best_config(arch: ModelArch, method: Method, seq_len: int, available: int | None, gpus: int = 1,
-                 fsdp: bool = False) -> tuple[Settings, MemoryEstimate]:
+                 fsdp: bool = False, objective: str = "sft") -> tuple[Settings, MemoryEstimate]:
     """The fastest settings that fit with margin, else the leanest ones.
 
     On several GPUs a micro-batch is left out when the GPUs together would pass more sequences than the
@@ -157,7 +159,7 @@ def _best_config(arch: ModelArch, method: Method, seq_len: int, available: int |
         for layers in (_partial_checkpointing(arch.layers) if checkpointing == "partial" else (None,)):
             settings = Settings(method=method, micro_batch_size=micro_batch, seq_len=seq_len,
                                 gradient_checkpointing=bool(checkpointing), gpus=gpus, fsdp=fsdp,
-                                checkpoint_layers=layers)
+                                checkpoint_layers=layers, objective=objective)
             result = estimate(arch, settings)
             if _fit(result.total + CUDA_CONTEXT_BYTES, available) == "fits":
                 return settings, result
@@ -192,13 +194,13 @@ class _Gpus:
         return max(len(self.ids), 1)
 
 
-def _choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str) -> Choice:
+def _choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str, objective: str = "sft") -> Choice:
     """The best way to train one model on these GPUs: as on one GPU, with DDP across several when it fits one,
     sharded with FSDP when only that fits (or when neither does: then it is the nearer miss)."""
-    ddp = _method_choice(name, arch, seq_len, gpus, label, "ddp")
+    ddp = _method_choice(name, arch, seq_len, gpus, label, "ddp", objective)
     if gpus.count == 1 or ddp.fit == "fits":
         return ddp
-    fsdp = _method_choice(name, arch, seq_len, gpus, label, "fsdp")
+    fsdp = _method_choice(name, arch, seq_len, gpus, label, "fsdp", objective)
     order = ("fits", "tight", "too_big")
     return fsdp if order.index(fsdp.fit) < order.index(ddp.fit) or ddp.fit == "too_big" else ddp
 
@@ -210,16 +212,18 @@ def _speedup(gpus: int) -> str:
             f"scaling measured for 8B on 2 GPUs{'; more GPUs not measured' if gpus > 2 else ''})")
 
 
-def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str, strategy: Strategy) -> Choice:
-    """LoRA when it fits, else QLoRA; on several GPUs with `strategy` ("fsdp": the weights sharded across them)."""
+def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label: str, strategy: Strategy,
+                   objective: str = "sft") -> Choice:
+    """LoRA when it fits, else QLoRA; on several GPUs with `strategy` ("fsdp": the weights sharded across them).
+    A preference `objective` (dpo, orpo) runs two sequences per example (engine/planning/estimator.py)."""
     count, available = gpus.count, gpus.free
     fsdp = strategy == "fsdp"
-    lora_settings, lora = _best_config(arch, "lora", seq_len, available, count, fsdp)
+    lora_settings, lora = _best_config(arch, "lora", seq_len, available, count, fsdp, objective)
     lora_fit = _fit(lora.total + CUDA_CONTEXT_BYTES, available)
     if lora_fit == "fits":
         settings, result, fit = lora_settings, lora, lora_fit
     else:
-        settings, result = _best_config(arch, "qlora", seq_len, available, count, fsdp)
+        settings, result = _best_config(arch, "qlora", seq_len, available, count, fsdp, objective)
         fit = _fit(result.total + CUDA_CONTEXT_BYTES, available)
     needed = result.total + CUDA_CONTEXT_BYTES
     method = method_name(settings.method)
@@ -318,17 +322,18 @@ def _cpu_recommendation(report: HardwareReport, seq_len: int) -> Recommendation:
 
 
 def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
-              gpus: int | None = None) -> Recommendation:
+              gpus: int | None = None, objective: str = "sft") -> Recommendation:
     """Ranked choices for this machine (or for one card of `vram_bytes`, to see advice for another GPU).
 
     `gpus` caps how many of this machine's GPUs a run may use (None: all those of the best model; 1: one).
+    `objective`: training.objective; preference pairs (dpo, orpo) need about twice the activation memory.
     """
     group = _gpus(report, vram_bytes, gpus)
     available = group.free
     if available is None:
         return _cpu_recommendation(report, seq_len)
     entries = catalog.ranked_models()
-    choices = [_choice(name, ModelArch.from_entry(entry), seq_len, group, entry.description.split(":")[0])
+    choices = [_choice(name, ModelArch.from_entry(entry), seq_len, group, entry.description.split(":")[0], objective)
                for name, entry in entries.items()]
     choices.sort(key=lambda c: _rank(c, entries[c.model]))
     params = {name: entry.params for name, entry in entries.items()}
@@ -341,7 +346,8 @@ def recommend(report: HardwareReport, seq_len: int = 2048, vram_bytes: int | Non
     else:
         where = f"{gpu.name} with {gb(available)} free"
     fitting = [c for c in ranked if c.fit == "fits"]
-    summary = f"On {where}: " + (ranked[0].reason if fitting else _shorter(report, seq_len, vram_bytes, gpus))
+    summary = f"On {where}: " + (ranked[0].reason if fitting
+                                 else _shorter(report, seq_len, vram_bytes, gpus, objective))
     if gpu is not None and len(report.gpus) > 1:
         summary += f" ({len(report.gpus)} GPUs found; {_uses(report, group, gpus)}.)"
     held = sum(g.other_processes_bytes for g in report.gpus)
@@ -354,11 +360,12 @@ SHORTEST_SEQ_LEN = 256
 """The shortest data the advice looks for when nothing fits (the bundled demo data's length)."""
 
 
-def _shorter(report: HardwareReport, seq_len: int, vram_bytes: int | None, gpus: int | None) -> str:
+def _shorter(report: HardwareReport, seq_len: int, vram_bytes: int | None, gpus: int | None,
+             objective: str = "sft") -> str:
     """When nothing fits at `seq_len`: the longest shorter length at which a model fits, and which one."""
     shorter = seq_len // 2
     while shorter >= SHORTEST_SEQ_LEN:
-        first = recommend(report, shorter, vram_bytes, gpus).choices[0]
+        first = recommend(report, shorter, vram_bytes, gpus, objective).choices[0]
         if first.fit == "fits":
             label = catalog.models()[first.model].description.split(":")[0]
             return (f"nothing fits with margin at {seq_len} tokens; with data of at most {shorter} tokens "
@@ -444,8 +451,8 @@ def spec_choice(spec: RunSpec, report: HardwareReport, longest: int | None = Non
 
 
 def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,
-               gpus: int | None = None) -> Choice:
+               gpus: int | None = None, objective: str = "sft") -> Choice:
     """The best way to train one given model here (catalog name, hub id or local folder); `gpus` as for
     `recommend`."""
     label = catalog.models()[model].description.split(":")[0] if model in catalog.models() else model
-    return _choice(model, arch_for(model), seq_len, _gpus(report, vram_bytes, gpus), label)
+    return _choice(model, arch_for(model), seq_len, _gpus(report, vram_bytes, gpus), label, objective)

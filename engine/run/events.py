@@ -33,6 +33,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "tokens_per_s": (OPT_NUM, False), "samples_per_s": (OPT_NUM, False),
              "tokens_seen": ((int,), False), "elapsed_s": (NUM, True), "eta_s": (OPT_NUM, False)},
     "eval": {"step": ((int,), True), "eval_loss": (NUM, True), "eval_tokens": ((int,), False)},
+    "preference": {"step": ((int,), True), "split": ((str,), True), "chosen_reward": (NUM, True),
+                   "rejected_reward": (NUM, True), "margin": (NUM, True), "accuracy": (NUM, True)},
     "gpu": {"devices": ((list,), True), "process": ((dict,), False)},
     "sample": {"step": ((int,), True), "samples": ((list,), True)},
     "checkpoint": {"step": ((int,), True), "path": ((str,), True)},
@@ -72,6 +74,7 @@ def step_line_pattern(captured: tuple[str, ...]) -> bytes:
 FINISHED_STATUSES = ("completed", "failed", "cancelled")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ALERT_SEVERITIES = ("warning", "critical")
+PREFERENCE_SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ def validate(obj: Any) -> list[str]:
             problems.append(f"{kind}.{name}: {obj[name]!r} has the wrong type")
     if kind == "finished" and obj.get("status") not in FINISHED_STATUSES:
         problems.append(f"finished.status: {obj.get('status')!r} is not one of {FINISHED_STATUSES}")
+    if kind == "preference" and obj.get("split") not in PREFERENCE_SPLITS:
+        problems.append(f"preference.split: {obj.get('split')!r} is not one of {PREFERENCE_SPLITS}")
     if kind == "log" and obj.get("level") not in LOG_LEVELS:
         problems.append(f"log.level: {obj.get('level')!r} is not one of {LOG_LEVELS}")
     if kind == "alert" and obj.get("severity") not in ALERT_SEVERITIES:

@@ -43,6 +43,10 @@ def check(spec: RunSpec, on_progress: Callable[[str], None] | None = None) -> di
     say("checking the model and the data")
     source = models.converted_folder(source, on_progress=say)
     tokenizer = models.load_tokenizer(source, spec)
+    if spec.training.objective != "sft":  # pairs for dpo/orpo: data that is not pairs fails here
+        from tunewiz.engine.data.pairs import prepare_pairs
+
+        return prepare_pairs(spec, tokenizer).stats
     from tunewiz.engine.data.prepare import prepare
 
     return prepare(spec, tokenizer).stats

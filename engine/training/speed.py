@@ -29,12 +29,13 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def apply_fused_kernels(model: Any, spec: RunSpec, cuda: bool) -> tuple[bool, str]:
+def apply_fused_kernels(model: Any, spec: RunSpec, cuda: bool, loss: bool = True) -> tuple[bool, str]:
     """Patch `model` (before the adapter wraps it) with liger-kernel's fused kernels.
 
     Returns (whether the fused loss is active, a line for the run's log). liger-kernel
     replaces the model's forward with one that computes the loss straight from the hidden states
-    in chunks, so the vocabulary-sized logits never exist in training.
+    in chunks, so the vocabulary-sized logits never exist in training. `loss=False` leaves the loss
+    alone (trl's preference trainers compute their log-probabilities in chunks themselves).
     """
     wanted = spec.speed.fused_kernels
     if wanted == "off":
@@ -49,10 +50,13 @@ def apply_fused_kernels(model: Any, spec: RunSpec, cuda: bool) -> tuple[bool, st
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return False, f"fused kernels skipped: liger-kernel has none for model type {model_type!r}"
-    kernels = LIGER_KERNELS[wanted]
+    kernels = dict(LIGER_KERNELS[wanted])
+    kernels["fused_linear_cross_entropy"] &= loss
+    if not any(kernels.values()):
+        return False, "fused kernels skipped: the preference trainer computes its loss in chunks itself"
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **kernels)
     names = [name for name, on in kernels.items() if on]
-    return True, f"fused kernels (liger-kernel) for {model_type}: {', '.join(names)}"
+    return kernels["fused_linear_cross_entropy"], f"fused kernels (liger-kernel) for {model_type}: {', '.join(names)}"
 
 
 def adapter_dtype(spec: RunSpec, compute: torch.dtype, cuda: bool) -> torch.dtype:

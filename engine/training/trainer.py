@@ -20,14 +20,16 @@ from typing import Any
 from tunewiz.engine import __version__
 from tunewiz.engine.config.spec import RunSpec
 from tunewiz.engine.data.chat import IGNORE_INDEX, ChatEncoder, Encoded, resolve_template
+from tunewiz.engine.data.pairs import PreparedPairs, prepare_pairs
 from tunewiz.engine.data.prepare import PreparedData, prepare
 from tunewiz.engine.errors import HardwareError, TunewizError
 from tunewiz.engine.fileio import atomic_write_json
 from tunewiz.engine.run import coach, monitor, ranks
 from tunewiz.engine.run.context import EngineContext, TrainOutcome
-from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints, seal_checkpoint, unseal_checkpoint
+from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints
 from tunewiz.engine.training import distributed, download, models, oom, speed
 from tunewiz.engine.training.generate import answers, matches
+from tunewiz.engine.training.sealing import SealingTrainerMixin
 
 
 def plan_steps(spec: RunSpec, n_train: int, world_size: int = 1) -> int:
@@ -138,7 +140,8 @@ def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tupl
     One function for the trainer, `tunewiz probe` and the profiler, so that what is measured is
     what trains. Fused kernels patch the base model before peft wraps it.
     """
-    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda)
+    # trl's preference trainers compute log-probabilities in chunks themselves: no fused loss for them.
+    fused_loss, kernels_note = speed.apply_fused_kernels(model, spec, cuda, loss=spec.training.objective == "sft")
     model, targets = apply_lora(model, spec)
     adapter_dtype = speed.adapter_dtype(spec, dtype, cuda)
     speed.cast_adapters(model, adapter_dtype)
@@ -180,14 +183,16 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool) -> Any:
+def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dtype: Any, has_eval: bool,
+                        config_class: type | None = None, **options: Any) -> Any:
+    """transformers' TrainingArguments for the spec, or `config_class` (a subclass, e.g. trl's) with `options`."""
     import torch
     from transformers import TrainingArguments
 
     t = spec.training
     if "tensorboard" in t.report_to:  # beside the run's other files, unless the user chose a place
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "tensorboard"))
-    return TrainingArguments(
+    return (config_class or TrainingArguments)(
         output_dir=str(output / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size, per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation, max_steps=total, learning_rate=t.learning_rate,
@@ -205,12 +210,12 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
         logging_nan_inf_filter=False,  # a NaN loss must reach the coach, not be averaged away
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
-        torch_compile=spec.speed.compile and cuda,
+        torch_compile=spec.speed.compile and cuda, **options,
     )
 
 
-def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData, total: int,
-                   sample_every: int, watch: coach.Watch) -> Any:
+def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData | PreparedPairs,
+                   total: int, sample_every: int, watch: coach.Watch) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -273,7 +278,7 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             ctx.emit("step", step=state.global_step, total_steps=total, epoch=float(state.epoch or 0),
                      loss=self.last_train_loss, learning_rate=float(logs.get("learning_rate", 0.0)),
                      grad_norm=_finite(logs.get("grad_norm")),
-                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done else None,
+                     tokens_per_s=round((tokens - last_tokens) / dt, 1) if steps_done and tokens else None,
                      samples_per_s=round(steps_done * args.train_batch_size * args.gradient_accumulation_steps
                                          / dt, 3) if steps_done else None,
                      tokens_seen=int(tokens), elapsed_s=round(now - self.started, 2),
@@ -340,7 +345,11 @@ def train(ctx: EngineContext) -> TrainOutcome:
 
     ctx.emit("phase", phase="prepare_data", message="reading and tokenising the dataset")
     model_stop_ids = models.generation_stop_ids(source)
-    data = prepare(spec, tokenizer, stop_ids=model_stop_ids)
+    preferring = spec.training.objective != "sft"
+    if preferring:
+        from tunewiz.engine.training import preference  # trl loads only for preference runs
+    data = (prepare_pairs(spec, tokenizer, model_stop_ids) if preferring
+            else prepare(spec, tokenizer, stop_ids=model_stop_ids))
     ctx.emit("phase", phase="prepare_data", message=_data_summary(data.stats), stats=data.stats)
     for problem in data.stats["problems"][:5]:
         ctx.log(f"skipped row {problem}", level="warning")
@@ -352,7 +361,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
     fused_loss, targets, adapter_dtype = prepared.fused_loss, prepared.targets, prepared.adapter_dtype
     trainable, total_params = model.get_nb_trainable_parameters()
     ctx.emit("phase", phase="load_model", message=f"{source.label}: {total_params / 1e6:.1f}M parameters, "
-             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}) on {', '.join(targets)}; "
+             f"{trainable / 1e6:.2f}M trainable ({spec.method}, r={spec.lora.r}, {spec.training.objective}) on "
+             f"{', '.join(targets)}; "
              f"{_dtype_name(dtype)} on {device}, adapters in {_dtype_name(adapter_dtype)}",
              stats={"parameters": total_params, "trainable": trainable, "targets": targets,
                     "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "device": device,
@@ -372,10 +382,18 @@ def train(ctx: EngineContext) -> TrainOutcome:
                 else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
 
     def build(spec: RunSpec) -> Any:
-        args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
-        trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
-                                             eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-                                             data_collator=collator, callbacks=[callback])
+        trainer: Any
+        if isinstance(data, PreparedPairs):
+            args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval),
+                                       preference.config_class(spec.training.objective),
+                                       **preference.config_options(spec))
+            trainer = preference.make_trainer(spec, model, tokenizer, args, data,
+                                              [callback, preference.events_callback(ctx)])
+        else:
+            args = _training_arguments(spec, output, total, cuda, dtype, bool(data.eval))
+            trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
+                                                 eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+                                                 data_collator=collator, callbacks=[callback])
         trainer.remove_callback(PrinterCallback)  # our events replace its prints
         return trainer
 
@@ -466,30 +484,6 @@ def _finish_from_final_checkpoint(ctx: EngineContext, trainer: Any, callback: An
              stats={"total_steps": total, "start_step": step})
 
 
-class SealingTrainerMixin:
-    """Marks each checkpoint complete once all of it is on disk (engine/run/rundir.py: seal_checkpoint),
-    and only then lets transformers delete older ones, so a complete checkpoint always exists."""
-
-    args: Any  # transformers.Trainer's, on the class this is mixed into
-    state: Any
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        unseal_checkpoint(folder)  # a folder being written again stops counting at once
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            seal_checkpoint(folder)
-            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -528,7 +522,8 @@ def _data_summary(stats: dict[str, Any]) -> str:
             f"{stats['supervised_tokens']} supervised tokens")
 
 
-def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource, data: PreparedData,
+def _write_run_card(ctx: EngineContext, output: Path, source: models.ModelSource,
+                    data: PreparedData | PreparedPairs,
                     metrics: dict[str, Any], device: str, result: Any) -> None:
     import torch
 

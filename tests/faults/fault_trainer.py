@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewiz.engine.run.context import EngineContext, TrainOutcome
-from tunewiz.engine.training import models, trainer
+from tunewiz.engine.training import models, sealing, trainer
 
 FAULT_ENV = "TUNEWIZ_FAULT"
 FILLER_ENV = "FAULT_FILLER"
@@ -48,7 +48,7 @@ def fill_disk(filler: Path, leave: int = 0) -> None:
 def _inject(fault: str) -> None:
     name, _, arg = fault.partition(":")
     step = int(arg) if arg else None
-    real_seal, real_fsync_tree = trainer.seal_checkpoint, trainer.fsync_tree
+    real_seal, real_fsync_tree = sealing.seal_checkpoint, trainer.fsync_tree
 
     def at(folder: Path) -> bool:
         return folder.name == f"checkpoint-{step}"
@@ -75,7 +75,7 @@ def _inject(fault: str) -> None:
                 os.truncate(optimizer, optimizer.stat().st_size // 2)
                 _die()
             real_seal(folder)
-        trainer.seal_checkpoint = seal
+        sealing.seal_checkpoint = seal
     elif name in ("after_checkpoint", "fill_disk"):
         def seal(folder: Path) -> None:
             real_seal(folder)
@@ -83,7 +83,7 @@ def _inject(fault: str) -> None:
                 if name == "after_checkpoint":
                     _die()
                 fill_disk(Path(os.environ[FILLER_ENV]), int(os.environ.get(LEAVE_ENV, "0")))
-        trainer.seal_checkpoint = seal
+        sealing.seal_checkpoint = seal
     elif name == "final_save":
         def fsync_tree(folder: Path) -> dict[str, int]:
             sizes = real_fsync_tree(folder)

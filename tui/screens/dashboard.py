@@ -29,14 +29,18 @@ from tunewiz.tui.navigation import Place
 from tunewiz.tui.panels import (
     CHARTS,
     HELP,
+    accuracy_series,
     alert_text,
     chart_series,
     clock_text,
     evaluation_text,
     log_line,
     loss_series,
+    percent,
     progress_text,
     resources_text,
+    reward_series,
+    reward_subtitle,
     samples_renderable,
     title_text,
 )
@@ -64,6 +68,8 @@ STOP_OUTCOMES = {
 }
 EXPORT_KINDS = {"adapter": "the adapter", "merged": "a merged model", "gguf-q8_0": "GGUF q8_0 + Modelfile",
                 "gguf-q4_k_m": "GGUF q4_k_m + Modelfile", "gguf-f16": "GGUF f16 + Modelfile"}
+REWARD_SERIES = (("chosen_reward", "chosen", "green"), ("rejected_reward", "rejected", "red"),
+                 ("margin", "margin", "bold yellow"))
 TABS = {"training": "tab-training", "resources": "tab-resources", "samples": "tab-samples", "log": "tab-log"}
 
 class DashboardScreen(TunewizScreen):
@@ -75,7 +81,7 @@ class DashboardScreen(TunewizScreen):
     DashboardScreen #run-progress { height: 2; padding: 0 1; }
     DashboardScreen #run-title, DashboardScreen #run-progress { text-wrap: nowrap; text-overflow: ellipsis; }
     DashboardScreen #run-alert { height: auto; max-height: 12; padding: 0 1; display: none; }
-    DashboardScreen.short.alerting #charts-small { display: none; }
+    DashboardScreen.short.alerting #charts-small, DashboardScreen.short.alerting #charts-pref { display: none; }
     DashboardScreen #run-alert.shown { display: block; }
     DashboardScreen #dash-tabs { height: 1fr; }
     DashboardScreen #dash-tabs > ContentSwitcher { height: 1fr; }
@@ -83,6 +89,8 @@ class DashboardScreen(TunewizScreen):
     DashboardScreen #charts { height: 1fr; }
     DashboardScreen #chart-loss { height: 3fr; }
     DashboardScreen #charts-small { height: 2fr; }
+    DashboardScreen #charts-pref { height: 2fr; display: none; }
+    DashboardScreen #charts-pref.shown { display: block; }
     DashboardScreen #resources, DashboardScreen #samples { padding: 0 1; }
     DashboardScreen #run-log { height: 1fr; padding: 0 1; }
     """
@@ -148,6 +156,9 @@ class DashboardScreen(TunewizScreen):
             with TabPane("1 Training", id="tab-training"):
                 with Vertical(id="charts"):
                     yield LineChart("Loss", id="chart-loss", empty="no training steps yet")
+                    with Horizontal(id="charts-pref"):  # shown once a preference run reports its rewards
+                        yield LineChart("Rewards", id="chart-rewards", empty="-")
+                        yield LineChart("Preference accuracy", percent, id="chart-accuracy", empty="-")
                     with Horizontal(id="charts-small"):
                         for chart in CHARTS:
                             yield LineChart(chart.title, id=chart.id, empty="-")
@@ -296,6 +307,15 @@ class DashboardScreen(TunewizScreen):
         for chart in CHARTS:
             self.query_one(f"#{chart.id}", LineChart).update_series(
                 chart_series(chart, view), view.version, subtitle=chart.subtitle(view) if chart.subtitle else "")
+        self._draw_preference(view)
+
+    def _draw_preference(self, view: RunView) -> None:
+        """The rewards and their margin, and the implicit-reward accuracy, of a preference run."""
+        self.query_one("#charts-pref").set_class(bool(view.preference), "shown")
+        if view.preference:
+            self.query_one("#chart-rewards", LineChart).update_series(reward_series(view), view.version,
+                                                                      subtitle=reward_subtitle(view))
+            self.query_one("#chart-accuracy", LineChart).update_series(accuracy_series(view), view.version)
 
     def _draw_log(self, view: RunView, reset: bool) -> None:
         log = self.query_one("#run-log", RichLog)

@@ -24,12 +24,23 @@ from tunewiz.tui.wizard import BASIC_KEYS, FIELDS, FieldInfo
 
 FRIENDLY = {
     "name": ("Run name", "Names the run and its folder: letters, digits, '.', '_' or '-'."),
+    "training.objective": ("Objective", "sft: learn from examples of the answers you want (supervised). dpo: learn "
+                                     "from pairs of a better and a worse answer to the same prompt: best to change "
+                                     "tone or style, or when judging answers is easier than writing them. orpo: "
+                                     "like dpo without a reference model."),
     "training.epochs": ("Epochs", "How many times training reads all the data; 1 to 3 is typical."),
     "training.max_steps": ("Max steps", "Stop after this many steps instead; leave empty to use the epochs."),
     "training.learning_rate": ("Learning rate", "Size of each update. The suggested value is a good start; "
                                                 "lower it if the loss jumps around."),
     "training.max_seq_length": ("Max length", "Longest example in tokens; longer ones are cut. Longer costs "
                                               "more memory."),
+}
+
+
+OBJECTIVE_MISMATCH = {
+    True: "Your data holds preference pairs: sft learns only their chosen answers; dpo or orpo learn the preference.",
+    False: "dpo and orpo learn from preference pairs (prompt, chosen, rejected), and your data has one answer per "
+           "prompt: choose sft.",
 }
 
 
@@ -107,6 +118,9 @@ class SettingsScreen(WizardScreen):
         if plan is not None and plan[0] > 1:
             summary.append_text(Text.assemble(("  GPUs ", "dim"), f"{plan[0]} {spec.training.strategy.upper()}"))
         check = self.state.check_for(spec)
+        found = (check.report or {}).get("format") if check is not None and check.report else None
+        if (found == "preference") != (spec.training.objective != "sft") and found not in (None, "auto"):
+            summary.append("\n" + OBJECTIVE_MISMATCH[spec.training.objective == "sft"], style="yellow")
         lengths = (check.report or {}).get("token_lengths") if check is not None and check.report else None
         if lengths:
             summary.append(f"\nYour examples: 90% under {lengths.get('p90', 0):,.0f} tokens, longest "

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.test_gpu_engine import model_root, tokenizer_dir  # noqa: F401 - fixtures
 from tunewiz.engine.planning import recommend
 from tunewiz.engine.run import rundir
 from tunewiz.engine.run.events import validate

@@ -15,7 +15,7 @@ Preference pairs (`training.objective` dpo or orpo) run each pair as two sequenc
 rejected, in one batch: twice the tokens of activations and logits per micro-batch. DPO's extra
 forward pass (the reference: the base with the adapter off) runs without gradients before the
 policy's and frees its work before the policy's forward starts, so it adds time, not memory; trl
-computes DPO's log-probabilities in chunks (like the fused loss), while ORPO builds the full logits.
+builds the full logits of both sides for DPO and ORPO alike (measured on a GPU).
 On the CPU (`Settings.cpu`) weights and activations are fp32, and the estimate is of the process's RAM.
 Under FSDP the weights and adapters are sharded across the GPUs, and each GPU also holds the
 gathered weights of the layers being computed and prefetched.
@@ -178,8 +178,9 @@ class Settings:
 
     @property
     def chunked_logits(self) -> bool:
-        """Logits made a chunk at a time: by liger's fused loss, or by trl's DPO trainer (always)."""
-        return self.fused_loss or self.objective == "dpo"
+        """Logits made a chunk at a time: by liger's fused loss only. trl's DPO and ORPO trainers build the whole
+        logits of chosen and rejected (measured: a 1B DPO run on one H200, bench/results/preference_gpu.jsonl)."""
+        return self.fused_loss
 
 
 @dataclass(frozen=True)

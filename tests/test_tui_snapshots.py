@@ -41,17 +41,24 @@ Steps = Callable[[Any], Awaitable[None]]
 
 
 @pytest.fixture(autouse=True)
-def _fixed_places(monkeypatch: pytest.MonkeyPatch) -> None:
-    shutil.rmtree(FIXED, ignore_errors=True)
-    (FIXED / "runs").mkdir(parents=True)
-    (FIXED / "support.jsonl").write_text("".join(json.dumps({"question": f"How do I reset password {i}?",
-                                                             "answer": f"Open settings, step {i}."}) + "\n"
-                                                 for i in range(8)))
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.delenv("TZ")
-    time.tzset()
+def _fixed_places(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """FIXED is one folder for every process on the machine (snapshots show its paths): a lock keeps two test
+    runs from clearing it under each other."""
+    import fcntl
+
+    FIXED.parent.mkdir(parents=True, exist_ok=True)
+    with open(FIXED.parent / (FIXED.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(FIXED, ignore_errors=True)
+        (FIXED / "runs").mkdir(parents=True)
+        (FIXED / "support.jsonl").write_text("".join(json.dumps({"question": f"How do I reset password {i}?",
+                                                                 "answer": f"Open settings, step {i}."}) + "\n"
+                                                     for i in range(8)))
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()
+        yield
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 async def _settle(pilot: Any) -> None:

@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: the engine's model set-up, profiled with torch.profiler.
 
     python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--set KEY=VALUE ...]
-                                 [--trace T.json.gz]
+                                 [--trace T.json.gz] [--unsloth]
 
 It builds the model exactly as the engine's trainer does (tunewiz.engine.training.models.load_model and
 tunewiz.engine.training.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
@@ -9,7 +9,9 @@ random tokens under bf16 autocast with fused AdamW, and prints GPU kernel time p
 kind (matmuls, attention, fused kernels, 4-bit dequantisation, elementwise and copies, optimiser, ...),
 plus the ten costliest kernels, and the wall time of a synchronised step (its excess over the GPU time
 is time the GPU waits for the host). `--trace` also records the host side and charges those waits to
-Python frames (bench/host_gaps.py).
+Python frames (bench/host_gaps.py). `--unsloth` profiles Unsloth's model instead, set up as
+`.whl/anchor.py` sets it up (r=16, alpha=16, dropout 0, its own checkpointing), on the same step: run
+it with Unsloth's wheels on the path, in the same call as the engine's profile.
 """
 
 from __future__ import annotations
@@ -41,10 +43,6 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tunewiz.engine.config import spec as spec_mod
-    from tunewiz.engine.training import models, speed
-    from tunewiz.engine.training.trainer import prepare_trainable
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
@@ -53,32 +51,22 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a spec override on top, as `tunewiz train --set` takes it (e.g. speed.fused_lora=true)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--unsloth", action="store_true", help="Unsloth's model instead of the engine's")
     parser.add_argument("--trace", type=Path, help="also record CPU activity with Python stacks, write this Chrome "
                         "trace (.json or .json.gz) and print where the GPU waits for the host (bench.host_gaps)")
     args = parser.parse_args()
 
-    spec = spec_mod.RunSpec(method=args.method)
-    spec.model.name = str(args.model)
-    spec.dataset.preset = "demo"  # unused: the step runs on random tokens
-    if args.plain:
-        spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"',
-                                                   'speed.lean_lora=false'])
-    spec = spec_mod.apply_overrides(spec, args.set)
-    source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)
-    model = models.load_model(source, spec, torch.bfloat16, "cuda:0")
-    model, prepared = prepare_trainable(model, spec, torch.bfloat16, True)
-    note = "; ".join(prepared.notes)
-    if not args.no_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, several_gpus=False):
-            note += f"; {offloaded}"
+    if args.unsloth:
+        model, note = unsloth_model(args.model, args.method, not args.no_checkpointing), "Unsloth"
+    else:
+        model, note = engine_model(args)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=not args.plain)
     tokens = torch.randint(0, 32000, (2, 2048), device="cuda:0")
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not args.unsloth):  # Unsloth's loop has none
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
@@ -105,8 +93,8 @@ def main() -> None:
         per_kind[kind_of(event.key)] += cuda_us / args.steps / 1000
         per_kernel[event.key] += cuda_us / args.steps / 1000
     total = sum(per_kind.values())
-    label = f"{args.model.name} {args.method} checkpointing {'off' if args.no_checkpointing else 'on'} " \
-            f"{'plain' if args.plain else 'engine'} ({note})"
+    stack = "unsloth" if args.unsloth else "plain" if args.plain else "engine"
+    label = f"{args.model.name} {args.method} checkpointing {'off' if args.no_checkpointing else 'on'} {stack} ({note})"
     print(f"GPU time per step: {total:.1f} ms, wall time {wall_ms:.1f} ms  [{label}]")
     for kind, ms in sorted(per_kind.items(), key=lambda item: -item[1]):
         print(f"  {kind:<26}{ms:>9.1f} ms {ms / total:>6.1%}")
@@ -115,6 +103,45 @@ def main() -> None:
         print(f"    {ms:>8.1f} ms  {name[:110]}")
     if args.trace:
         trace_host_gaps(step, args.trace, args.steps)
+
+
+def engine_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model as the engine's trainer builds it, and the notes of what the speed levers did."""
+    import torch
+
+    from tunewiz.engine.config import spec as spec_mod
+    from tunewiz.engine.training import models, speed
+    from tunewiz.engine.training.trainer import prepare_trainable
+
+    spec = spec_mod.RunSpec(method=args.method)
+    spec.model.name = str(args.model)
+    spec.dataset.preset = "demo"  # unused: the step runs on random tokens
+    if args.plain:
+        spec = spec_mod.apply_overrides(spec, ['speed.fused_kernels="off"', 'speed.adapter_dtype="fp32"',
+                                                   'speed.lean_lora=false'])
+    spec = spec_mod.apply_overrides(spec, args.set)
+    source = models.ModelSource(str(args.model), is_local=True, label=args.model.name)
+    model = models.load_model(source, spec, torch.bfloat16, "cuda:0")
+    model, prepared = prepare_trainable(model, spec, torch.bfloat16, True)
+    note = "; ".join(prepared.notes)
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, several_gpus=False):
+            note += f"; {offloaded}"
+    return model, note
+
+
+def unsloth_model(path: Path, method: str, checkpointing: bool) -> Any:
+    """Unsloth's model with LoRA as .whl/anchor.py builds it (Unsloth's defaults: alpha = r, dropout 0)."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=2048, dtype=torch.bfloat16,
+                                                 load_in_4bit=method == "qlora")
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"],
+                                            use_gradient_checkpointing="unsloth" if checkpointing else False)
 
 
 def trace_host_gaps(step: Any, path: Path, steps: int) -> None:

@@ -168,6 +168,55 @@ def test_disabled_and_merged_adapters_take_peft_path(no_fused: None) -> None:
         assert torch.allclose(fused(input_ids=tokens).logits, with_adapter, atol=1e-5)  # not added twice
 
 
+def test_operands_follow_disabling_merging_and_eval_after_a_fused_call() -> None:
+    """The operands prepared at the first call are reused only while peft's state and the mode stay the same."""
+    fused, plain = _model(fused=True, dropout=0.5), _model(fused=False, dropout=0.5)
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    _step(fused)  # the fused blocks prepared their operands in training mode, dropout live
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        with_adapter = plain(input_ids=tokens).logits
+        assert torch.allclose(fused(input_ids=tokens).logits, with_adapter, atol=1e-5)  # no dropout in eval
+        with fused.disable_adapter(), plain.disable_adapter():
+            assert torch.allclose(fused(input_ids=tokens).logits, plain(input_ids=tokens).logits, atol=1e-6)
+        assert torch.allclose(fused(input_ids=tokens).logits, with_adapter, atol=1e-5)  # enabled again
+        fused.merge_adapter()
+        assert torch.allclose(fused(input_ids=tokens).logits, with_adapter, atol=1e-5)  # not added twice
+
+
+def test_adapter_casts_are_made_once_and_follow_every_update() -> None:
+    weight = torch.randn(4, 8, requires_grad=True)
+    first = fused_lora._cast(weight, torch.bfloat16)
+    assert fused_lora._cast(weight, torch.bfloat16) is first  # reused while the weight is unchanged
+    with torch.no_grad():
+        weight.add_(1.0)  # what an optimiser step does
+    assert torch.equal(fused_lora._cast(weight, torch.bfloat16), (weight.detach() + 0).bfloat16())
+    key = id(weight)
+    del weight
+    assert key not in fused_lora._CASTS  # the cast goes with its weight
+
+
+def test_cached_casts_train_exactly_as_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three optimiser steps under bf16 autocast (fp32 adapters cast to bf16): bit for bit the same losses and
+    gradients as casting afresh at every use, so no step ever computes with a cast from before an update."""
+
+    def train() -> list[torch.Tensor]:
+        model = _model(fused=True, dtype=torch.bfloat16, checkpointing=True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        seen = []
+        for _ in range(3):
+            loss, grads = _step(model, autocast=True)
+            seen += [loss, *grads.values()]
+            optimizer.step()
+            optimizer.zero_grad()
+        return seen
+
+    cached = train()
+    monkeypatch.setattr(fused_lora, "_cast", lambda weight, dtype: weight.detach().to(dtype))
+    fresh = train()
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh, strict=True))
+
+
 def _peft_model(**lora: Any) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,34 @@ def _operands(layer: Any, x: torch.Tensor) -> tuple[_Projection, torch.Tensor, t
 
 def _weight_dtype(base: torch.nn.Module) -> torch.dtype:
     return base.weight.quant_state.dtype if _is_4bit(base) else base.weight.dtype
+
+
+# Adapter weights cast to the compute dtype, by id of the weight: (a weak reference to it, its version and
+# storage when cast, the cast). fp32 adapters are cast to bf16 once per optimiser step instead of at every
+# use (forward, recompute and backward); an entry goes when its weight does.
+_CASTS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`, cast once until the weight changes (an optimiser step bumps its version)."""
+    if weight.dtype == dtype:
+        return weight
+    key = id(weight)
+    held = _CASTS.get(key)
+    if (held is not None and held[0]() is weight and held[1] == weight._version and held[2] == weight.data_ptr()
+            and held[3].dtype == dtype):
+        return held[3]
+    cast = weight.detach().to(dtype)
+    _CASTS[key] = (weakref.ref(weight, lambda _, key=key: _CASTS.pop(key, None)), weight._version, weight.data_ptr(),
+                   cast)
+    return cast
+
+
+def _scaled_as(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`product * scale` in `dtype`: one kernel where a multiply and a cast would take two."""
+    if product.dtype == dtype:
+        return product.mul_(scale)
+    return torch.mul(product, scale, out=torch.empty(product.shape, dtype=dtype, device=product.device))
 
 
 def _compute_dtype(x: torch.Tensor, projections: list[_Projection], adapters: list[torch.Tensor]) -> torch.dtype | None:
@@ -164,32 +193,36 @@ def _rng_replayed(device: torch.device, state: torch.Tensor) -> Iterator[None]:
 def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
                   noise: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(base(inputs) + scaling * B A dropout(inputs), A dropout(inputs)) for 2-D `inputs` in `dtype`."""
-    inputs_a = (inputs if noise is None else inputs * noise) @ a.to(dtype).t()
+    inputs_a = (inputs if noise is None else inputs * noise) @ _cast(a, dtype).t()
     if noise is not None:
         inputs_a.mul_(1 / (1 - projection.dropout))
     out = _base_forward(inputs, projection.base, dtype)
-    return out.addmm_(inputs_a, b.to(dtype).t(), alpha=projection.scaling), inputs_a
+    return out.addmm_(inputs_a, _cast(b, dtype).t(), alpha=projection.scaling), inputs_a
 
 
 def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Tensor, projection: _Projection,
                    a: torch.Tensor, b: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype,
                    need_input: bool, into: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output, in `dtype`; the inputs'
-    gradient is added to `into` where given (another projection's of the same inputs)."""
-    a, b, s = a.to(dtype), b.to(dtype), projection.scaling
-    grad_b = (grad.t() @ inputs_a).mul_(s)
-    # the gradient reaching A's output, times the dropout's 1 / (1 - p)
-    grad_a_out = (grad @ b).mul_(s if noise is None else s / (1 - projection.dropout))
-    grad_a = grad_a_out.t() @ (inputs if noise is None else inputs * noise)
+    """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output; the inputs' gradient in
+    `dtype`, added to `into` where given (another projection's of the same inputs), A's and B's in their own.
+
+    The scaling (and the dropout's 1 / (1 - p)) is applied where it costs no kernel: in the cast of A's and
+    B's gradients and in the `alpha` of the input gradient's matmul.
+    """
+    a_cast, s = _cast(a, dtype), projection.scaling
+    grad_b = _scaled_as(grad.t() @ inputs_a, s, b.dtype)
+    scale_a = s if noise is None else s / (1 - projection.dropout)
+    grad_a_out = grad @ _cast(b, dtype)  # the gradient reaching A's output, before scale_a
+    grad_a = _scaled_as(grad_a_out.t() @ (inputs if noise is None else inputs * noise), scale_a, a.dtype)
     if not need_input:
         return None, grad_a, grad_b
     weight = _frozen_weight(projection.base, dtype)
     grad_inputs = grad @ weight if into is None else into.addmm_(grad, weight)
     if noise is None:
-        grad_inputs.addmm_(grad_a_out, a)
+        grad_inputs.addmm_(grad_a_out, a_cast, alpha=scale_a)
     else:
-        grad_inputs.add_((grad_a_out @ a).mul_(noise))
+        grad_inputs.addcmul_(grad_a_out @ a_cast, noise, value=scale_a)
     return grad_inputs, grad_a, grad_b
 
 
@@ -233,7 +266,7 @@ class LoraProjections(torch.autograd.Function):
                 a, b = adapters[2 * index:2 * index + 2]
                 grad_x, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
                                                         a, b, noises[index], dtype, ctx.needs_input_grad[0], grad_x)
-                adapter_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
+                adapter_grads += [grad_a, grad_b]
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
         return (grad_x, None, None, *adapter_grads)
 
@@ -317,7 +350,7 @@ class LoraSwiGLU(torch.autograd.Function):
                                                           need, grad_x)
         grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
         grad_input = grad_x.view(x.shape).to(x.dtype) if need and grad_x is not None else None
-        return (grad_input, None, None, *(g.to(w.dtype) for g, w in zip(grads, adapters)))
+        return (grad_input, None, None, *grads)
 
 
 def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
@@ -327,7 +360,10 @@ def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
     return patched if patched is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
 
 
-def _prepare(layers: list[Any], x: torch.Tensor) -> tuple[list[_Projection], list[torch.Tensor], torch.dtype] | None:
+Prepared = tuple[list[_Projection], list[torch.Tensor], torch.dtype]
+
+
+def _prepare(layers: list[Any], x: torch.Tensor) -> Prepared | None:
     """Every layer's operands and the compute dtype, or None when any layer must take peft's path."""
     found = [_operands(layer, x) for layer in layers]
     operands = [o for o in found if o is not None]
@@ -339,13 +375,51 @@ def _prepare(layers: list[Any], x: torch.Tensor) -> tuple[list[_Projection], lis
     return None if dtype is None else (projections, adapters, dtype)
 
 
-class _SharedInput:
+# peft's LoraLayer attributes that change at run time: disabling (trl's reference pass), merging, the active adapter.
+_LAYER_STATE = ("_disable_adapters", "merged_adapters", "_active_adapter")
+
+
+def _state_key(layers: list[Any], x: torch.Tensor) -> tuple[Any, ...] | None:
+    """What `_prepare`'s answer depends on that can change between calls, read straight from the layers'
+    attributes (peft's properties and nn.Module's attribute lookup cost more than the matmuls of a small
+    projection); None where a layer lacks one of them (another peft: prepare at every call)."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    key: list[Any] = [autocast, torch.get_autocast_dtype(device) if autocast else None, x.dtype, x.device]
+    for layer in layers:
+        state = layer.__dict__
+        if any(name not in state for name in _LAYER_STATE):
+            return None
+        active = state["_active_adapter"]
+        active = active if isinstance(active, str) else tuple(active)
+        scaling = state.get("scaling")
+        key.append((state["_disable_adapters"], bool(state["merged_adapters"]), active, state.get("training"),
+                    scaling.get(active) if isinstance(scaling, dict) and isinstance(active, str) else None))
+    return tuple(key)
+
+
+class _Group:
+    """LoRA layers computed together, with their operands prepared once for each state they are called in."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+        self.key: tuple[Any, ...] | None = None
+        self.prepared: Prepared | None = None
+
+    def prepare(self, x: torch.Tensor) -> Prepared | None:
+        key = _state_key(self.layers, x)
+        if key is None or key != self.key:
+            self.prepared, self.key = _prepare(self.layers, x), key
+        return self.prepared
+
+
+class _SharedInput(_Group):
     """LoRA projections that read one input (Q, K, V): the first call computes them all in one node, the
     others take their output. The pending outputs are keyed by the input tensor itself, so a call with
     another input (or grad mode) computes afresh and nothing stale is ever returned."""
 
     def __init__(self, layers: list[Any]) -> None:
-        self.layers = layers
+        super().__init__(layers)
         self.fallbacks = [_previous_forward(layer) for layer in layers]
         self.pending: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
 
@@ -355,7 +429,7 @@ class _SharedInput:
         entry = self.pending.pop(index, None)
         if entry is not None and entry[0] is x and entry[1] == torch.is_grad_enabled():
             return entry[2]
-        prepared = _prepare(self.layers, x)
+        prepared = self.prepare(x)
         if prepared is None:
             self.pending.clear()
             return self.fallbacks[index](x)
@@ -366,14 +440,19 @@ class _SharedInput:
         return outputs[index]
 
 
-def _mlp_forward(mlp: torch.nn.Module, fallback: Callable[..., Any], x: torch.Tensor, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-    layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    prepared = None if args or kwargs else _prepare(layers, x)
-    if prepared is None:
-        return fallback(x, *args, **kwargs)
-    projections, adapters, dtype = prepared
-    return LoraSwiGLU.apply(x, tuple(projections), dtype, *adapters)
+class _FusedMLP(_Group):
+    """A Llama-like MLP's forward: the fused block, or the forward it had before where that must run."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+        self.fallback = _previous_forward(mlp)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        prepared = None if args or kwargs else self.prepare(x)
+        if prepared is None:
+            return self.fallback(x, *args, **kwargs)
+        projections, adapters, dtype = prepared
+        return LoraSwiGLU.apply(x, tuple(projections), dtype, *adapters)
 
 
 def _fusable_mlp(module: torch.nn.Module) -> bool:
@@ -397,7 +476,7 @@ def apply_fused_lora(model: torch.nn.Module) -> tuple[int, int]:
     mlps = attentions = 0
     for module in list(model.modules()):
         if _fusable_mlp(module):
-            module.forward = functools.partial(_mlp_forward, module, _previous_forward(module))
+            module.forward = _FusedMLP(module).forward
             mlps += 1
         inputs = [getattr(module, name) for name in ATTENTION_INPUTS if _linear_lora(getattr(module, name, None))]
         if inputs and _linear_lora(getattr(module, "o_proj", None)):

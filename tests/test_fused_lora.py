@@ -147,14 +147,14 @@ def test_fused_blocks_save_less_than_peft() -> None:
 
 def test_lever_off_changes_nothing() -> None:
     model = _model(fused=False, lean=True)
-    assert speed.apply_fused_lora(model, _spec()) == (0, 0)
+    assert speed.apply_fused_lora(model, _spec(), cuda=False) == (0, 0, 0)
     assert not any(isinstance(m.__dict__.get("forward"), fused_lora.functools.partial) for m in model.modules())
 
 
 def test_fused_lora_counts_the_blocks_it_patches() -> None:
     model = _model(fused=False)
-    # 2 layers: their MLPs and attention blocks
-    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true")) == (2, 2)
+    # 2 layers: their MLPs and attention blocks; no Triton norms on a CPU
+    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true"), cuda=False) == (2, 2, 0)
 
 
 def test_disabled_and_merged_adapters_take_peft_path(no_fused: None) -> None:

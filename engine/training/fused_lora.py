@@ -353,7 +353,7 @@ class LoraSwiGLU(torch.autograd.Function):
         return (grad_input, None, None, *grads)
 
 
-def _previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
+def previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
     """The forward `module` runs now: an instance patch (the lean forward, liger's) or its class's, looked up
     at call time so that a later patch of the class is honoured."""
     patched = module.__dict__.get("forward")
@@ -420,7 +420,7 @@ class _SharedInput(_Group):
 
     def __init__(self, layers: list[Any]) -> None:
         super().__init__(layers)
-        self.fallbacks = [_previous_forward(layer) for layer in layers]
+        self.fallbacks = [previous_forward(layer) for layer in layers]
         self.pending: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
 
     def forward(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -445,7 +445,7 @@ class _FusedMLP(_Group):
 
     def __init__(self, mlp: torch.nn.Module) -> None:
         super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
-        self.fallback = _previous_forward(mlp)
+        self.fallback = previous_forward(mlp)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         prepared = None if args or kwargs else self.prepare(x)

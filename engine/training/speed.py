@@ -133,16 +133,19 @@ def apply_lean_lora(model: Any, spec: RunSpec) -> int:
     return patched
 
 
-def apply_fused_lora(model: Any, spec: RunSpec) -> tuple[int, int]:
-    """Fused LoRA MLP and attention blocks (`speed.fused_lora`); returns (MLPs, attention blocks) patched.
+def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool) -> tuple[int, int, int]:
+    """Fused LoRA MLP and attention blocks (`speed.fused_lora`), and on CUDA the frozen-weight Triton RMSNorm;
+    returns (MLPs, attention blocks, norms) patched.
 
     Called after `apply_lean_lora`, so the per-layer forwards it falls back to are in place.
     """
     if not spec.speed.fused_lora:
-        return 0, 0
+        return 0, 0, 0
     from tunewiz.engine.training.fused_lora import apply_fused_lora as patch
+    from tunewiz.engine.training.rmsnorm_triton import apply_frozen_rms_norm
 
-    return patch(model)
+    mlps, attention = patch(model)
+    return mlps, attention, apply_frozen_rms_norm(model, cuda)
 
 
 def _is_linear_lora(module: Any) -> bool:

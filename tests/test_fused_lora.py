@@ -147,14 +147,15 @@ def test_fused_blocks_save_less_than_peft() -> None:
 
 def test_lever_off_changes_nothing() -> None:
     model = _model(fused=False, lean=True)
-    assert speed.apply_fused_lora(model, _spec(), cuda=False) == (0, 0, 0)
+    assert speed.apply_fused_lora(model, _spec(), cuda=False) == []
     assert not any(isinstance(m.__dict__.get("forward"), fused_lora.functools.partial) for m in model.modules())
 
 
 def test_fused_lora_counts_the_blocks_it_patches() -> None:
     model = _model(fused=False)
     # 2 layers: their MLPs and attention blocks; no Triton norms on a CPU
-    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true"), cuda=False) == (2, 2, 0)
+    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true"), cuda=False) == [
+        "fused LoRA blocks on 2 MLPs and 2 attention blocks (speed.fused_lora)"]
 
 
 def test_disabled_and_merged_adapters_take_peft_path(no_fused: None) -> None:
@@ -338,11 +339,13 @@ def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pyt
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 weights (or NF4 ones, dequantised by the fused blocks), fp32 adapters, autocast, on CUDA."""
+    """bf16 weights (or NF4 ones, dequantised by the fused blocks), fp32 adapters, autocast, on CUDA; with the
+    lever's Triton RMSNorm and rotary embedding."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import Linear
     from peft.tuners.lora.bnb import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.models.llama import modeling_llama
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_config("llama", hidden_size=256, intermediate_size=512)).save_pretrained(tmp_path)
@@ -358,7 +361,10 @@ def test_fused_blocks_in_bf16_on_cuda(quantized: bool, tmp_path: Any, monkeypatc
             if "lora_B" in name:
                 param.data.normal_(std=0.05)
         if fused:
-            assert fused_lora.apply_fused_lora(model) == (2, 2)
+            monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)  # restored
+            assert speed.apply_fused_lora(model, _spec("speed.fused_lora=true"), cuda=True) == [
+                "fused LoRA blocks on 2 MLPs and 2 attention blocks (speed.fused_lora)", "Triton RMSNorm on 5 norms",
+                "Triton rotary embedding"]
         model.train()
         tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
         with monkeypatch.context() as patch:

@@ -98,15 +98,17 @@ def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`, cast once until the weight changes (an optimiser step bumps its version)."""
     if weight.dtype == dtype:
         return weight
-    key = id(weight)
+    key, version, storage = id(weight), weight._version, weight.data_ptr()
     held = _CASTS.get(key)
-    if (held is not None and held[0]() is weight and held[1] == weight._version and held[2] == weight.data_ptr()
-            and held[3].dtype == dtype):
+    if held is not None and held[0]() is weight and held[1:3] == (version, storage) and held[3].dtype == dtype:
         return held[3]
     cast = weight.detach().to(dtype)
-    _CASTS[key] = (weakref.ref(weight, lambda _, key=key: _CASTS.pop(key, None)), weight._version, weight.data_ptr(),
-                   cast)
+    _CASTS[key] = (weakref.ref(weight, functools.partial(_forget_cast, key)), version, storage, cast)
     return cast
+
+
+def _forget_cast(key: int, _: object) -> None:
+    _CASTS.pop(key, None)
 
 
 def _scaled_as(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

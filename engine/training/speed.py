@@ -133,19 +133,24 @@ def apply_lean_lora(model: Any, spec: RunSpec) -> int:
     return patched
 
 
-def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool) -> tuple[int, int, int]:
-    """Fused LoRA MLP and attention blocks (`speed.fused_lora`), and on CUDA the frozen-weight Triton RMSNorm;
-    returns (MLPs, attention blocks, norms) patched.
+def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool) -> list[str]:
+    """Fused LoRA MLP and attention blocks (`speed.fused_lora`), and on CUDA our Triton RMSNorm and rotary
+    embedding; what it did, for the run's log (nothing when the lever is off).
 
     Called after `apply_lean_lora`, so the per-layer forwards it falls back to are in place.
     """
     if not spec.speed.fused_lora:
-        return 0, 0, 0
+        return []
+    from tunewiz.engine.training import rmsnorm_triton, rope_triton
     from tunewiz.engine.training.fused_lora import apply_fused_lora as patch
-    from tunewiz.engine.training.rmsnorm_triton import apply_frozen_rms_norm
 
     mlps, attention = patch(model)
-    return mlps, attention, apply_frozen_rms_norm(model, cuda)
+    done = [f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)"]
+    if norms := rmsnorm_triton.apply_frozen_rms_norm(model, cuda):
+        done.append(f"Triton RMSNorm on {norms} norms")
+    if rope_triton.apply_rope(model, cuda):
+        done.append("Triton rotary embedding")
+    return done
 
 
 def _is_linear_lora(module: Any) -> bool:

@@ -148,10 +148,7 @@ def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tupl
     notes = [kernels_note]
     if lean := speed.apply_lean_lora(model, spec):
         notes.append(f"lean LoRA forward on {lean} layers (speed.lean_lora)")
-    mlps, attention, norms = speed.apply_fused_lora(model, spec, cuda)
-    if mlps or attention:
-        notes.append(f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)"
-                     + (f", Triton RMSNorm on {norms} norms" if norms else ""))
+    notes += speed.apply_fused_lora(model, spec, cuda)
     return model, Prepared(targets, fused_loss, adapter_dtype, notes)
 
 

@@ -81,6 +81,7 @@ VARIANTS = {
     "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
     "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
     "engine_offload": ("speed.offload_checkpoints=true",),
+    "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
@@ -139,13 +140,16 @@ def suite_cases(suite: str) -> list[Case]:
                     "engine_fused_lora", "baseline_other_dropout", "baseline_no_dropout", "engine_no_dropout")
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
                      learning_rate=1e-4) for variant in variants]
-    if suite == "fused":  # the fused LoRA blocks against the engine's defaults and the baseline, 8B
-        return [Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
-                for variant in ("engine_fused_lora", "engine", "baseline")] + [
-            Case("fused", "llama-3.1-8b", "lora", False, variant) for variant in ("engine_fused_lora", "engine")] + [
-            Case("fused", "llama-3.1-8b", method, True, variant) for method in ("lora", "qlora")
-            for variant in ("engine_fused_lora_no_dropout", "engine_no_dropout", "engine_fused_offload_no_dropout",
-                            "engine_offload")]
+    if suite == "fused":  # the fused LoRA blocks against the engine's defaults, the baseline and Unsloth, 8B;
+        # the cases Unsloth's loop compares with (dropout 0) first, as a call's budget may end the list early
+        shape = "llama-3.1-8b"
+        return [Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
+                for variant in ("engine_fused_offload_no_dropout", "engine_fused_lora_no_dropout")] + [
+            Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
+            Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2)] + [
+            Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
+            for variant in ("engine_no_dropout", "engine_offload", "engine_fused_lora", "engine", "baseline")] + [
+            Case("fused", shape, "lora", False, variant) for variant in ("engine_fused_lora", "engine")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
@@ -169,7 +173,7 @@ def case_spec(case: Case, model_dir: Path, data: Path) -> spec_mod.RunSpec:
         spec.dataset = dataclasses.replace(spec.dataset, source=None, preset="demo", format="auto", eval_fraction=0.0)
     spec.training = dataclasses.replace(spec.training, packing=case.packing, learning_rate=case.learning_rate,
                                         save_every=10_000)
-    if case.variant == "engine_auto":
+    if case.variant.startswith("engine_auto"):
         choice = recommend.choice_for(str(model_dir), HardwareReport(), SEQ_LEN, AUTO_CARD_BYTES, gpus=1)
         spec = choice.apply(spec)
     return spec_mod.apply_overrides(spec, list(case.overrides()))
@@ -374,7 +378,7 @@ def unsloth_key(row: dict[str, Any]) -> tuple[Any, ...] | None:
 def engine_key(row: dict[str, Any]) -> tuple[Any, ...]:
     """The same key for a bench.speed row; the automatic choice is held against Unsloth's default
     (checkpointing on), as the issue's target reads."""
-    checkpointing = True if row["variant"] == "engine_auto" else row["checkpointing"]
+    checkpointing = True if row["variant"].startswith("engine_auto") else row["checkpointing"]
     micro_batch = (row.get("settings") or {}).get("micro_batch", row.get("micro_batch", MICRO_BATCH))
     return row["shape"], row["method"], checkpointing, row.get("seq_len", SEQ_LEN), micro_batch, row.get("machine")
 
@@ -399,7 +403,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     def reference_key(row: dict[str, Any]) -> tuple[Any, ...]:
         """The automatic choice is held against the baseline as the issue defines it: checkpointing on."""
-        return (*key(row)[:3], True, *key(row)[4:]) if row["variant"] == "engine_auto" else key(row)
+        return (*key(row)[:3], True, *key(row)[4:]) if row["variant"].startswith("engine_auto") else key(row)
 
     def references(variant: str) -> dict[tuple[Any, ...], dict[str, Any]]:
         return {key(r): r for r in rows if r["variant"] == variant and r["status"] == "completed"}

@@ -126,6 +126,12 @@ def _compute_dtype(x: torch.Tensor, projections: list[_Projection], adapters: li
     return x.dtype if len(dtypes) == 1 else None
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without the call into torch where it already is (most calls: a no-op `.to()` costs
+    host time, and the fused blocks make thousands of these checks a step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight in `dtype`; a 4-bit one dequantised (on CUDA into the shared buffer of its shape).
 
@@ -138,13 +144,13 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """
     weight = base.weight
     if not _is_4bit(base):
-        return weight.to(dtype)
-    import bitsandbytes.functional as bnb_functional
-
+        return _as(weight, dtype)
     state = weight.quant_state
     if not weight.is_cuda:
-        return bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
-    key = (tuple(state.shape), state.dtype, weight.device)
+        import bitsandbytes.functional as bnb_functional
+
+        return _as(bnb_functional.dequantize_4bit(weight.data, state), dtype)
+    key = (state.shape, state.dtype, weight.device)
     buffer = _DEQUANT_BUFFERS.get(key)
     if buffer is None:
         buffer = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
@@ -152,16 +158,18 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         if nf4_triton.supports(state):
             nf4_triton.dequantize(weight.data, state, buffer)
         else:
+            import bitsandbytes.functional as bnb_functional
+
             bnb_functional.dequantize_4bit(weight.data, state, out=buffer)
         _BUFFER_HOLDS[key] = weight
-    return buffer.to(dtype)
+    return _as(buffer, dtype)
 
 
 def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = _frozen_weight(base, dtype)
     if base.bias is None:
         return inputs @ weight.t()
-    return torch.addmm(base.bias.to(dtype), inputs, weight.t())
+    return torch.addmm(_as(base.bias, dtype), inputs, weight.t())
 
 
 def _noise(shape: tuple[int, ...], like: torch.Tensor, p: float) -> torch.Tensor | None:
@@ -229,7 +237,7 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(dtype)
+    return _as(x.reshape(-1, x.shape[-1]), dtype)
 
 
 class LoraProjections(torch.autograd.Function):
@@ -269,7 +277,7 @@ class LoraProjections(torch.autograd.Function):
                 grad_x, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
                                                         a, b, noises[index], dtype, ctx.needs_input_grad[0], grad_x)
                 adapter_grads += [grad_a, grad_b]
-        grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
+        grad_x = None if grad_x is None else _as(grad_x.view(x.shape), x.dtype)
         return (grad_x, None, None, *adapter_grads)
 
 
@@ -351,7 +359,7 @@ class LoraSwiGLU(torch.autograd.Function):
             grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, a_up, b_up, noise_up, dtype,
                                                           need, grad_x)
         grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
-        grad_input = grad_x.view(x.shape).to(x.dtype) if need and grad_x is not None else None
+        grad_input = _as(grad_x.view(x.shape), x.dtype) if need and grad_x is not None else None
         return (grad_input, None, None, *grads)
 
 

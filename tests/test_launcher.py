@@ -76,6 +76,25 @@ def test_engine_outlives_the_process_that_launched_it() -> None:
     assert status["state"] == "completed" and status["step"] == 40 and status["last_event"] == "finished"
 
 
+@pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:64"])
+def test_the_engine_grows_cuda_memory_in_segments_unless_the_user_chose(user_setting: str | None, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    record = tmp_path / "allocator.json"
+    env = fake_env(steps=1, FAKE_RECORD_ENV=str(record))
+    if user_setting:
+        env["PYTORCH_ALLOC_CONF"] = user_setting
+    run = make_run()
+    launcher.launch(run, env=env)
+    assert wait_finished(run)["status"] == "completed"
+    seen = json.loads(record.read_text())
+    if user_setting:
+        assert seen == {"PYTORCH_CUDA_ALLOC_CONF": None, "PYTORCH_ALLOC_CONF": user_setting}
+    else:
+        assert seen == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": None}
+
+
 def test_stop_request_is_graceful() -> None:
     run = make_run()
     start(run, steps=500, step_s=0.02)

@@ -52,6 +52,11 @@ DEFAULT_TRAINER = "tunewiz.engine.training.trainer:train"
 TRACEBACK_LINES = 25
 SUPERVISED_ENV = "TUNEWIZ_SUPERVISED"  # set for ranks whose supervisor holds the lock
 RANK_ERROR_GLOB = "rank-*.error.json"
+# PyTorch's allocator grows its segments instead of caching fixed blocks: the reserved peak stays near the
+# allocated one (an 8B LoRA step reserved 0.4 GiB more than it allocated without it). Set before CUDA
+# starts; the user's own setting, under either name PyTorch reads, wins.
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ALLOCATOR_SETTING = "expandable_segments:True"
 
 Trainer = Callable[[EngineContext], TrainOutcome]
 
@@ -394,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(distributed.RANK_WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.umask(0o077)  # events, logs, checkpoints and caches hold the user's data: private to the user
+    if not any(os.environ.get(name) for name in ALLOCATOR_ENV):  # the ranks started from here inherit it
+        os.environ[ALLOCATOR_ENV[0]] = ALLOCATOR_SETTING
     run = RunDir(args.run_dir.resolve())
     if args.rank_worker:
         return run_rank(run, resume=args.resume)

@@ -77,11 +77,15 @@ VARIANTS = {
     "engine_bf16_adapters": ("speed.adapter_dtype=\"bf16\"",),
     "engine_unfused": ("speed.fused_kernels=\"off\"",),
     "engine_no_lean": ("speed.lean_lora=false",),
+    # Rows up to 2026-12-02's second session ran these with speed.fused_lora off by default, and each row's
+    # settings say what it ran with. The fused blocks are the default since.
     "engine_fused_lora": ("speed.fused_lora=true",),
     "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
     "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
     "engine_offload": ("speed.offload_checkpoints=true",),
     "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
+    "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
+    "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
 }
@@ -148,8 +152,9 @@ def suite_cases(suite: str) -> list[Case]:
             Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
             Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2)] + [
             Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
-            for variant in ("engine_no_dropout", "engine_offload", "engine_fused_lora", "engine", "baseline")] + [
-            Case("fused", shape, "lora", False, variant) for variant in ("engine_fused_lora", "engine")]
+            for variant in ("engine_unfused_lora_no_dropout", "engine_no_dropout", "engine_offload", "engine",
+                            "engine_unfused_lora", "baseline")] + [
+            Case("fused", shape, "lora", False, variant) for variant in ("engine", "engine_unfused_lora")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]

@@ -147,7 +147,15 @@ def test_fused_blocks_save_less_than_peft() -> None:
 
 def test_lever_off_changes_nothing() -> None:
     model = _model(fused=False, lean=True)
-    assert speed.apply_fused_lora(model, _spec(), cuda=False) == []
+    assert speed.apply_fused_lora(model, _spec("speed.fused_lora=false"), cuda=False) == []
+    assert not any(isinstance(m.__dict__.get("forward"), fused_lora.functools.partial) for m in model.modules())
+
+
+def test_fused_lora_is_on_by_default_and_stands_aside_under_fsdp() -> None:
+    assert RunSpec().speed.fused_lora
+    model = _model(fused=False)
+    assert speed.apply_fused_lora(model, _spec(), cuda=False, fsdp=True) == [
+        "fused LoRA blocks skipped: not under FSDP (the lean forward serves every layer)"]
     assert not any(isinstance(m.__dict__.get("forward"), fused_lora.functools.partial) for m in model.modules())
 
 

@@ -154,11 +154,11 @@ def test_benchmark_auto_case_trains_what_the_recommender_picks(tmp_path: Any) ->
 
 def test_benchmark_fused_suite_compares_the_fused_blocks_with_the_defaults(tmp_path: Any) -> None:
     cases = {(c.method, c.checkpointing, c.variant): c for c in bench_speed.suite_cases("fused")}
-    assert {"engine", "engine_fused_lora", "baseline"} <= {v for m, gc, v in cases if m == "qlora" and gc}
-    fused = bench_speed.case_spec(cases["lora", True, "engine_fused_lora"], tmp_path, tmp_path / "long.jsonl")
+    assert {"engine", "engine_unfused_lora", "baseline"} <= {v for m, gc, v in cases if m == "qlora" and gc}
+    unfused = bench_speed.case_spec(cases["lora", True, "engine_unfused_lora"], tmp_path, tmp_path / "long.jsonl")
     default = bench_speed.case_spec(cases["lora", True, "engine"], tmp_path, tmp_path / "long.jsonl")
-    assert fused.speed.fused_lora and not default.speed.fused_lora and fused.speed.lean_lora
-    assert bench_speed.settings_of(cases["lora", True, "engine_fused_lora"], fused)["fused_lora"] is True
+    assert default.speed.fused_lora and not unfused.speed.fused_lora and unfused.speed.lean_lora
+    assert bench_speed.settings_of(cases["lora", True, "engine_unfused_lora"], unfused)["fused_lora"] is False
 
     def row(variant: str, tokens: float) -> dict[str, Any]:
         return {"suite": "fused", "shape": "llama-3.1-8b", "method": "lora", "checkpointing": True,
@@ -225,7 +225,7 @@ def _lora_llama(lean: bool, dropout: float = 0.0, dtype: Any = None) -> Any:
     if dtype is not None:
         base = base.to(dtype)
     spec = _spec(f"lora.dropout={dropout}", f"speed.lean_lora={str(lean).lower()}",
-                 'lora.target_modules=["all-linear"]')
+                 'lora.target_modules=["all-linear"]', "speed.fused_lora=false")  # the lean forward alone
     model, prepared = prepare_trainable(base, spec, dtype or torch.float32, cuda=False)
     torch.manual_seed(2)
     for name, param in model.named_parameters():

@@ -133,7 +133,7 @@ def apply_lean_lora(model: Any, spec: RunSpec) -> int:
     return patched
 
 
-def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool) -> list[str]:
+def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool, fsdp: bool = False) -> list[str]:
     """Fused LoRA MLP and attention blocks (`speed.fused_lora`), and on CUDA our Triton RMSNorm and rotary
     embedding; what it did, for the run's log (nothing when the lever is off).
 
@@ -141,6 +141,8 @@ def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool) -> list[str]:
     """
     if not spec.speed.fused_lora:
         return []
+    if fsdp:  # FSDP swaps each layer's unsharded weights in around its forward: the blocks prepare theirs once
+        return ["fused LoRA blocks skipped: not under FSDP (the lean forward serves every layer)"]
     from tunewiz.engine.training import rmsnorm_triton, rope_triton
     from tunewiz.engine.training.fused_lora import apply_fused_lora as patch
 

@@ -148,7 +148,7 @@ def prepare_trainable(model: Any, spec: RunSpec, dtype: Any, cuda: bool) -> tupl
     notes = [kernels_note]
     if lean := speed.apply_lean_lora(model, spec):
         notes.append(f"lean LoRA forward on {lean} layers (speed.lean_lora)")
-    notes += speed.apply_fused_lora(model, spec, cuda)
+    notes += speed.apply_fused_lora(model, spec, cuda, fsdp=using_fsdp())
     return model, Prepared(targets, fused_loss, adapter_dtype, notes)
 
 

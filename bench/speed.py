@@ -154,7 +154,9 @@ def suite_cases(suite: str) -> list[Case]:
             Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
             for variant in ("engine_unfused_lora_no_dropout", "engine_no_dropout", "engine_offload", "engine",
                             "engine_unfused_lora", "baseline")] + [
-            Case("fused", shape, "lora", False, variant) for variant in ("engine", "engine_unfused_lora")]
+            Case("fused", shape, "lora", False, variant) for variant in ("engine", "engine_unfused_lora")] + [
+            Case("fused", "llama-3.2-1b", method, True, "engine_fused_offload_no_dropout")
+            for method in ("lora", "qlora")]
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]

@@ -121,8 +121,10 @@ def rows_from_speed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["status"] != "completed" or "stack" in settings or settings.get("compile") or row["data"] != "long":
             continue
         out.append({"model": row["shape"], "method": row["method"], "r": row["r"], "targets": "all-linear",
-                    "lora_dropout": settings["lora_dropout"], "micro_batch_size": row["micro_batch"],
-                    "seq_len": row["seq_len"], "gradient_checkpointing": row["checkpointing"],
+                    "lora_dropout": settings["lora_dropout"],
+                    "micro_batch_size": settings.get("micro_batch", row["micro_batch"]),  # the automatic choice's
+                    "seq_len": row["seq_len"], "gradient_checkpointing": settings.get("checkpointing",
+                                                                                      row["checkpointing"]),
                     "optimizer": settings["optimizer"], "fused_kernels": settings["fused_kernels"],
                     "adapter_bytes": 2 if settings["adapter_dtype"] == "bf16" else 4, "steps": row["steps"],
                     "offload_checkpoints": settings.get("offload_checkpoints", False),

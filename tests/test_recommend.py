@@ -99,10 +99,10 @@ def test_qlora_when_only_4bit_fits_and_the_reason_compares_with_lora() -> None:
 
 
 def test_8b_on_an_80gb_card_trains_without_checkpointing() -> None:
-    # The automatic choice for 8B on 80 GB; bench/results/speed.jsonl measured it (the engine_auto_fused case
-    # of the fused suite) against Unsloth's default. The fused blocks keep no dropout copies: micro-batch 8 fits.
+    # The automatic choice for 8B on 80 GB. The fused blocks keep no dropout copies, so a bigger micro-batch fits
+    # than before them (bench/results/speed.jsonl: micro-batch 8 peaked at 71.9 GiB, estimated 68.5 GiB).
     choice = choice_for("llama-3.1-8b", machine(gpu(80)))
-    assert (choice.method, choice.gradient_checkpointing, choice.micro_batch_size) == ("lora", False, 8)
+    assert (choice.method, choice.gradient_checkpointing, choice.micro_batch_size) == ("lora", False, 4)
     assert choice.micro_batch_size * choice.gradient_accumulation == 16
 
 

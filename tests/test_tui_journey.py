@@ -52,8 +52,9 @@ def test_the_cpu_demo_estimate_is_the_one_number_everywhere() -> None:
     # the demo data's longest example is 81 tokens (presets/datasets.toml, what the data check measures)
     assert choice.needed_bytes == rec.spec_choice(demo, report, 81).needed_bytes == \
         rec.estimate_spec(demo, False, 81).total
-    # measured peak RSS of the demo preset on a 2-core CPU: 2.0-2.2 GiB (tests/data/runs); the estimate is in range
-    assert 1.8 * 2**30 <= choice.needed_bytes <= 2.3 * 2**30
+    # measured peak RSS of the demo preset on a 2-core CPU: 2.0-2.2 GiB before the fused LoRA blocks
+    # (tests/data/runs), 1.74 GiB with them (`tunewiz train demo`, 2026-12-02: they keep no dropout copies)
+    assert 1.55 * 2**30 <= choice.needed_bytes <= 1.95 * 2**30
 
 
 def test_better_choice_only_for_the_recommenders_own_picks() -> None:

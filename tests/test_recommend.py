@@ -12,7 +12,7 @@ from tunewiz.engine.config import catalog
 from tunewiz.engine.config import spec as spec_mod
 from tunewiz.engine.planning.devices import GpuInfo, GpuProcess
 from tunewiz.engine.planning.hardware import HardwareReport
-from tunewiz.engine.planning.recommend import MARGIN, choice_for, recommend
+from tunewiz.engine.planning.recommend import MARGIN, choice_for, estimate_spec, recommend
 
 GB = 10**9
 
@@ -114,6 +114,22 @@ def test_partial_checkpointing_when_no_checkpointing_does_not_fit() -> None:
     assert (spec.training.gradient_checkpointing, spec.training.checkpoint_layers) == (True, 16)
     tighter = choice_for("llama-3.1-8b", machine(gpu(28)))
     assert tighter.checkpoint_layers == 24  # less memory: more layers recompute
+
+
+def test_offloaded_checkpoints_when_they_let_a_bigger_batch_fit_on_one_gpu() -> None:
+    """8B LoRA on 24 GB: micro-batch 2 fits only with the checkpointed layers' inputs in CPU memory (1 GiB of
+    the GPU's on this shape), which runs at the same speed (docs/speed.md); without them micro-batch 1."""
+    choice = choice_for("llama-3.1-8b", machine(gpu(24)))
+    assert (choice.gradient_checkpointing, choice.offload_checkpoints, choice.micro_batch_size) == (True, True, 2)
+    assert "checkpointing on, their inputs kept in CPU memory" in choice.reason
+    spec = choice.apply(spec_mod.loads('[dataset]\npreset = "demo"\n'))
+    assert spec.speed.offload_checkpoints and estimate_spec(spec).total == choice.estimate.total
+    assert "speed.offload_checkpoints=true" in choice.train_overrides("alpaca")
+    roomy = choice_for("llama-3.1-8b", machine(gpu(80)))  # what fits without it never offloads
+    assert not roomy.offload_checkpoints and not roomy.apply(spec).speed.offload_checkpoints
+    assert "speed.offload_checkpoints=true" not in roomy.train_overrides("alpaca")
+    two = choice_for("llama-3.1-8b", machine(gpu(24), gpu(24, index=1)))  # the engine offloads on one GPU only
+    assert not two.offload_checkpoints
 
 
 def test_checkpointing_off_when_memory_allows() -> None:

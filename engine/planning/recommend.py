@@ -15,6 +15,7 @@ only fits when its weights are sharded across them trains with FSDP. The ranking
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class Choice:
     strategy: Strategy = "ddp"  # how several GPUs share the work: "ddp" (a whole model on each) or "fsdp" (sharded)
     gpu_ids: tuple[int, ...] = ()  # which visible GPUs (CUDA order); () on a CPU or for a hypothetical card
     on_gpu: bool = True  # False: the run trains on the CPU, in RAM, with no CUDA context
+    offload_checkpoints: bool = False  # checkpointed layers' inputs wait in CPU memory (one GPU only)
 
     @property
     def needed_bytes(self) -> int:
@@ -93,6 +95,7 @@ class Choice:
         strategy = self.strategy if self.gpus > 1 else _DEFAULT_STRATEGY
         return dataclasses.replace(
             spec, method=self.method, model=dataclasses.replace(spec.model, name=self.model),
+            speed=dataclasses.replace(spec.speed, offload_checkpoints=self.offload_checkpoints),
             training=dataclasses.replace(spec.training, micro_batch_size=self.micro_batch_size,
                                          gradient_accumulation=self.gradient_accumulation,
                                          max_seq_length=self.max_seq_length,
@@ -112,6 +115,8 @@ class Choice:
                 "training.gradient_checkpointing": str(self.gradient_checkpointing).lower()}
         if self.checkpoint_layers is not None:
             sets["training.checkpoint_layers"] = self.checkpoint_layers
+        if self.offload_checkpoints:
+            sets["speed.offload_checkpoints"] = "true"
         if entry.format == "preference":  # pairs teach through a preference objective
             sets["training.objective"] = "dpo"
         if self.gpus > 1:
@@ -151,15 +156,19 @@ def _best_config(arch: ModelArch, method: Method, seq_len: int, available: int |
 
     On several GPUs a micro-batch is left out when the GPUs together would pass more sequences than the
     effective batch (the run could not keep it: tunewiz.engine.training.distributed.keep_effective_batch).
+    With checkpointing on one GPU, a setting that does not fit is tried again with the checkpointed layers'
+    inputs in CPU memory (`speed.offload_checkpoints`: at the same speed within the noise, docs/speed.md).
     """
     leanest = None
     for checkpointing, micro_batch in CONFIGS:
         if micro_batch * gpus > max(EFFECTIVE_BATCH, gpus):
             continue
-        for layers in (_partial_checkpointing(arch.layers) if checkpointing == "partial" else (None,)):
+        offloads = (False, True) if checkpointing and gpus == 1 else (False,)
+        for layers, offload in itertools.product(
+                _partial_checkpointing(arch.layers) if checkpointing == "partial" else (None,), offloads):
             settings = Settings(method=method, micro_batch_size=micro_batch, seq_len=seq_len,
                                 gradient_checkpointing=bool(checkpointing), gpus=gpus, fsdp=fsdp,
-                                checkpoint_layers=layers, objective=objective)
+                                checkpoint_layers=layers, objective=objective, offload_checkpoints=offload)
             result = estimate(arch, settings)
             if _fit(result.total + CUDA_CONTEXT_BYTES, available) == "fits":
                 return settings, result
@@ -171,9 +180,10 @@ def _best_config(arch: ModelArch, method: Method, seq_len: int, available: int |
 def _checkpointing_words(arch: ModelArch, settings: Settings) -> str:
     if not settings.gradient_checkpointing:
         return "off: faster"
+    where = ", their inputs kept in CPU memory" if settings.offload_checkpoints else ""
     if settings.checkpoint_layers is None:
-        return "on"
-    return f"on for {settings.checkpoint_layers} of {arch.layers} layers: the fewest that fit"
+        return f"on{where}"
+    return f"on for {settings.checkpoint_layers} of {arch.layers} layers: the fewest that fit{where}"
 
 
 def _partial_checkpointing(layers: int) -> tuple[int, ...]:
@@ -259,7 +269,7 @@ def _method_choice(name: str, arch: ModelArch, seq_len: int, gpus: _Gpus, label:
                   max_seq_length=seq_len, gradient_checkpointing=settings.gradient_checkpointing,
                   checkpoint_layers=settings.checkpoint_layers,
                   estimate=result, available_bytes=available, fit=fit, reason=reason, gpus=count,
-                  strategy=strategy, gpu_ids=gpus.ids)
+                  strategy=strategy, gpu_ids=gpus.ids, offload_checkpoints=settings.offload_checkpoints)
 
 
 def _gpus(report: HardwareReport, vram_bytes: int | None, limit: int | None = None) -> _Gpus:
@@ -432,7 +442,7 @@ def estimate_spec(spec: RunSpec, on_gpu: bool = True, longest: int | None = None
 def spec_choice(spec: RunSpec, report: HardwareReport, longest: int | None = None) -> Choice:
     """The one memory number for a spec about to launch: its estimate (estimate_spec) against what this machine
     has free (each of the GPUs it trains on, with the CUDA context; or RAM on a CPU, without). Checked against
-    the demo preset on a 2-core CPU: estimate 2.0 GiB, measured peak RSS 2.0-2.2 GiB (tests/data/runs)."""
+    the demo preset on a 2-core CPU: estimate 1.6 GiB, measured peak RSS 1.74 GiB with the fused LoRA blocks."""
     on_gpu = report.has_gpu
     result = estimate_spec(spec, on_gpu, longest)
     count = Settings.from_spec(spec).gpus
@@ -447,7 +457,8 @@ def spec_choice(spec: RunSpec, report: HardwareReport, longest: int | None = Non
                   gradient_accumulation=t.gradient_accumulation, max_seq_length=t.max_seq_length,
                   gradient_checkpointing=t.gradient_checkpointing, estimate=result, available_bytes=group.free,
                   fit=fit, reason=reason, checkpoint_layers=t.checkpoint_layers, gpus=count,
-                  strategy=t.strategy, gpu_ids=group.ids, on_gpu=on_gpu)
+                  strategy=t.strategy, gpu_ids=group.ids, on_gpu=on_gpu,
+                  offload_checkpoints=spec.speed.offload_checkpoints)
 
 
 def choice_for(model: str, report: HardwareReport, seq_len: int = 2048, vram_bytes: int | None = None,

@@ -188,7 +188,8 @@ class SpeedSpec:
                                           "input waits in pinned CPU memory (copied on a side stream, overlapped "
                                           "with compute) instead of on the GPU: 2 bytes x hidden size per token and "
                                           "layer less (0.98 GiB measured on an 8B model at 2 x 2048 tokens, speed "
-                                          "within the noise). Off until measured more (docs/speed.md).")
+                                          "within the noise). Off by default; the recommender turns it on where it "
+                                          "lets a bigger micro-batch fit (docs/speed.md).")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
                               "off only on long runs.")
 

@@ -126,8 +126,8 @@ def engine_model(args: argparse.Namespace) -> tuple[Any, str]:
     note = "; ".join(prepared.notes)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offloaded := speed.apply_offload_checkpoints(model, spec, cuda=True, several_gpus=False):
-            note += f"; {offloaded}"
+        if checkpointing := speed.apply_checkpointing(model, spec, cuda=True, several_gpus=False):
+            note += f"; {checkpointing}"
     return model, note
 
 

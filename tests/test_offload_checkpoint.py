@@ -1,5 +1,6 @@
-"""Checkpointing with the layer inputs offloaded (`speed.offload_checkpoints`): the same gradients as torch's
-checkpointing, dropout and autocast included; torch's path where it does not apply; the lever's wiring."""
+"""The engine's own checkpointing (one node per layer) and its offloaded layer inputs
+(`speed.offload_checkpoints`): the same gradients as torch's checkpointing, dropout and autocast included;
+torch's path where it does not apply; the wiring."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _model(*, offload: bool, fused: bool) -> Any:
             param.data.normal_(std=0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if offload:
-        assert offload_checkpoint.apply_offload(model) == 2
+        assert offload_checkpoint.apply_checkpointing(model, offload=True) == 2  # kept in place on a CPU
     return model.train()
 
 
@@ -59,8 +60,8 @@ def test_offloaded_checkpointing_gives_torch_checkpointing_gradients(fused: bool
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     reference_loss, reference = _grads(_model(offload=False, fused=fused), autocast)
     calls: list[bool] = []
-    real = offload_checkpoint.OffloadedCheckpoint.apply
-    monkeypatch.setattr(offload_checkpoint.OffloadedCheckpoint, "apply", lambda *a: calls.append(True) or real(*a))
+    real = offload_checkpoint.LayerCheckpoint.apply
+    monkeypatch.setattr(offload_checkpoint.LayerCheckpoint, "apply", lambda *a: calls.append(True) or real(*a))
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", _refuse)
     loss, grads = _grads(_model(offload=True, fused=fused), autocast)
     assert len(calls) == 2  # both layers, none through torch's checkpointing
@@ -78,7 +79,7 @@ def _refuse(*args: Any, **kwargs: Any) -> None:
 def test_layers_it_cannot_offload_take_torch_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
     used: list[str] = []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: used.append("torch"))
-    monkeypatch.setattr(offload_checkpoint.OffloadedCheckpoint, "apply", lambda *a: used.append("offload"))
+    monkeypatch.setattr(offload_checkpoint.LayerCheckpoint, "apply", lambda *a: used.append("offload"))
     x = torch.ones(2, 3)
     offload_checkpoint.checkpoint(lambda a, b: a, x, x)  # two positional inputs
     needs_grad = torch.ones(3, requires_grad=True)
@@ -87,21 +88,39 @@ def test_layers_it_cannot_offload_take_torch_checkpointing(monkeypatch: pytest.M
     assert used == ["torch", "torch", "offload"]
 
 
-def test_the_lever_applies_only_with_checkpointing_on_a_single_gpu() -> None:
+def test_one_device_checkpoints_through_the_engines_node_and_offloads_only_on_a_gpu_when_asked() -> None:
     model = _model(offload=False, fused=False)
+    layers = list(model.base_model.model.model.layers)
 
     def note(*overrides: str, cuda: bool = True, several_gpus: bool = False) -> str | None:
-        return speed.apply_offload_checkpoints(model, _spec(*overrides), cuda, several_gpus)
+        for layer in layers:  # torch's checkpointing, as the Trainer sets it
+            layer._gradient_checkpointing_func = torch.utils.checkpoint.checkpoint
+        return speed.apply_checkpointing(model, _spec(*overrides), cuda, several_gpus)
 
-    assert note() is None  # off by default
-    assert note("speed.offload_checkpoints=true", "training.gradient_checkpointing=false") is None
-    assert "on the CPU" in note("speed.offload_checkpoints=true", cuda=False)
-    assert "one GPU only" in note("speed.offload_checkpoints=true", several_gpus=True)
-    layers = list(model.base_model.model.model.layers)
-    assert all(layer._gradient_checkpointing_func is not offload_checkpoint.checkpoint for layer in layers)
-    expected = "checkpointed layer inputs offloaded to pinned CPU memory on 2 layers"
-    assert note("speed.offload_checkpoints=true") == expected
-    assert all(layer._gradient_checkpointing_func is offload_checkpoint.checkpoint for layer in layers)
+    def offloads() -> set[Any]:
+        functions = [layer._gradient_checkpointing_func for layer in layers]
+        return {f.keywords["offload"] if isinstance(f, functools.partial) else "torch" for f in functions}
+
+    assert note("training.gradient_checkpointing=false") is None and offloads() == {"torch"}
+    assert note("speed.compile=true") is None and offloads() == {"torch"}  # compile traces torch's
+    assert note(several_gpus=True) is None and offloads() == {"torch"}
+    assert "one GPU only" in note("speed.offload_checkpoints=true", several_gpus=True) and offloads() == {"torch"}
+    assert note() == "gradient checkpointing through one autograd node per layer on 2 layers"  # the default
+    assert offloads() == {False}
+    cpu = note("speed.offload_checkpoints=true", cuda=False)
+    assert "on 2 layers" in cpu and "on the CPU" in cpu and offloads() == {False}
+    offloaded = "checkpointed layer inputs offloaded to pinned CPU memory on 2 layers"
+    assert note("speed.offload_checkpoints=true") == offloaded
+    assert offloads() == {True}
+
+
+def test_the_engines_checkpointing_without_offloading_gives_torch_checkpointing_gradients() -> None:
+    reference_loss, reference = _grads(_model(offload=False, fused=True), autocast=False)
+    model = _model(offload=False, fused=True)
+    assert offload_checkpoint.apply_checkpointing(model, offload=False) == 2
+    loss, grads = _grads(model, autocast=False)
+    assert torch.equal(loss, reference_loss)
+    assert all(torch.allclose(grads[name], reference[name], atol=1e-5) for name in reference)
 
 
 @pytest.mark.gpu
@@ -118,7 +137,7 @@ def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradien
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if offload:
-            assert offload_checkpoint.apply_offload(model) == 8
+            assert offload_checkpoint.apply_checkpointing(model, offload=True) == 8
         model.train()
         tokens = torch.randint(0, VOCAB, (4, 2048), generator=torch.Generator().manual_seed(1)).cuda()
         torch.cuda.synchronize()

@@ -1,6 +1,14 @@
-"""Gradient checkpointing with each layer's input kept in pinned CPU memory (`speed.offload_checkpoints`, one GPU).
+"""The engine's gradient checkpointing: one autograd node per layer, its input optionally in pinned CPU memory.
 
-With checkpointing, every decoder layer keeps only its input for the backward, where it runs again:
+torch's (non-reentrant) checkpointing runs a Python hook for every tensor the layer saves, in the forward
+and again in the backward: about 11,000 calls a step on a 32-layer model, half the host time that
+checkpointing adds (`python -m bench.host_time` against `--own-checkpointing`). Here each checkpointed
+layer is one autograd node that keeps its input, runs the layer without recording, and in the backward
+runs it again with the forward's random state and autocast state, as torch's checkpointing does. The
+engine uses it for every checkpointing run on one device (speed.apply_checkpointing).
+
+With `speed.offload_checkpoints` on one GPU, the input also leaves the GPU. Every decoder layer keeps only
+its input for the backward, where it runs again:
 2 x hidden bytes per token and layer (1 GiB for an 8B model at 2 x 2048 tokens). Here the input is
 copied to pinned host memory on a side stream as soon as the layer has read it, overlapped with the
 layer's own forward, and the GPU copy is freed. In the backward each layer's input comes back on the
@@ -8,9 +16,9 @@ side stream while the layer after it (in forward order) recomputes, so at most t
 at a time. The recompute replays the forward's random state (the LoRA dropout masks) and autocast
 state, as torch's checkpointing does.
 
-On a CPU nothing is copied (the input is kept as it is): the same recompute, so the tests compare the
-gradients there. Layers called with more than one positional argument, or whose keyword arguments carry
-a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
+Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so
+the tests compare the gradients there. Layers called with more than one positional argument, or whose
+keyword arguments carry a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
 """
 
 from __future__ import annotations
@@ -37,18 +45,19 @@ def _side_stream(device: torch.device) -> Any:
 
 
 class _Stored:
-    """One layer input, in pinned host memory (CUDA) or as it is (CPU), and its way back."""
+    """One layer input, in pinned host memory (offloaded from CUDA) or as it is, and its way back."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, offload: bool) -> None:
         self.device, self.shape, self.dtype = tensor.device, tensor.shape, tensor.dtype
         self.gpu: torch.Tensor | None = None
         self.ready: Any = None
-        previous = _LAST_STORED.get(self.device)
-        self.previous = previous  # a weak reference: the chain never keeps an old step's inputs alive
-        _LAST_STORED[self.device] = weakref.ref(self)
-        if tensor.device.type != "cuda":
-            self.host: torch.Tensor | None = tensor.detach()
+        self.offloaded = offload and tensor.device.type == "cuda"
+        self.previous: weakref.ReferenceType[_Stored] | None = None
+        if not self.offloaded:
+            self.host: torch.Tensor | None = tensor.detach()  # kept where it is
             return
+        self.previous = _LAST_STORED.get(self.device)  # weak: the chain never keeps an old step's inputs alive
+        _LAST_STORED[self.device] = weakref.ref(self)
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the input has been computed
         with torch.cuda.stream(stream):
@@ -57,8 +66,8 @@ class _Stored:
         tensor.record_stream(stream)  # its GPU memory is not reused before the copy has read it
 
     def prefetch(self) -> None:
-        """Start copying the input back to the GPU (a no-op on a CPU, or when under way or done)."""
-        if self.device.type != "cuda" or self.host is None or self.gpu is not None:
+        """Start copying the input back to the GPU (a no-op when kept in place, or when under way or done)."""
+        if not self.offloaded or self.host is None or self.gpu is not None:
             return
         main = torch.cuda.current_stream(self.device)
         stream = _side_stream(self.device)
@@ -71,7 +80,7 @@ class _Stored:
 
     def fetch(self) -> torch.Tensor:
         """The input on its device, once; the host copy is released."""
-        if self.device.type != "cuda":
+        if not self.offloaded:
             tensor, self.host = self.host, None
             assert tensor is not None, "a checkpointed layer's input was fetched twice"
             return tensor
@@ -94,16 +103,18 @@ def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-class OffloadedCheckpoint(torch.autograd.Function):
-    """apply(run, anchor, hidden): run(hidden) without keeping anything on the GPU for the backward."""
+class LayerCheckpoint(torch.autograd.Function):
+    """apply(run, anchor, hidden, offload): run(hidden), keeping only hidden for the backward (in CPU memory
+    with `offload` on CUDA)."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], anchor: torch.Tensor, hidden: torch.Tensor) -> Any:
+    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], anchor: torch.Tensor, hidden: torch.Tensor,
+                offload: bool) -> Any:
         kind = hidden.device.type
         ctx.run, ctx.device = run, hidden.device
         ctx.autocast = {"enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
         ctx.rng = _rng_states(hidden.device)
-        ctx.stored = _Stored(hidden)
+        ctx.stored = _Stored(hidden, offload)
         return run(hidden)  # autograd runs a Function's forward without recording
 
     @staticmethod
@@ -124,25 +135,27 @@ class OffloadedCheckpoint(torch.autograd.Function):
         pairs = [(out, grad) for out, grad in zip(outputs, grads)
                  if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return None, None, hidden.grad
+        return None, None, hidden.grad, None
 
 
-def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
-    """A `_gradient_checkpointing_func` for transformers' checkpointed layers: function(*args), offloaded."""
+def checkpoint(function: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
+    """A `_gradient_checkpointing_func` for transformers' checkpointed layers: function(*args) through one node."""
     keywords = getattr(function, "keywords", {}) if isinstance(function, functools.partial) else {}
     hidden = args[0] if len(args) == 1 else None
     needs_grad = any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in pytree.tree_leaves(keywords))
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or needs_grad:
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
-    return OffloadedCheckpoint.apply(function, _anchor(hidden.device), hidden)
+    return LayerCheckpoint.apply(function, _anchor(hidden.device), hidden, offload)
 
 
-def apply_offload(model: torch.nn.Module) -> int:
-    """Offload the inputs of every layer that checkpoints now; returns how many. Call it after the
-    Trainer has turned checkpointing on (and `training.checkpoint_layers` has limited it)."""
+def apply_checkpointing(model: torch.nn.Module, offload: bool) -> int:
+    """Checkpoint every layer that checkpoints now through `LayerCheckpoint`, its input offloaded to pinned
+    CPU memory with `offload` (on CUDA); returns how many layers. Call it after the Trainer has turned
+    checkpointing on (and `training.checkpoint_layers` has limited it)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    function = functools.partial(checkpoint, offload=offload)
     for layer in layers:
-        setattr(layer, "_gradient_checkpointing_func", checkpoint)  # noqa: B010 (an nn.Module attribute mypy types as a tensor)
+        setattr(layer, "_gradient_checkpointing_func", function)  # noqa: B010 (an nn.Module attribute mypy types as a tensor)
     return len(layers)

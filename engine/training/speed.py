@@ -163,17 +163,23 @@ def _is_linear_lora(module: Any) -> bool:
     return type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ in LORA_LINEAR_CLASSES
 
 
-def apply_offload_checkpoints(model: Any, spec: RunSpec, cuda: bool, several_gpus: bool) -> str | None:
-    """Checkpointed layers keep their inputs in pinned CPU memory (`speed.offload_checkpoints`); a line for
-    the run's log, or None when the lever is off or checkpointing is. Call once the Trainer has turned
-    checkpointing on."""
-    if not (spec.speed.offload_checkpoints and spec.training.gradient_checkpointing):
+def apply_checkpointing(model: Any, spec: RunSpec, cuda: bool, several_gpus: bool) -> str | None:
+    """The engine's own checkpointing on one device, its layers' inputs offloaded to pinned CPU memory with
+    `speed.offload_checkpoints` on a GPU; a line for the run's log, or None where torch's checkpointing stays
+    (checkpointing off, several GPUs, torch.compile). Call once the Trainer has turned checkpointing on."""
+    if not spec.training.gradient_checkpointing:
         return None
-    if not cuda:
-        return "checkpoint offloading skipped: it moves GPU memory to the CPU and this run is on the CPU"
+    offload = spec.speed.offload_checkpoints
     if several_gpus:  # FSDP gathers a layer's weights around its forward (the recompute inside this backward
         # would miss it), and DDP's gradient hooks under a backward within the backward are not tested
-        return "checkpoint offloading skipped: measured and tested on one GPU only"
-    from tunewiz.engine.training.offload_checkpoint import apply_offload
+        return "checkpoint offloading skipped: measured and tested on one GPU only" if offload else None
+    if spec.speed.compile and not offload:
+        return None  # torch.compile traces torch's checkpointing; the engine's node holds Python state
+    from tunewiz.engine.training.offload_checkpoint import apply_checkpointing as patch
 
-    return f"checkpointed layer inputs offloaded to pinned CPU memory on {apply_offload(model)} layers"
+    layers = patch(model, offload=offload and cuda)
+    if offload and cuda:
+        return f"checkpointed layer inputs offloaded to pinned CPU memory on {layers} layers"
+    skipped = ("; checkpoint offloading skipped: it moves GPU memory to the CPU and this run is on the CPU"
+               if offload else "")
+    return f"gradient checkpointing through one autograd node per layer on {layers} layers{skipped}"

@@ -239,7 +239,7 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
                 # The Trainer has just turned checkpointing on for every layer.
                 kept, total_layers = limit_checkpointing(model, training.checkpoint_layers)
                 ctx.log(f"gradient checkpointing on {kept} of {total_layers} layers")
-            if note := speed.apply_offload_checkpoints(model, spec, cuda, ranks.world_size() > 1):
+            if note := speed.apply_checkpointing(model, spec, cuda, ranks.world_size() > 1):
                 ctx.log(note)
             self.started = time.monotonic()
             self.first_step = state.global_step

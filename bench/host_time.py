@@ -53,14 +53,10 @@ def step_ms(model: Any, optimizer: Any, steps: int) -> float:
     """Median milliseconds of a training step (forward, backward, optimiser) on one sequence of 16 tokens."""
     import torch
 
-    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    from bench.profile_step import training_step
 
-    def step() -> None:
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, optimizer, torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1)),
+                         autocast=False)
     for _ in range(3):
         step()
     times = []

@@ -20,6 +20,7 @@ import argparse
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=not args.plain)
     tokens = torch.randint(0, 32000, (2, 2048), device="cuda:0")
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not args.unsloth):  # Unsloth's loop has none
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, optimizer, tokens, autocast=not args.unsloth)  # Unsloth's loop has no autocast
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -103,6 +97,20 @@ def main() -> None:
         print(f"    {ms:>8.1f} ms  {name[:110]}")
     if args.trace:
         trace_host_gaps(step, args.trace, args.steps)
+
+
+def training_step(model: Any, optimizer: Any, tokens: Any, autocast: bool) -> Callable[[], None]:
+    """One training step on `tokens` (forward, backward, optimiser), under bf16 autocast where asked."""
+    import torch
+
+    def step() -> None:
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def engine_model(args: argparse.Namespace) -> tuple[Any, str]:

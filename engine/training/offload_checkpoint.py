@@ -2,7 +2,7 @@
 
 torch's (non-reentrant) checkpointing runs a Python hook for every tensor the layer saves, in the forward
 and again in the backward: about 11,000 calls a step on a 32-layer model, half the host time that
-checkpointing adds (`python -m bench.host_time` against `--own-checkpointing`). Here each checkpointed
+checkpointing adds (`python -m bench.host_time` with and without `--torch-checkpointing`). Here each checkpointed
 layer is one autograd node that keeps its input, runs the layer without recording, and in the backward
 runs it again with the forward's random state and autocast state, as torch's checkpointing does. The
 engine uses it for every checkpointing run on one device (speed.apply_checkpointing).

@@ -2,23 +2,22 @@
 
 torch's (non-reentrant) checkpointing runs a Python hook for every tensor the layer saves, in the forward
 and again in the backward: about 11,000 calls a step on a 32-layer model, half the host time that
-checkpointing adds (`python -m bench.host_time` with and without `--torch-checkpointing`). Here each checkpointed
-layer is one autograd node that keeps its input, runs the layer without recording, and in the backward
-runs it again with the forward's random state and autocast state, as torch's checkpointing does. The
-engine uses it for every checkpointing run on one device (speed.apply_checkpointing).
+checkpointing adds (`python -m bench.host_time` with and without `--torch-checkpointing`). Here each
+checkpointed layer is one autograd node that keeps its input, runs the layer without recording, and in the
+backward runs it again with the forward's random state and autocast state, as torch's checkpointing does.
+The engine uses it for every checkpointing run on one device (speed.apply_checkpointing).
 
 With `speed.offload_checkpoints` on one GPU, the input also leaves the GPU. Every decoder layer keeps only
-its input for the backward, where it runs again:
-2 x hidden bytes per token and layer (1 GiB for an 8B model at 2 x 2048 tokens). Here the input is
-copied to pinned host memory on a side stream as soon as the layer has read it, overlapped with the
-layer's own forward, and the GPU copy is freed. In the backward each layer's input comes back on the
-side stream while the layer after it (in forward order) recomputes, so at most two inputs are on the GPU
-at a time. The recompute replays the forward's random state (the LoRA dropout masks) and autocast
-state, as torch's checkpointing does.
+its input for the backward, where it runs again: 2 x hidden bytes per token and layer (1 GiB for an 8B model
+at 2 x 2048 tokens). Here the input is copied to pinned host memory on a side stream as soon as the layer
+has read it, overlapped with the layer's own forward, and the GPU copy is freed. In the backward each
+layer's input comes back on the side stream while the layer after it (in forward order) recomputes, so at
+most two inputs are on the GPU at a time. The recompute replays the forward's random state (the LoRA dropout
+masks) and autocast state, as torch's checkpointing does.
 
-Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so
-the tests compare the gradients there. Layers called with more than one positional argument, or whose
-keyword arguments carry a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
+Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so the
+tests compare the gradients there. Layers called with more than one positional argument, or whose keyword
+arguments carry a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
 """
 
 from __future__ import annotations

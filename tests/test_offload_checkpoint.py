@@ -126,18 +126,19 @@ def test_the_engines_checkpointing_without_offloading_gives_torch_checkpointing_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradients() -> None:
+    """torch's checkpointing (None), the engine's node keeping inputs on the GPU (False), and offloading (True)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    def run(offload: bool) -> tuple[torch.Tensor, int]:
+    def run(offload: bool | None) -> tuple[torch.Tensor, int]:
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                              num_key_value_heads=4, vocab_size=VOCAB)
         base = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offload:
-            assert offload_checkpoint.apply_checkpointing(model, offload=True) == 8
+        if offload is not None:
+            assert offload_checkpoint.apply_checkpointing(model, offload=offload) == 8
         model.train()
         tokens = torch.randint(0, VOCAB, (4, 2048), generator=torch.Generator().manual_seed(1)).cuda()
         torch.cuda.synchronize()
@@ -151,12 +152,16 @@ def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradien
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
         return grads, held
 
-    reference, held = run(False)
-    again, _ = run(False)
+    reference, held = run(None)
+    again, _ = run(None)
+    kept, held_kept = run(False)
     grads, held_offloaded = run(True)
     layer_input = 4 * 2048 * 1024 * 2
     assert held - held_offloaded >= 7 * layer_input  # 8 layer inputs on the GPU against at most one in flight
+    assert abs(held_kept - held) < layer_input  # kept in place: what torch's checkpointing keeps
     # bf16 attention backward on CUDA is not bit-reproducible: the same run twice sets the noise floor
-    noise, gap = (again - reference).norm().item(), (grads - reference).norm().item()
-    print(f"gradient gap {gap:.3e}, run-to-run noise {noise:.3e}, norm {reference.norm().item():.3e}")
-    assert gap <= max(2 * noise, 1e-3 * reference.norm().item())
+    noise = (again - reference).norm().item()
+    for name, other in (("kept", kept), ("offloaded", grads)):
+        gap = (other - reference).norm().item()
+        print(f"{name}: gradient gap {gap:.3e}, run-to-run noise {noise:.3e}, norm {reference.norm().item():.3e}")
+        assert gap <= max(2 * noise, 1e-3 * reference.norm().item()), name

@@ -182,8 +182,9 @@ class SpeedSpec:
                                 "together, O) run as one autograd node each with a hand-written backward that keeps "
                                 "fewer activations, with our Triton kernels for SwiGLU, RMSNorm, the rotary embedding "
                                 "and NF4 dequantisation on CUDA; it replaces `speed.lean_lora` on the blocks it "
-                                "covers, the rest keeps it. Not under FSDP. With checkpointing on an 8B model: 1.10x "
-                                "(LoRA) and 1.6x (QLoRA) the speed without it (docs/speed.md).")
+                                "covers, the rest keeps it. Not under FSDP. Measured with checkpointing on an 8B model "
+                                "(docs/speed.md): 1.10x the speed without it for LoRA, 1.00x and 1.44x for QLoRA on "
+                                "two hosts, before later work on the host's share of a step.")
     offload_checkpoints: bool = _f(False, "With gradient checkpointing on one CUDA GPU, each checkpointed layer's "
                                           "input waits in pinned CPU memory (copied on a side stream, overlapped "
                                           "with compute) instead of on the GPU: 2 bytes x hidden size per token and "

@@ -242,6 +242,19 @@ def test_a_missing_folder_is_named_as_such_without_asking_the_hub(monkeypatch: p
     assert "(maybe llama-3.1-8b, " in str(typo.value.hint)
 
 
+def test_recommend_marks_offloaded_checkpointing_in_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--vram", "23", "--top", "3"]) == 0  # 8B LoRA at micro-batch 2 fits only offloaded
+    out = capsys.readouterr().out
+    first = next(line for line in out.splitlines() if line.startswith("llama-3.1-8b"))
+    assert first.split()[-1] == "on+cpu"
+    assert "CKPT on+cpu: checkpointing on, the checkpointed layers' inputs in CPU memory" in out
+    assert "--set speed.offload_checkpoints=true" in out
+    assert main(["recommend", "--vram", "80", "--model", "llama-3.1-8b"]) == 0
+    out = capsys.readouterr().out
+    assert next(line for line in out.splitlines() if line.startswith("llama-3.1-8b")).split()[-1] == "off"
+    assert "CKPT on+cpu" not in out and "offload" not in out
+
+
 def test_recommend_prints_a_command_that_trains_what_the_table_assumed(capsys: pytest.CaptureFixture[str]) -> None:
     import shlex
 

@@ -124,6 +124,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+OFFLOADED = "on+cpu"
+
+
+def _checkpointing_cell(choice: Any) -> str:
+    if not choice.gradient_checkpointing:
+        return "off"
+    return OFFLOADED if choice.offload_checkpoints else "on"
+
+
 def _choice_dict(choice: Any) -> dict[str, Any]:
     data = {k: v for k, v in dataclasses.asdict(choice).items() if k != "estimate"}
     data["estimate"] = choice.estimate.breakdown()
@@ -160,11 +169,14 @@ def cmd_recommend(args: argparse.Namespace) -> int:
           + (" GPUS STRATEGY" if several else ""))
     for c in choices:
         print(f"{c.model:<20} {method_name(c.method):<6} {memory(c.needed_bytes):>8} {rec.FIT_WORDS[c.fit]:<12} "
-              f"{f'{c.micro_batch_size}x{c.gradient_accumulation}':>5} {'on' if c.gradient_checkpointing else 'off':<5}"
+              f"{f'{c.micro_batch_size}x{c.gradient_accumulation}':>5} {_checkpointing_cell(c):<5}"
               + (f" {c.gpus:>4} {c.strategy}" if several else ""))
     per = " per GPU" if several else ""
     print("\nNEEDS is RAM in GiB (a CPU run makes no CUDA context)." if on_cpu else
           f"\nNEEDS is GPU memory{per} in GiB, with {memory(CUDA_CONTEXT_BYTES)} for the CUDA context.")
+    if any(c.offload_checkpoints for c in choices):
+        print(f"CKPT {OFFLOADED}: checkpointing on, the checkpointed layers' inputs in CPU memory "
+              "(speed.offload_checkpoints).")
     if choices:
         print(rec.batch_words(choices[0]) + (" On several GPUs each runs its share of the steps." if several else ""))
         command = " ".join([hints.command("train demo"),

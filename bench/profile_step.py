@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--unsloth", action="store_true", help="Unsloth's model instead of the engine's")
     parser.add_argument("--trace", type=Path, help="also record CPU activity with Python stacks, write this Chrome "
                         "trace (.json or .json.gz) and print where the GPU waits for the host (bench.host_gaps)")
+    parser.add_argument("--sync-debug", action="store_true", help="also run one step with torch's CUDA sync debug "
+                        "mode and print every place that made the host wait for the GPU inside the step")
     args = parser.parse_args()
 
     if args.unsloth:
@@ -97,6 +99,8 @@ def main() -> None:
         print(f"    {ms:>8.1f} ms  {name[:110]}")
     if args.trace:
         trace_host_gaps(step, args.trace, args.steps)
+    if args.sync_debug:
+        print_synchronising_calls(step)
 
 
 def training_step(model: Any, optimizer: Any, tokens: Any, autocast: bool) -> Callable[[], None]:
@@ -150,6 +154,38 @@ def unsloth_model(path: Path, method: str, checkpointing: bool) -> Any:
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"],
                                             use_gradient_checkpointing="unsloth" if checkpointing else False)
+
+
+def print_synchronising_calls(step: Callable[[], None]) -> None:
+    """Run one step in torch's sync debug mode; print each call site that synchronised, with its callers.
+
+    A synchronisation inside a step drains the GPU's queue: the host then has to launch the next
+    kernels while the GPU idles, instead of running ahead of it."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: collections.Counter[str] = collections.Counter()
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        sites[" < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    print(f"synchronising calls in one step: {sum(sites.values())}")
+    for site, count in sites.most_common(15):
+        print(f"  {count:>5}  {site[:200]}")
 
 
 def trace_host_gaps(step: Any, path: Path, steps: int) -> None:

@@ -52,6 +52,14 @@ def test_events_tell_the_whole_story(trained: tuple[rundir.RunDir, Path]) -> Non
     steps = [e for e in stream if e["type"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, TRAIN_STEPS + 1))
     assert all(e["total_steps"] == TRAIN_STEPS and e["tokens_seen"] > 0 for e in steps)
+    # Counted on the device and read at each step's end (engine/training/token_count.py): every step adds its
+    # tokens, and each checkpoint holds the count of its step.
+    assert all(b["tokens_seen"] > a["tokens_seen"] for a, b in zip(steps, steps[1:]))
+    states = sorted(run.path.glob("output/checkpoints/checkpoint-*/trainer_state.json"))
+    assert states
+    for path in states:
+        state = json.loads(path.read_text())
+        assert state["num_input_tokens_seen"] == steps[state["global_step"] - 1]["tokens_seen"], path
     assert all(e["tokens_per_s"] > 0 for e in steps[1:])
     assert {"load_model", "prepare_data", "train", "save"} <= {e["phase"] for e in stream if e["type"] == "phase"}
     data_phase = next(e for e in stream if e["type"] == "phase" and e.get("stats", {}).get("train_examples"))

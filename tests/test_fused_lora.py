@@ -205,6 +205,33 @@ def test_adapter_casts_are_made_once_and_follow_every_update() -> None:
     assert key not in fused_lora._CASTS  # the cast goes with its weight
 
 
+def test_stacked_adapters_are_made_once_and_follow_every_update() -> None:
+    weights = [torch.randn(4, 8, requires_grad=True) for _ in range(3)]
+    first = fused_lora._stacked_cast(weights, torch.bfloat16)
+    assert fused_lora._stacked_cast(weights, torch.bfloat16) is first
+    with torch.no_grad():
+        weights[1].add_(1.0)  # one of them stepped
+    assert torch.equal(fused_lora._stacked_cast(weights, torch.bfloat16),
+                       torch.cat([w.detach() + 0 for w in weights]).bfloat16())
+    key = tuple(id(w) for w in weights)
+    del weights[2]
+    assert key not in fused_lora._STACKS  # the stack goes with any of its weights
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_projections_of_one_input_share_one_matmul_for_their_a_without_dropout(
+        dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dropout Q/K/V's A matrices run as one matmul, and so do gate's and up's (forward and backward);
+    with dropout each projection draws its own mask over the input, so each keeps its own."""
+    stacked: list[int] = []
+    real = fused_lora._stacked_cast
+    monkeypatch.setattr(fused_lora, "_stacked_cast", lambda weights, dtype: stacked.append(len(weights))
+                        or real(weights, dtype))
+    _step(_model(fused=True, dropout=dropout))
+    layers = 2
+    assert sorted(stacked) == ([] if dropout else sorted([3, 3, 2, 2] * layers))
+
+
 def test_cached_casts_train_exactly_as_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three optimiser steps under bf16 autocast (fp32 adapters cast to bf16): bit for bit the same losses and
     gradients as casting afresh at every use, so no step ever computes with a cast from before an update."""
@@ -222,6 +249,8 @@ def test_cached_casts_train_exactly_as_fresh_ones(monkeypatch: pytest.MonkeyPatc
 
     cached = train()
     monkeypatch.setattr(fused_lora, "_cast", lambda weight, dtype: weight.detach().to(dtype))
+    monkeypatch.setattr(fused_lora, "_stacked_cast",
+                        lambda weights, dtype: torch.cat([w.detach() for w in weights]).to(dtype))
     fresh = train()
     assert all(torch.equal(a, b) for a, b in zip(cached, fresh, strict=True))
 

@@ -111,6 +111,29 @@ def _forget_cast(key: int, _: object) -> None:
     _CASTS.pop(key, None)
 
 
+# A matrices of projections that read one input, stacked and cast to the compute dtype: keyed by the weights'
+# ids, held with weak references to them and their versions and storage when stacked (as `_CASTS`).
+_STACKS: dict[tuple[int, ...], tuple[list[weakref.ref[torch.Tensor]], tuple[tuple[int, int], ...], torch.Tensor]] = {}
+
+
+def _stacked_cast(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """`weights` (same column count) stacked by rows in `dtype`, made once until one of them changes."""
+    key = tuple(id(w) for w in weights)
+    stamp = tuple((w._version, w.data_ptr()) for w in weights)
+    held = _STACKS.get(key)
+    if (held is not None and all(ref() is w for ref, w in zip(held[0], weights)) and held[1] == stamp
+            and held[2].dtype == dtype):
+        return held[2]
+    stacked = torch.cat([w.detach() for w in weights]).to(dtype)
+    forget = functools.partial(_forget_stack, key)
+    _STACKS[key] = ([weakref.ref(w, forget) for w in weights], stamp, stacked)
+    return stacked
+
+
+def _forget_stack(key: tuple[int, ...], _: object) -> None:
+    _STACKS.pop(key, None)
+
+
 def _scaled_as(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """`product * scale` in `dtype`: one kernel where a multiply and a cast would take two."""
     if product.dtype == dtype:
@@ -236,6 +259,71 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
     return grad_inputs, grad_a, grad_b
 
 
+def _shares_a(projections: list[_Projection], adapters: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
+    """Whether projections of one input can run their A matrices as one matmul: no dropout (each projection
+    would draw its own mask over the input), one scaling and one adapter dtype."""
+    return (len(projections) > 1 and all(p.dropout == 0.0 for p in projections)
+            and len({p.scaling for p in projections}) == 1 and len({a.dtype for a in adapters[0::2]}) == 1)
+
+
+def _projections_forward(flat: torch.Tensor, projections: list[_Projection],
+                         adapters: list[torch.Tensor] | tuple[torch.Tensor, ...], dtype: torch.dtype
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(each projection's output, the rank-r products the backward needs) for projections of one 2-D input.
+
+    Where they share A (`_shares_a`), one matmul with the stacked A matrices gives every rank-r product, and
+    each B reads its columns of it: one kernel in place of one per projection, forward and backward.
+    Else each projection on its own, drawing its dropout mask in peft's order."""
+    if not _shares_a(projections, adapters):
+        outputs, products = [], []
+        for index, projection in enumerate(projections):
+            noise = _noise(flat.shape, flat, projection.dropout)
+            out, inputs_a = _lora_forward(flat, projection, adapters[2 * index], adapters[2 * index + 1], noise, dtype)
+            outputs.append(out)
+            products.append(inputs_a)
+        return outputs, products
+    inputs_a = flat @ _stacked_cast(list(adapters[0::2]), dtype).t()
+    outputs, start = [], 0
+    for projection, b in zip(projections, adapters[1::2]):
+        rank = b.shape[1]
+        out = _base_forward(flat, projection.base, dtype)
+        outputs.append(out.addmm_(inputs_a[:, start:start + rank], _cast(b, dtype).t(), alpha=projection.scaling))
+        start += rank
+    return outputs, [inputs_a]
+
+
+def _projections_backward(flat: torch.Tensor, products: list[torch.Tensor], grads: list[torch.Tensor],
+                          projections: list[_Projection], adapters: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                          noises: list[torch.Tensor | None], dtype: torch.dtype, need_input: bool
+                          ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(grad of the input or None, [grad A, grad B] per projection) of `_projections_forward`."""
+    grad_x: torch.Tensor | None = None
+    adapter_grads: list[torch.Tensor] = []
+    if not _shares_a(projections, adapters):
+        for index, projection in enumerate(projections):
+            grad_x, grad_a, grad_b = _lora_backward(flat, products[index], grads[index], projection,
+                                                    adapters[2 * index], adapters[2 * index + 1], noises[index],
+                                                    dtype, need_input, grad_x)
+            adapter_grads += [grad_a, grad_b]
+        return grad_x, adapter_grads
+    (inputs_a,), scale = products, projections[0].scaling
+    grad_products = torch.empty_like(inputs_a)  # the gradient reaching each A's output, before the scaling
+    grad_bs, start = [], 0
+    for projection, b, grad in zip(projections, adapters[1::2], grads):
+        rank = b.shape[1]
+        torch.mm(grad, _cast(b, dtype), out=grad_products[:, start:start + rank])
+        grad_bs.append(_scaled_as(grad.t() @ inputs_a[:, start:start + rank], scale, b.dtype))
+        if need_input:
+            weight = _frozen_weight(projection.base, dtype)
+            grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
+        start += rank
+    grad_stacked = _scaled_as(grad_products.t() @ flat, scale, adapters[0].dtype)
+    if grad_x is not None:
+        grad_x.addmm_(grad_products, _stacked_cast(list(adapters[0::2]), dtype), alpha=scale)
+    grad_as = grad_stacked.split([b.shape[1] for b in adapters[1::2]])
+    return grad_x, [g for pair in zip(grad_as, grad_bs) for g in pair]
+
+
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _as(x.reshape(-1, x.shape[-1]), dtype)
 
@@ -251,17 +339,11 @@ class LoraProjections(torch.autograd.Function):
                 *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
         flat = _flat(x, dtype)
         ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
-        outputs, products = [], []
         with torch.autocast(x.device.type, enabled=False):
-            for index, projection in enumerate(projections):
-                noise = _noise(flat.shape, flat, projection.dropout)
-                a, b = adapters[2 * index], adapters[2 * index + 1]
-                out, inputs_a = _lora_forward(flat, projection, a, b, noise, dtype)
-                outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
-                products.append(inputs_a)
+            outputs, products = _projections_forward(flat, projections, adapters, dtype)
         ctx.save_for_backward(x, *adapters, *products)
         ctx.projections, ctx.dtype = projections, dtype
-        return tuple(outputs)
+        return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outputs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -270,13 +352,10 @@ class LoraProjections(torch.autograd.Function):
         adapters, products = saved[:2 * len(projections)], saved[2 * len(projections):]
         flat = _flat(x, dtype)
         noises = _redraw(ctx.rng, x.device, [(flat.shape, p.dropout) for p in projections], flat)
-        grad_x, adapter_grads = None, []
         with torch.autocast(x.device.type, enabled=False):
-            for index, projection in enumerate(projections):
-                a, b = adapters[2 * index:2 * index + 2]
-                grad_x, grad_a, grad_b = _lora_backward(flat, products[index], _flat(grads[index], dtype), projection,
-                                                        a, b, noises[index], dtype, ctx.needs_input_grad[0], grad_x)
-                adapter_grads += [grad_a, grad_b]
+            grad_x, adapter_grads = _projections_backward(flat, products, [_flat(g, dtype) for g in grads],
+                                                          projections, adapters, noises, dtype,
+                                                          ctx.needs_input_grad[0])
         grad_x = None if grad_x is None else _as(grad_x.view(x.shape), x.dtype)
         return (grad_x, None, None, *adapter_grads)
 
@@ -328,19 +407,18 @@ class LoraSwiGLU(torch.autograd.Function):
         ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
         with torch.autocast(x.device.type, enabled=False):
             # the masks are drawn in peft's order: gate's, up's, then down's
-            a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
-            gate_out, gate_a = _lora_forward(flat, gate, a_gate, b_gate, _noise(flat.shape, flat, gate.dropout), dtype)
-            up_out, up_a = _lora_forward(flat, up, a_up, b_up, _noise(flat.shape, flat, up.dropout), dtype)
+            (gate_out, up_out), products = _projections_forward(flat, [gate, up], adapters[:4], dtype)
             hidden = swiglu_forward(gate_out, up_out)
-            out, down_a = _lora_forward(hidden, down, a_down, b_down, _noise(hidden.shape, hidden, down.dropout),
-                                        dtype)
-        ctx.save_for_backward(x, gate_out, up_out, gate_a, up_a, down_a, *adapters)
+            out, down_a = _lora_forward(hidden, down, adapters[4], adapters[5],
+                                        _noise(hidden.shape, hidden, down.dropout), dtype)
+        ctx.save_for_backward(x, gate_out, up_out, down_a, *adapters, *products)
         ctx.projections, ctx.dtype = projections, dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, gate_out, up_out, gate_a, up_a, down_a, *adapters = ctx.saved_tensors
+        x, gate_out, up_out, down_a, *saved = ctx.saved_tensors
+        adapters, products = saved[:6], saved[6:]
         (gate, up, down), dtype = ctx.projections, ctx.dtype
         flat = _flat(x, dtype)
         noise_gate, noise_up, noise_down = _redraw(
@@ -348,19 +426,15 @@ class LoraSwiGLU(torch.autograd.Function):
             [(flat.shape, gate.dropout), (flat.shape, up.dropout), (up_out.shape, down.dropout)], flat)
         with torch.autocast(x.device.type, enabled=False):
             hidden = swiglu_forward(gate_out, up_out)  # recomputed: autograd would have kept it, and SiLU's output
-            a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
             grad_hidden, grad_a_down, grad_b_down = _lora_backward(hidden, down_a, _flat(grad, dtype), down,
-                                                                   a_down, b_down, noise_down, dtype, True)
+                                                                   adapters[4], adapters[5], noise_down, dtype, True)
             assert grad_hidden is not None  # asked for (need_input=True)
             grad_gate, grad_up = swiglu_backward(gate_out, up_out, grad_hidden, spare=hidden)
             need = ctx.needs_input_grad[0]
-            grad_x, grad_a_gate, grad_b_gate = _lora_backward(flat, gate_a, grad_gate, gate, a_gate, b_gate,
-                                                              noise_gate, dtype, need)
-            grad_x, grad_a_up, grad_b_up = _lora_backward(flat, up_a, grad_up, up, a_up, b_up, noise_up, dtype,
-                                                          need, grad_x)
-        grads = [grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down]
+            grad_x, grads = _projections_backward(flat, products, [grad_gate, grad_up], [gate, up], adapters[:4],
+                                                  [noise_gate, noise_up], dtype, need)
         grad_input = _as(grad_x.view(x.shape), x.dtype) if need and grad_x is not None else None
-        return (grad_input, None, None, *grads)
+        return (grad_input, None, None, *grads, grad_a_down, grad_b_down)
 
 
 def previous_forward(module: torch.nn.Module) -> Callable[..., Any]:

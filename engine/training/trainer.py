@@ -30,6 +30,7 @@ from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints
 from tunewiz.engine.training import distributed, download, models, oom, speed
 from tunewiz.engine.training.generate import answers, matches
 from tunewiz.engine.training.sealing import SealingTrainerMixin
+from tunewiz.engine.training.token_count import DeferredTokenCountMixin, TokenCounter
 
 
 def plan_steps(spec: RunSpec, n_train: int, world_size: int = 1) -> int:
@@ -213,7 +214,7 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
 
 
 def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData | PreparedPairs,
-                   total: int, sample_every: int, watch: coach.Watch) -> Any:
+                   total: int, sample_every: int, watch: coach.Watch, tokens: TokenCounter | None) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -290,6 +291,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             if cuda:  # the GPU runs behind the Python loop: wait for it, or tokens/s would count queued work
                 torch.cuda.synchronize()
             self.compute_s += time.monotonic() - self.step_began
+            if tokens is not None:  # counted on the device during the step (engine/training/token_count.py)
+                state.num_input_tokens_seen += tokens.take()
             if ranks.any_rank(ctx.should_stop()):  # every rank stops at the same step
                 ctx.stop_event.set()
                 control.should_training_stop = True
@@ -372,7 +375,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
     if cuda:  # "per GPU" means nothing on a CPU run
         ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
-    callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx))
+    tokens = None if preferring else TokenCounter()
+    callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx), tokens)
 
     from transformers import DataCollatorWithFlattening, PrinterCallback
 
@@ -392,6 +396,9 @@ def train(ctx: EngineContext) -> TrainOutcome:
             trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
                                                  eval_dataset=ExampleDataset(data.eval) if data.eval else None,
                                                  data_collator=collator, callbacks=[callback])
+            if tokens is not None:
+                tokens.discard()  # a step that ran out of memory counted for nothing
+                trainer.token_counter = tokens
         trainer.remove_callback(PrinterCallback)  # our events replace its prints
         return trainer
 
@@ -490,7 +497,7 @@ def _trainer_class(fused_loss: bool) -> type:
     """transformers' Trainer; with the fused loss, evaluation also computes the loss without logits."""
     from transformers import Trainer
 
-    class SealingTrainer(SealingTrainerMixin, Trainer):
+    class SealingTrainer(SealingTrainerMixin, DeferredTokenCountMixin, Trainer):
         pass
 
     if not fused_loss:

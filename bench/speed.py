@@ -84,6 +84,7 @@ VARIANTS = {
     "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
     "engine_offload": ("speed.offload_checkpoints=true",),
     "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
+    "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout
     "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
@@ -150,7 +151,8 @@ def suite_cases(suite: str) -> list[Case]:
         return [Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
                 for variant in ("engine_fused_offload_no_dropout", "engine_fused_lora_no_dropout")] + [
             Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
-            Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2)] + [
+            Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2),
+            Case("fused", shape, "lora", False, "engine_auto_no_dropout", steps=6, warmup=2)] + [
             Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
             for variant in ("engine_unfused_lora_no_dropout", "engine_no_dropout", "engine_offload", "engine",
                             "engine_unfused_lora", "baseline")] + [

@@ -85,6 +85,8 @@ VARIANTS = {
     "engine_offload": ("speed.offload_checkpoints=true",),
     "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
     "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout
+    "engine_auto_fused_dropout": ("speed.fused_dropout=true",),  # the automatic choice, dropout in the kernels
+    "engine_fused_dropout": ("speed.fused_dropout=true",),  # the defaults (dropout 0.05), dropout in the kernels
     "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
@@ -152,7 +154,9 @@ def suite_cases(suite: str) -> list[Case]:
                 for variant in ("engine_fused_offload_no_dropout", "engine_fused_lora_no_dropout")] + [
             Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
             Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2),
-            Case("fused", shape, "lora", False, "engine_auto_no_dropout", steps=6, warmup=2)] + [
+            Case("fused", shape, "lora", False, "engine_auto_no_dropout", steps=6, warmup=2),
+            Case("fused", shape, "lora", False, "engine_auto_fused_dropout", steps=6, warmup=2)] + [
+            Case("fused", shape, method, True, "engine_fused_dropout") for method in ("lora", "qlora")] + [
             Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
             for variant in ("engine_unfused_lora_no_dropout", "engine_no_dropout", "engine_offload", "engine",
                             "engine_unfused_lora", "baseline")] + [

@@ -527,3 +527,30 @@ def test_qlora_dequantises_each_weight_once_per_use_through_the_triton_kernel(tm
     assert len(calls) == 2 * 7  # 2 layers, 7 projections: the forward
     loss.backward()
     assert len(calls) == 2 * 7 + (6 + 5) + (7 + 5)  # forward; layer 1 recompute and backward; layer 0's
+
+
+@pytest.mark.parametrize(("cuda", "dropout", "lever", "seeded"), [
+    (True, 0.1, True, True), (False, 0.1, True, False), (True, 0.0, True, False), (True, 0.1, False, False)])
+def test_kernel_dropout_is_used_on_cuda_with_dropout_when_asked(cuda: bool, dropout: float, lever: bool,
+                                                                seeded: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunewiz.engine.training import speed
+
+    spec = _spec(f"lora.dropout={dropout}", f"speed.fused_dropout={str(lever).lower()}")
+    model = get_peft_model(AutoModelForCausalLM.from_config(_config("llama")),
+                           LoraConfig(r=4, lora_dropout=dropout, target_modules="all-linear"))
+    notes = speed.apply_fused_lora(model, spec, cuda)
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert mlp.forward.__self__.seeded_dropout is seeded
+    assert ("speed.fused_dropout" in notes[0]) is seeded
+
+
+def test_kernel_dropout_falls_back_to_torch_masks_where_the_kernels_do_not_apply() -> None:
+    """An fp32 or CPU input (or one too large for the kernels' 32-bit counter) gets torch's mask."""
+    projection = fused_lora._Projection(torch.nn.Linear(8, 8), 1.0, 0.5, seeded=True)
+    noise = fused_lora._noise((4, 8), torch.zeros(1), projection)
+    assert isinstance(noise, torch.Tensor) and set(noise.unique().tolist()) <= {0.0, 1.0}
+    no_dropout = fused_lora._Projection(torch.nn.Linear(8, 8), 1.0, 0.0, seeded=True)
+    assert fused_lora._noise((4, 8), torch.zeros(1), no_dropout) is None

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
 
-from tunewiz.engine.training import nf4_triton, swiglu_triton
+from tunewiz.engine.training import dropout_triton, nf4_triton, swiglu_triton
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
 LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
@@ -51,6 +52,17 @@ class _Projection:
     base: torch.nn.Module
     scaling: float
     dropout: float
+    seeded: bool = False  # its dropout inside our Triton kernels where they apply (speed.fused_dropout)
+
+
+@dataclass(frozen=True)
+class _Seed:
+    """A dropout mask that is never materialised: the seed the Triton kernels draw it from (dropout_triton)."""
+
+    seed: torch.Tensor
+
+
+_Mask: TypeAlias = "torch.Tensor | _Seed | None"
 
 
 def _is_4bit(base: torch.nn.Module) -> bool:
@@ -66,7 +78,7 @@ def _linear_lora(module: torch.nn.Module) -> bool:
     return type(base) is torch.nn.Linear or _is_4bit(base)
 
 
-def _operands(layer: Any, x: torch.Tensor) -> tuple[_Projection, torch.Tensor, torch.Tensor] | None:
+def _operands(layer: Any, x: torch.Tensor, seeded: bool) -> tuple[_Projection, torch.Tensor, torch.Tensor] | None:
     """(settings, A, B) of `layer`'s one active plain LoRA adapter, or None where peft's path must run."""
     adapters = layer.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
@@ -81,7 +93,8 @@ def _operands(layer: Any, x: torch.Tensor) -> tuple[_Projection, torch.Tensor, t
         p = 0.0
     else:
         return None
-    return _Projection(base, float(layer.scaling[name]), p), layer.lora_A[name].weight, layer.lora_B[name].weight
+    return (_Projection(base, float(layer.scaling[name]), p, seeded), layer.lora_A[name].weight,
+            layer.lora_B[name].weight)
 
 
 def _weight_dtype(base: torch.nn.Module) -> torch.dtype:
@@ -195,14 +208,19 @@ def _base_forward(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtyp
     return torch.addmm(_as(base.bias, dtype), inputs, weight.t())
 
 
-def _noise(shape: tuple[int, ...], like: torch.Tensor, p: float) -> torch.Tensor | None:
-    """A dropout mask of zeros and ones, drawn as torch's CPU dropout draws it (same random stream).
+def _noise(shape: tuple[int, ...], like: torch.Tensor, projection: _Projection) -> _Mask:
+    """The dropout mask of `projection` over an input of `shape`: None without dropout; the seed of a mask
+    the Triton kernels draw as they read the input (`speed.fused_dropout`, on CUDA); else zeros and ones,
+    drawn as torch's CPU dropout draws them (same random stream).
 
     The 1 / (1 - p) scale is applied to the rank-r products instead: exact in any dtype, where a bf16
     mask holding 1 / (1 - p) would round it (1.0547 for p = 0.05).
     """
+    p = projection.dropout
     if p == 0.0:
         return None
+    if projection.seeded and dropout_triton.usable(like, math.prod(shape)):
+        return _Seed(dropout_triton.new_seed(like))
     return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
 
 
@@ -224,17 +242,20 @@ def _rng_replayed(device: torch.device, state: torch.Tensor) -> Iterator[None]:
 
 
 def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
-                  noise: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  noise: _Mask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(base(inputs) + scaling * B A dropout(inputs), A dropout(inputs)) for 2-D `inputs` in `dtype`."""
-    inputs_a = (inputs if noise is None else inputs * noise) @ _cast(a, dtype).t()
-    if noise is not None:
-        inputs_a.mul_(1 / (1 - projection.dropout))
+    if isinstance(noise, _Seed):
+        inputs_a = dropout_triton.a_forward(inputs, _cast(a, dtype), noise.seed, projection.dropout)
+    else:
+        inputs_a = (inputs if noise is None else inputs * noise) @ _cast(a, dtype).t()
+        if noise is not None:
+            inputs_a.mul_(1 / (1 - projection.dropout))
     out = _base_forward(inputs, projection.base, dtype)
     return out.addmm_(inputs_a, _cast(b, dtype).t(), alpha=projection.scaling), inputs_a
 
 
 def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Tensor, projection: _Projection,
-                   a: torch.Tensor, b: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype,
+                   a: torch.Tensor, b: torch.Tensor, noise: _Mask, dtype: torch.dtype,
                    need_input: bool, into: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output; the inputs' gradient in
@@ -247,13 +268,18 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
     grad_b = _scaled_as(grad.t() @ inputs_a, s, b.dtype)
     scale_a = s if noise is None else s / (1 - projection.dropout)
     grad_a_out = grad @ _cast(b, dtype)  # the gradient reaching A's output, before scale_a
-    grad_a = _scaled_as(grad_a_out.t() @ (inputs if noise is None else inputs * noise), scale_a, a.dtype)
+    if isinstance(noise, _Seed):
+        grad_a = dropout_triton.a_grad(grad_a_out, inputs, noise.seed, projection.dropout, scale_a, a.dtype)
+    else:
+        grad_a = _scaled_as(grad_a_out.t() @ (inputs if noise is None else inputs * noise), scale_a, a.dtype)
     if not need_input:
         return None, grad_a, grad_b
     weight = _frozen_weight(projection.base, dtype)
     grad_inputs = grad @ weight if into is None else into.addmm_(grad, weight)
     if noise is None:
         grad_inputs.addmm_(grad_a_out, a_cast, alpha=scale_a)
+    elif isinstance(noise, _Seed):
+        dropout_triton.x_grad_(grad_inputs, grad_a_out, a_cast, noise.seed, projection.dropout, scale_a)
     else:
         grad_inputs.addcmul_(grad_a_out @ a_cast, noise, value=scale_a)
     return grad_inputs, grad_a, grad_b
@@ -277,7 +303,7 @@ def _projections_forward(flat: torch.Tensor, projections: list[_Projection],
     if not _shares_a(projections, adapters):
         outputs, products = [], []
         for index, projection in enumerate(projections):
-            noise = _noise(flat.shape, flat, projection.dropout)
+            noise = _noise(flat.shape, flat, projection)
             out, inputs_a = _lora_forward(flat, projection, adapters[2 * index], adapters[2 * index + 1], noise, dtype)
             outputs.append(out)
             products.append(inputs_a)
@@ -294,7 +320,7 @@ def _projections_forward(flat: torch.Tensor, projections: list[_Projection],
 
 def _projections_backward(flat: torch.Tensor, products: list[torch.Tensor], grads: list[torch.Tensor],
                           projections: list[_Projection], adapters: list[torch.Tensor] | tuple[torch.Tensor, ...],
-                          noises: list[torch.Tensor | None], dtype: torch.dtype, need_input: bool
+                          noises: list[_Mask], dtype: torch.dtype, need_input: bool
                           ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """(grad of the input or None, [grad A, grad B] per projection) of `_projections_forward`."""
     grad_x: torch.Tensor | None = None
@@ -351,7 +377,7 @@ class LoraProjections(torch.autograd.Function):
         projections, dtype = ctx.projections, ctx.dtype
         adapters, products = saved[:2 * len(projections)], saved[2 * len(projections):]
         flat = _flat(x, dtype)
-        noises = _redraw(ctx.rng, x.device, [(flat.shape, p.dropout) for p in projections], flat)
+        noises = _redraw(ctx.rng, x.device, [(flat.shape, p) for p in projections], flat)
         with torch.autocast(x.device.type, enabled=False):
             grad_x, adapter_grads = _projections_backward(flat, products, [_flat(g, dtype) for g in grads],
                                                           projections, adapters, noises, dtype,
@@ -360,13 +386,13 @@ class LoraProjections(torch.autograd.Function):
         return (grad_x, None, None, *adapter_grads)
 
 
-def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[tuple[int, ...], float]],
-            like: torch.Tensor) -> list[torch.Tensor | None]:
-    """The forward's dropout masks, in the forward's order, from its saved random state."""
+def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[tuple[int, ...], _Projection]],
+            like: torch.Tensor) -> list[_Mask]:
+    """The forward's dropout masks (or their seeds), in the forward's order, from its saved random state."""
     if state is None:
         return [None] * len(draws)
     with _rng_replayed(device, state):
-        return [_noise(shape, like, p) for shape, p in draws]
+        return [_noise(shape, like, projection) for shape, projection in draws]
 
 
 def _kernels_for(tensor: torch.Tensor) -> Any:
@@ -410,7 +436,7 @@ class LoraSwiGLU(torch.autograd.Function):
             (gate_out, up_out), products = _projections_forward(flat, [gate, up], adapters[:4], dtype)
             hidden = swiglu_forward(gate_out, up_out)
             out, down_a = _lora_forward(hidden, down, adapters[4], adapters[5],
-                                        _noise(hidden.shape, hidden, down.dropout), dtype)
+                                        _noise(hidden.shape, hidden, down), dtype)
         ctx.save_for_backward(x, gate_out, up_out, down_a, *adapters, *products)
         ctx.projections, ctx.dtype = projections, dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -423,7 +449,7 @@ class LoraSwiGLU(torch.autograd.Function):
         flat = _flat(x, dtype)
         noise_gate, noise_up, noise_down = _redraw(
             ctx.rng, x.device,
-            [(flat.shape, gate.dropout), (flat.shape, up.dropout), (up_out.shape, down.dropout)], flat)
+            [(flat.shape, gate), (flat.shape, up), (up_out.shape, down)], flat)
         with torch.autocast(x.device.type, enabled=False):
             hidden = swiglu_forward(gate_out, up_out)  # recomputed: autograd would have kept it, and SiLU's output
             grad_hidden, grad_a_down, grad_b_down = _lora_backward(hidden, down_a, _flat(grad, dtype), down,
@@ -447,9 +473,9 @@ def previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
 Prepared = tuple[list[_Projection], list[torch.Tensor], torch.dtype]
 
 
-def _prepare(layers: list[Any], x: torch.Tensor) -> Prepared | None:
+def _prepare(layers: list[Any], x: torch.Tensor, seeded: bool) -> Prepared | None:
     """Every layer's operands and the compute dtype, or None when any layer must take peft's path."""
-    found = [_operands(layer, x) for layer in layers]
+    found = [_operands(layer, x, seeded) for layer in layers]
     operands = [o for o in found if o is not None]
     if len(operands) != len(found):
         return None
@@ -485,15 +511,15 @@ def _state_key(layers: list[Any], x: torch.Tensor) -> tuple[Any, ...] | None:
 class _Group:
     """LoRA layers computed together, with their operands prepared once for each state they are called in."""
 
-    def __init__(self, layers: list[Any]) -> None:
-        self.layers = layers
+    def __init__(self, layers: list[Any], seeded_dropout: bool) -> None:
+        self.layers, self.seeded_dropout = layers, seeded_dropout
         self.key: tuple[Any, ...] | None = None
         self.prepared: Prepared | None = None
 
     def prepare(self, x: torch.Tensor) -> Prepared | None:
         key = _state_key(self.layers, x)
         if key is None or key != self.key:
-            self.prepared, self.key = _prepare(self.layers, x), key
+            self.prepared, self.key = _prepare(self.layers, x, self.seeded_dropout), key
         return self.prepared
 
 
@@ -502,8 +528,8 @@ class _SharedInput(_Group):
     others take their output. The pending outputs are keyed by the input tensor itself, so a call with
     another input (or grad mode) computes afresh and nothing stale is ever returned."""
 
-    def __init__(self, layers: list[Any]) -> None:
-        super().__init__(layers)
+    def __init__(self, layers: list[Any], seeded_dropout: bool) -> None:
+        super().__init__(layers, seeded_dropout)
         self.fallbacks = [previous_forward(layer) for layer in layers]
         self.pending: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
 
@@ -527,8 +553,8 @@ class _SharedInput(_Group):
 class _FusedMLP(_Group):
     """A Llama-like MLP's forward: the fused block, or the forward it had before where that must run."""
 
-    def __init__(self, mlp: torch.nn.Module) -> None:
-        super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+    def __init__(self, mlp: torch.nn.Module, seeded_dropout: bool) -> None:
+        super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj], seeded_dropout)
         self.fallback = previous_forward(mlp)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -545,13 +571,13 @@ def _fusable_mlp(module: torch.nn.Module) -> bool:
             and all(_linear_lora(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj")))
 
 
-def _patch_group(layers: list[Any]) -> None:
-    group = _SharedInput(layers)
+def _patch_group(layers: list[Any], seeded_dropout: bool) -> None:
+    group = _SharedInput(layers, seeded_dropout)
     for index, layer in enumerate(layers):
         layer.forward = functools.partial(group.forward, index)
 
 
-def apply_fused_lora(model: torch.nn.Module) -> tuple[int, int]:
+def apply_fused_lora(model: torch.nn.Module, seeded_dropout: bool = False) -> tuple[int, int]:
     """Give every Llama-like MLP and every attention block's LoRA projections the fused forward.
 
     Returns (MLP blocks, attention blocks) patched. The forward each module had before stays its
@@ -560,11 +586,11 @@ def apply_fused_lora(model: torch.nn.Module) -> tuple[int, int]:
     mlps = attentions = 0
     for module in list(model.modules()):
         if _fusable_mlp(module):
-            module.forward = _FusedMLP(module).forward
+            module.forward = _FusedMLP(module, seeded_dropout).forward
             mlps += 1
         inputs = [getattr(module, name) for name in ATTENTION_INPUTS if _linear_lora(getattr(module, name, None))]
         if inputs and _linear_lora(getattr(module, "o_proj", None)):
-            _patch_group(inputs)
-            _patch_group([module.o_proj])
+            _patch_group(inputs, seeded_dropout)
+            _patch_group([module.o_proj], seeded_dropout)
             attentions += 1
     return mlps, attentions

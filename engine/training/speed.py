@@ -146,8 +146,10 @@ def apply_fused_lora(model: Any, spec: RunSpec, cuda: bool, fsdp: bool = False) 
     from tunewiz.engine.training import rmsnorm_triton, rope_triton
     from tunewiz.engine.training.fused_lora import apply_fused_lora as patch
 
-    mlps, attention = patch(model)
-    done = [f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)"]
+    seeded = spec.speed.fused_dropout and cuda and spec.lora.dropout > 0
+    mlps, attention = patch(model, seeded_dropout=seeded)
+    done = [f"fused LoRA blocks on {mlps} MLPs and {attention} attention blocks (speed.fused_lora)"
+            + ("; LoRA dropout inside their Triton kernels (speed.fused_dropout)" if seeded else "")]
     if norms := rmsnorm_triton.apply_frozen_rms_norm(model, cuda):
         done.append(f"Triton RMSNorm on {norms} norms")
     if rope_triton.apply_rope(model, cuda):

@@ -1,0 +1,144 @@
+"""LoRA dropout inside the adapter's matmuls, in Triton (`speed.fused_dropout`, on CUDA).
+
+peft drops out the input of each LoRA A matrix: a mask the size of the layer's input per projection (seven
+a layer, one of them the MLP's wide hidden state), drawn, multiplied in, and drawn again in the backward
+(engine/training/fused_lora.py redraws them rather than keep them). Here the mask is never stored: each
+element's keep-or-drop comes from a counter-based generator (Philox, `tl.rand`) keyed by a seed tensor and
+the element's index, so the three kernels that read the dropped-out input compute it on the fly:
+
+- `a_forward`: dropout(x) @ A^T, scaled by 1 / (1 - p) (the rank-r product);
+- `a_grad`: the gradient of A, g^T @ dropout(x), scaled;
+- `x_grad_`: adds the LoRA part of the input's gradient, (g @ A) masked and scaled, into it.
+
+The seed is a one-element tensor drawn from torch's generator on the device (no host synchronisation),
+so a run's masks follow `training.seed`, and checkpointing's recompute (which replays the random state)
+draws the same seed again. The masks are not those torch's dropout would draw (another generator), only
+distributed as they are. x must be contiguous and 2-D, with fewer than 2**31 elements (the generator's
+counter is 32-bit); the callers check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+MAX_ELEMENTS = 2**31 - 1  # tl.rand's offsets are 32-bit
+
+if AVAILABLE:  # the module imports without Triton (the CPU install), but offers no kernels there
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _kept(seed, rows, cols, columns, p):
+        """[rows, cols] of the keep mask: True where the element survives dropout."""
+        return tl.rand(seed, rows[:, None] * columns + cols[None, :]) >= p
+
+    @triton.jit
+    def _a_forward_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ranks = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for start in range(0, columns, BLOCK_H):
+            cols = start + tl.arange(0, BLOCK_H)
+            inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
+            x = tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
+            a_t = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None],  # A^T's [cols, ranks] tile
+                          mask=(ranks[None, :] < rank) & (cols[:, None] < columns), other=0.0)
+            acc += tl.dot(x, a_t.to(x.dtype))
+        tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < rows_n) & (ranks[None, :] < rank))
+
+    @triton.jit
+    def _a_grad_kernel(g_ptr, x_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ranks = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+        for start in range(0, rows_n, BLOCK_T):
+            rows = start + tl.arange(0, BLOCK_T)
+            g_t = tl.load(g_ptr + rows[None, :] * rank + ranks[:, None],  # g^T's [ranks, rows] tile
+                          mask=(rows[None, :] < rows_n) & (ranks[:, None] < rank), other=0.0)
+            inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
+            x = tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
+            acc += tl.dot(g_t.to(x.dtype), x)
+        tl.store(out_ptr + ranks[:, None] * columns + cols[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
+                 mask=(ranks[:, None] < rank) & (cols[None, :] < columns))
+
+    @triton.jit
+    def _x_grad_kernel(g_ptr, a_ptr, grad_x_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ranks = tl.arange(0, BLOCK_R)
+        seed = tl.load(seed_ptr)
+        g = tl.load(g_ptr + rows[:, None] * rank + ranks[None, :],
+                    mask=(rows[:, None] < rows_n) & (ranks[None, :] < rank), other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * columns + cols[None, :],
+                    mask=(ranks[:, None] < rank) & (cols[None, :] < columns), other=0.0)
+        product = tl.dot(g, a.to(g.dtype)) * scale
+        inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
+        offsets = rows[:, None].to(tl.int64) * columns + cols[None, :]
+        current = tl.load(grad_x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        added = tl.where(_kept(seed, rows, cols, columns, p), product, tl.zeros_like(product))
+        tl.store(grad_x_ptr + offsets, (current + added).to(grad_x_ptr.dtype.element_ty), mask=inside)
+
+
+def usable(like: torch.Tensor, elements: int) -> bool:
+    """Whether the kernels take an input of `elements` elements of `like`'s dtype and device: 16-bit on CUDA,
+    few enough for a 32-bit counter. (fp32 stays with torch's masks: Triton's fp32 dot rounds through tf32.)"""
+    return AVAILABLE and like.is_cuda and like.dtype in (torch.bfloat16, torch.float16) and elements <= MAX_ELEMENTS
+
+
+def new_seed(like: torch.Tensor) -> torch.Tensor:
+    """A seed for one mask, drawn from torch's generator of `like`'s device (no host synchronisation)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=like.device, dtype=torch.int64)
+
+
+def _rank_block(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())  # tl.dot's smallest tile side is 16
+
+
+def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x, p) @ a^T, for x [T, H] and a [R, H] of x's dtype: the rank-r product [T, R]."""
+    x, a = x.contiguous(), a.contiguous()
+    rows, columns = x.shape
+    rank = a.shape[0]
+    out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
+    block_t = 64 if rows >= 8192 else 32
+    _a_forward_kernel[(triton.cdiv(rows, block_t),)](x, a, out, seed, rows, columns, rank, p, 1.0 / (1.0 - p),
+                                                      BLOCK_T=block_t, BLOCK_H=64, BLOCK_R=_rank_block(rank))
+    return out
+
+
+def a_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
+           dtype: torch.dtype) -> torch.Tensor:
+    """scale * g^T @ dropout(x, p) (the mask only, no 1 / (1 - p): fold it into `scale`), in `dtype`: A's
+    gradient [R, H] for g [T, R], the gradient reaching A's output."""
+    g, x = g.contiguous(), x.contiguous()
+    rows, columns = x.shape
+    rank = g.shape[1]
+    out = torch.empty(rank, columns, dtype=dtype, device=x.device)
+    _a_grad_kernel[(triton.cdiv(columns, 32),)](g, x, out, seed, rows, columns, rank, p, scale,
+                                                BLOCK_T=64, BLOCK_H=32, BLOCK_R=_rank_block(rank))
+    return out
+
+
+def x_grad_(grad_x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
+            scale: float) -> torch.Tensor:
+    """grad_x += scale * mask * (g @ a) in place (the mask only: fold 1 / (1 - p) into `scale`): the LoRA
+    part of the input's gradient, for grad_x [T, H], g [T, R] and a [R, H]."""
+    assert grad_x.is_contiguous(), "the input's gradient is added to in place"
+    g, a = g.contiguous(), a.contiguous()
+    rows, columns = grad_x.shape
+    rank = g.shape[1]
+    grid = (triton.cdiv(rows, 64), triton.cdiv(columns, 64))
+    _x_grad_kernel[grid](g, a, grad_x, seed, rows, columns, rank, p, scale,
+                         BLOCK_T=64, BLOCK_H=64, BLOCK_R=_rank_block(rank))
+    return grad_x

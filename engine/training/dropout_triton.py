@@ -36,6 +36,13 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         return tl.rand(seed, rows[:, None] * columns + cols[None, :]) >= p
 
     @triton.jit
+    def _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p):
+        """The [rows, cols] tile of x, the dropped elements zeroed (not yet scaled by 1 / (1 - p))."""
+        inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
+        return tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
+
+    @triton.jit
     def _a_forward_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -44,9 +51,7 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         for start in range(0, columns, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
-            inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
+            x = _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p)
             a_t = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None],  # A^T's [cols, ranks] tile
                           mask=(ranks[None, :] < rank) & (cols[:, None] < columns), other=0.0)
             acc += tl.dot(x, a_t.to(x.dtype))
@@ -64,9 +69,7 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
             rows = start + tl.arange(0, BLOCK_T)
             g_t = tl.load(g_ptr + rows[None, :] * rank + ranks[:, None],  # g^T's [ranks, rows] tile
                           mask=(rows[None, :] < rows_n) & (ranks[:, None] < rank), other=0.0)
-            inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
+            x = _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p)
             acc += tl.dot(g_t.to(x.dtype), x)
         tl.store(out_ptr + ranks[:, None] * columns + cols[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
                  mask=(ranks[:, None] < rank) & (cols[None, :] < columns))

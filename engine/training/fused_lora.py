@@ -293,39 +293,43 @@ def _shares_a(projections: list[_Projection], adapters: list[torch.Tensor] | tup
 
 
 def _projections_forward(flat: torch.Tensor, projections: list[_Projection],
-                         adapters: list[torch.Tensor] | tuple[torch.Tensor, ...], dtype: torch.dtype
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(each projection's output, the rank-r products the backward needs) for projections of one 2-D input.
+                         adapters: list[torch.Tensor] | tuple[torch.Tensor, ...], dtype: torch.dtype, shared: bool
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """(each projection's output, the rank-r products the backward needs, the stacked A matrices or None) for
+    projections of one 2-D input.
 
-    Where they share A (`_shares_a`), one matmul with the stacked A matrices gives every rank-r product, and
-    each B reads its columns of it: one kernel in place of one per projection, forward and backward.
-    Else each projection on its own, drawing its dropout mask in peft's order."""
-    if not _shares_a(projections, adapters):
+    Where they share A (`shared`, as `_shares_a` found when the operands were prepared), one matmul with the
+    stacked A matrices gives every rank-r product, and each B reads its columns of it: one kernel in place
+    of one per projection, forward and backward. Else each projection on its own, drawing its dropout mask
+    in peft's order."""
+    if not shared:
         outputs, products = [], []
         for index, projection in enumerate(projections):
             noise = _noise(flat.shape, flat, projection)
             out, inputs_a = _lora_forward(flat, projection, adapters[2 * index], adapters[2 * index + 1], noise, dtype)
             outputs.append(out)
             products.append(inputs_a)
-        return outputs, products
-    inputs_a = flat @ _stacked_cast(list(adapters[0::2]), dtype).t()
+        return outputs, products, None
+    stacked = _stacked_cast(list(adapters[0::2]), dtype)
+    inputs_a = flat @ stacked.t()
     outputs, start = [], 0
     for projection, b in zip(projections, adapters[1::2]):
         rank = b.shape[1]
         out = _base_forward(flat, projection.base, dtype)
         outputs.append(out.addmm_(inputs_a[:, start:start + rank], _cast(b, dtype).t(), alpha=projection.scaling))
         start += rank
-    return outputs, [inputs_a]
+    return outputs, [inputs_a], stacked
 
 
 def _projections_backward(flat: torch.Tensor, products: list[torch.Tensor], grads: list[torch.Tensor],
                           projections: list[_Projection], adapters: list[torch.Tensor] | tuple[torch.Tensor, ...],
-                          noises: list[_Mask], dtype: torch.dtype, need_input: bool
+                          noises: list[_Mask], dtype: torch.dtype, need_input: bool, stacked: torch.Tensor | None
                           ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """(grad of the input or None, [grad A, grad B] per projection) of `_projections_forward`."""
+    """(grad of the input or None, [grad A, grad B] per projection) of `_projections_forward`, given the
+    stacked A matrices it returned (None: each projection on its own)."""
     grad_x: torch.Tensor | None = None
     adapter_grads: list[torch.Tensor] = []
-    if not _shares_a(projections, adapters):
+    if stacked is None:
         for index, projection in enumerate(projections):
             grad_x, grad_a, grad_b = _lora_backward(flat, products[index], grads[index], projection,
                                                     adapters[2 * index], adapters[2 * index + 1], noises[index],
@@ -345,7 +349,7 @@ def _projections_backward(flat: torch.Tensor, products: list[torch.Tensor], grad
         start += rank
     grad_stacked = _scaled_as(grad_products.t() @ flat, scale, adapters[0].dtype)
     if grad_x is not None:
-        grad_x.addmm_(grad_products, _stacked_cast(list(adapters[0::2]), dtype), alpha=scale)
+        grad_x.addmm_(grad_products, stacked, alpha=scale)
     grad_as = grad_stacked.split([b.shape[1] for b in adapters[1::2]])
     return grad_x, [g for pair in zip(grad_as, grad_bs) for g in pair]
 
@@ -357,16 +361,17 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LoraProjections(torch.autograd.Function):
     """Several LoRA projections of one input (Q, K and V; or O alone) as one autograd node.
 
-    apply(x, projections, dtype, A0, B0, A1, B1, ...) returns one output per projection.
+    apply(x, projections, dtype, shared, A0, B0, A1, B1, ...) returns one output per projection (`shared`: their
+    A matrices run as one, `_projections_forward`).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, projections: list[_Projection], dtype: torch.dtype,
+    def forward(ctx: Any, x: torch.Tensor, projections: list[_Projection], dtype: torch.dtype, shared: bool,
                 *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
         flat = _flat(x, dtype)
         ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
         with torch.autocast(x.device.type, enabled=False):
-            outputs, products = _projections_forward(flat, projections, adapters, dtype)
+            outputs, products, ctx.stacked = _projections_forward(flat, projections, adapters, dtype, shared)
         ctx.save_for_backward(x, *adapters, *products)
         ctx.projections, ctx.dtype = projections, dtype
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outputs)
@@ -381,9 +386,9 @@ class LoraProjections(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad_x, adapter_grads = _projections_backward(flat, products, [_flat(g, dtype) for g in grads],
                                                           projections, adapters, noises, dtype,
-                                                          ctx.needs_input_grad[0])
+                                                          ctx.needs_input_grad[0], ctx.stacked)
         grad_x = None if grad_x is None else _as(grad_x.view(x.shape), x.dtype)
-        return (grad_x, None, None, *adapter_grads)
+        return (grad_x, None, None, None, *adapter_grads)
 
 
 def _redraw(state: torch.Tensor | None, device: torch.device, draws: list[tuple[tuple[int, ...], _Projection]],
@@ -422,18 +427,20 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
 class LoraSwiGLU(torch.autograd.Function):
     """A Llama-like MLP, down(silu(gate(x)) * up(x)), each projection with LoRA, as one autograd node.
 
-    apply(x, (gate, up, down), dtype, A_gate, B_gate, A_up, B_up, A_down, B_down).
+    apply(x, (gate, up, down), dtype, shared, A_gate, B_gate, A_up, B_up, A_down, B_down) (`shared`: gate's and
+    up's A matrices run as one).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, projections: tuple[_Projection, _Projection, _Projection],
-                dtype: torch.dtype, *adapters: torch.Tensor) -> torch.Tensor:
+                dtype: torch.dtype, shared: bool, *adapters: torch.Tensor) -> torch.Tensor:
         gate, up, down = projections
         flat = _flat(x, dtype)
         ctx.rng = _rng_state(x.device) if any(p.dropout for p in projections) else None
         with torch.autocast(x.device.type, enabled=False):
             # the masks are drawn in peft's order: gate's, up's, then down's
-            (gate_out, up_out), products = _projections_forward(flat, [gate, up], adapters[:4], dtype)
+            (gate_out, up_out), products, ctx.stacked = _projections_forward(flat, [gate, up], adapters[:4], dtype,
+                                                                             shared)
             hidden = swiglu_forward(gate_out, up_out)
             out, down_a = _lora_forward(hidden, down, adapters[4], adapters[5],
                                         _noise(hidden.shape, hidden, down), dtype)
@@ -458,9 +465,9 @@ class LoraSwiGLU(torch.autograd.Function):
             grad_gate, grad_up = swiglu_backward(gate_out, up_out, grad_hidden, spare=hidden)
             need = ctx.needs_input_grad[0]
             grad_x, grads = _projections_backward(flat, products, [grad_gate, grad_up], [gate, up], adapters[:4],
-                                                  [noise_gate, noise_up], dtype, need)
+                                                  [noise_gate, noise_up], dtype, need, ctx.stacked)
         grad_input = _as(grad_x.view(x.shape), x.dtype) if need and grad_x is not None else None
-        return (grad_input, None, None, *grads, grad_a_down, grad_b_down)
+        return (grad_input, None, None, None, *grads, grad_a_down, grad_b_down)
 
 
 def previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
@@ -470,11 +477,13 @@ def previous_forward(module: torch.nn.Module) -> Callable[..., Any]:
     return patched if patched is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
 
 
-Prepared = tuple[list[_Projection], list[torch.Tensor], torch.dtype]
+# (projections, their A and B weights, the compute dtype, whether the first ones that read one input share A)
+Prepared = tuple[list[_Projection], list[torch.Tensor], torch.dtype, bool]
 
 
-def _prepare(layers: list[Any], x: torch.Tensor, seeded: bool) -> Prepared | None:
-    """Every layer's operands and the compute dtype, or None when any layer must take peft's path."""
+def _prepare(layers: list[Any], x: torch.Tensor, seeded: bool, sharing: int) -> Prepared | None:
+    """Every layer's operands, the compute dtype and whether the first `sharing` projections (those that read
+    one input) share A (`_shares_a`); None when any layer must take peft's path."""
     found = [_operands(layer, x, seeded) for layer in layers]
     operands = [o for o in found if o is not None]
     if len(operands) != len(found):
@@ -482,7 +491,9 @@ def _prepare(layers: list[Any], x: torch.Tensor, seeded: bool) -> Prepared | Non
     projections = [o[0] for o in operands]
     adapters = [t for o in operands for t in o[1:]]
     dtype = _compute_dtype(x, projections, adapters)
-    return None if dtype is None else (projections, adapters, dtype)
+    if dtype is None:
+        return None
+    return projections, adapters, dtype, _shares_a(projections[:sharing], adapters[:2 * sharing])
 
 
 # peft's LoraLayer attributes that change at run time: disabling (trl's reference pass), merging, the active adapter.
@@ -511,15 +522,15 @@ def _state_key(layers: list[Any], x: torch.Tensor) -> tuple[Any, ...] | None:
 class _Group:
     """LoRA layers computed together, with their operands prepared once for each state they are called in."""
 
-    def __init__(self, layers: list[Any], seeded_dropout: bool) -> None:
-        self.layers, self.seeded_dropout = layers, seeded_dropout
+    def __init__(self, layers: list[Any], seeded_dropout: bool, sharing: int) -> None:
+        self.layers, self.seeded_dropout, self.sharing = layers, seeded_dropout, sharing
         self.key: tuple[Any, ...] | None = None
         self.prepared: Prepared | None = None
 
     def prepare(self, x: torch.Tensor) -> Prepared | None:
         key = _state_key(self.layers, x)
         if key is None or key != self.key:
-            self.prepared, self.key = _prepare(self.layers, x, self.seeded_dropout), key
+            self.prepared, self.key = _prepare(self.layers, x, self.seeded_dropout, self.sharing), key
         return self.prepared
 
 
@@ -529,7 +540,7 @@ class _SharedInput(_Group):
     another input (or grad mode) computes afresh and nothing stale is ever returned."""
 
     def __init__(self, layers: list[Any], seeded_dropout: bool) -> None:
-        super().__init__(layers, seeded_dropout)
+        super().__init__(layers, seeded_dropout, sharing=len(layers))
         self.fallbacks = [previous_forward(layer) for layer in layers]
         self.pending: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
 
@@ -543,8 +554,8 @@ class _SharedInput(_Group):
         if prepared is None:
             self.pending.clear()
             return self.fallbacks[index](x)
-        projections, adapters, dtype = prepared
-        outputs = LoraProjections.apply(x, projections, dtype, *adapters)
+        projections, adapters, dtype, shared = prepared
+        outputs = LoraProjections.apply(x, projections, dtype, shared, *adapters)
         grad = torch.is_grad_enabled()
         self.pending = {i: (x, grad, out) for i, out in enumerate(outputs) if i != index}
         return outputs[index]
@@ -554,15 +565,15 @@ class _FusedMLP(_Group):
     """A Llama-like MLP's forward: the fused block, or the forward it had before where that must run."""
 
     def __init__(self, mlp: torch.nn.Module, seeded_dropout: bool) -> None:
-        super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj], seeded_dropout)
+        super().__init__([mlp.gate_proj, mlp.up_proj, mlp.down_proj], seeded_dropout, sharing=2)  # gate, up
         self.fallback = previous_forward(mlp)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         prepared = None if args or kwargs else self.prepare(x)
         if prepared is None:
             return self.fallback(x, *args, **kwargs)
-        projections, adapters, dtype = prepared
-        return LoraSwiGLU.apply(x, tuple(projections), dtype, *adapters)
+        projections, adapters, dtype, shared = prepared
+        return LoraSwiGLU.apply(x, tuple(projections), dtype, shared, *adapters)
 
 
 def _fusable_mlp(module: torch.nn.Module) -> bool:

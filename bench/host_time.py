@@ -9,7 +9,8 @@ layers but tiny matrices (hidden 64, 16 tokens), prepared exactly as the trainer
 arithmetic takes next to nothing and a step's time is the host's work: module calls, autograd nodes, the
 LoRA layers' and fused blocks' Python, checkpointing's hooks and one operator dispatch per kernel a GPU
 would launch. Compare settings within one run of this command (`--variant NAME KEY=VALUE ...`, repeatable);
-`--torch-checkpointing` keeps torch's checkpointing instead of the engine's node; `--profile N` prints the
+`--torch-checkpointing` keeps torch's checkpointing instead of the engine's node; `--autocast` runs under
+bf16 autocast as a GPU run does (fp32 adapters cast once a step); `--profile N` prints the
 N costliest functions (cProfile) of the first variant.
 """
 
@@ -49,14 +50,14 @@ def build(layers: int, overrides: list[str], checkpointing: bool, torch_checkpoi
     return model, optimizer
 
 
-def step_ms(model: Any, optimizer: Any, steps: int) -> float:
+def step_ms(model: Any, optimizer: Any, steps: int, autocast: bool = False) -> float:
     """Median milliseconds of a training step (forward, backward, optimiser) on one sequence of 16 tokens."""
     import torch
 
     from bench.profile_step import training_step
 
     step = training_step(model, optimizer, torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1)),
-                         autocast=False)
+                         autocast=autocast)
     for _ in range(3):
         step()
     times = []
@@ -76,6 +77,8 @@ def main() -> None:
                         help="a named set of spec overrides (repeatable); default: the engine's defaults and "
                              "the defaults without the fused blocks")
     parser.add_argument("--profile", type=int, default=0, help="print this many costliest functions")
+    parser.add_argument("--autocast", action="store_true", help="under bf16 autocast, as on a GPU (the fp32 "
+                        "adapters are then cast to bf16, once a step)")
     parser.add_argument("--torch-checkpointing", action="store_true",
                         help="checkpoint through torch's checkpointing instead of the engine's own node")
     args = parser.parse_args()
@@ -86,14 +89,14 @@ def main() -> None:
         ("defaults", []), ("without fused blocks", ["speed.fused_lora=false"])]
     checkpointing = "off" if args.no_checkpointing else "torch's" if args.torch_checkpointing else "the engine's"
     print(f"{args.layers} layers, hidden 64, 16 tokens, checkpointing {checkpointing}, "
-          "one CPU thread: ms per step (host work only)")
+          f"{'bf16 autocast' if args.autocast else 'fp32'}, one CPU thread: ms per step (host work only)")
     for index, (name, overrides) in enumerate(variants):
         model, optimizer = build(args.layers, overrides, not args.no_checkpointing, args.torch_checkpointing)
-        print(f"  {name:<28} {step_ms(model, optimizer, args.steps):8.2f} ms")
+        print(f"  {name:<28} {step_ms(model, optimizer, args.steps, args.autocast):8.2f} ms")
         if index == 0 and args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            step_ms(model, optimizer, 5)
+            step_ms(model, optimizer, 5, args.autocast)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 

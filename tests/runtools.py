@@ -1,13 +1,15 @@
-"""Helpers for tests that start real engine processes with the stand-in trainer (tests/fake_trainer.py)."""
+"""Helpers for tests that start real engine processes: with the stand-in trainer (tests/fake_trainer.py), or
+training for real through the CLI (`train_through_cli`, the GPU tests)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import subprocess_env
+from tests.conftest import PYTHON, ROOT, subprocess_env
 from tunewiz.engine.config import spec as spec_mod
 from tunewiz.engine.run import launcher, rundir
 from tunewiz.engine.run.events import validate
@@ -96,3 +98,20 @@ def kill_leftovers() -> None:
                     os.killpg(pgid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def train_through_cli(preset: str, name: str, settings: list[str], timeout: float = 900
+                      ) -> tuple[rundir.RunDir, list[dict[str, Any]]]:
+    """`tunewiz train PRESET --name NAME --set ...` for real; asserts that it succeeded (showing its output and
+    the engine's log otherwise) and that every event it wrote is valid. Returns the run and its events."""
+    command = [PYTHON, "-m", "tunewiz.engine", "train", preset, "--name", name]
+    for setting in settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=timeout)
+    runs = rundir.list_runs()  # none when the command failed before it made one (a bad setting)
+    log = runs[0].log_path.read_text(errors="replace")[-4000:] if runs and runs[0].log_path.exists() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log
+    run = runs[0]
+    stream = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert all(validate(e) == [] for e in stream)
+    return run, stream

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.runtools import train_through_cli
 from tunewiz.engine.planning.recommend import estimate_spec
 from tunewiz.engine.run import rundir
-from tunewiz.engine.run.events import validate
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -36,18 +36,10 @@ def test_train_on_gpu(shape: str, method: str, tokenizer_dir: Path, model_root: 
     from bench.random_model import make
 
     model_dir = make(shape, model_root / shape, tokenizer_dir)
-    result = subprocess.run(
-        [PYTHON, "-m", "tunewiz.engine", "train", "demo", "--name", f"gpu-{shape}-{method}",
-         "--set", f"model.name={model_dir}", "--set", f"method={method}",
-         "--set", f"training.max_steps={STEPS}", "--set", "training.micro_batch_size=8",
-         "--set", "training.gradient_accumulation=2", "--set", "training.gradient_checkpointing=true",
-         "--set", "training.sample_every=12", "--set", "training.eval_every=12"],
-        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
-    run = rundir.list_runs()[0]
-    log = run.log_path.read_text(errors="replace")[-4000:] if run.log_path.exists() else ""
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log
-    stream = [json.loads(line) for line in run.events_path.read_text().splitlines()]
-    assert all(validate(e) == [] for e in stream)
+    run, stream = train_through_cli("demo", f"gpu-{shape}-{method}", [
+        f"model.name={model_dir}", f"method={method}", f"training.max_steps={STEPS}", "training.micro_batch_size=8",
+        "training.gradient_accumulation=2", "training.gradient_checkpointing=true", "training.sample_every=12",
+        "training.eval_every=12"])
     steps = [e for e in stream if e["type"] == "step"]
     assert len(steps) == STEPS and stream[-1]["status"] == "completed"
     assert [e for e in stream if e["type"] == "eval"], "no eval events"  # eval under the fused loss too

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.runtools import train_through_cli
 from tunewiz.engine.planning import recommend
-from tunewiz.engine.run import rundir
-from tunewiz.engine.run.events import validate
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -32,19 +29,11 @@ def test_dpo_on_a_1b_shape(method: str, tokenizer_dir: Path, model_root: Path) -
 
     shape = "llama-3.2-1b"
     model_dir = make(shape, model_root / shape, tokenizer_dir)
-    result = subprocess.run(
-        [PYTHON, "-m", "tunewiz.engine", "train", "concise", "--name", f"gpu-dpo-{method}",
-         "--set", f"model.name={model_dir}", "--set", f"method={method}",
-         "--set", f"training.max_steps={STEPS}", "--set", f"training.micro_batch_size={MICRO_BATCH}",
-         "--set", "training.gradient_accumulation=1", "--set", f"training.max_seq_length={SEQ_LEN}",
-         "--set", "training.learning_rate=0.0001", "--set", "training.sample_every=12",
-         "--set", "training.eval_every=12", "--set", "training.sample_max_new_tokens=16"],
-        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
-    run = rundir.list_runs()[0]
-    log = run.log_path.read_text(errors="replace")[-4000:] if run.log_path.exists() else ""
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log
-    stream = [json.loads(line) for line in run.events_path.read_text().splitlines()]
-    assert all(validate(e) == [] for e in stream)
+    run, stream = train_through_cli("concise", f"gpu-dpo-{method}", [
+        f"model.name={model_dir}", f"method={method}", f"training.max_steps={STEPS}",
+        f"training.micro_batch_size={MICRO_BATCH}", "training.gradient_accumulation=1",
+        f"training.max_seq_length={SEQ_LEN}", "training.learning_rate=0.0001", "training.sample_every=12",
+        "training.eval_every=12", "training.sample_max_new_tokens=16"])
     assert sum(e["type"] == "step" for e in stream) == STEPS and stream[-1]["status"] == "completed"
     margins = [e["margin"] for e in stream if e["type"] == "preference" and e["split"] == "train"]
     assert len(margins) == STEPS and margins[-1] > margins[0]

@@ -232,6 +232,41 @@ def test_projections_of_one_input_share_one_matmul_for_their_a_without_dropout(
     assert sorted(stacked) == ([] if dropout else sorted([3, 2] * layers))  # the backward reuses the forward's
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_the_scaling_rides_in_the_gemms_alpha(dropout: float) -> None:
+    """No kernel of its own scales a LoRA product or gradient: the scaling and the dropout's 1 / (1 - p) are the
+    alpha of the GEMMs that make them (only the dropout mask is multiplied in); the results are autograd's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6, bias=False)
+    projection = fused_lora._Projection(base, 2.5, dropout)
+    x, a, b, grad = torch.randn(5, 8), torch.randn(4, 8), torch.randn(6, 4), torch.randn(5, 6)
+    mask = (torch.rand(5, 8) >= dropout).float() if dropout else None
+    with Ops() as ops:
+        out, product = fused_lora._lora_forward(x, projection, a, b, mask, torch.float32)
+        grad_x, grad_a, grad_b = fused_lora._lora_backward(x, product, grad, projection, a, b, mask,
+                                                           torch.float32, True)
+    multiplies = [name for name in ops.names if name.startswith(("mul", "div"))]
+    assert multiplies == (["mul", "mul"] if dropout else [])  # x * mask: forward and A's gradient (addcmul: input's)
+    inputs, a_ref, b_ref = (t.clone().requires_grad_() for t in (x, a, b))
+    kept = inputs if mask is None else inputs * mask / (1 - dropout)
+    expected = inputs @ base.weight.t() + 2.5 * kept @ a_ref.t() @ b_ref.t()
+    expected.backward(grad)
+    assert torch.allclose(out, expected, atol=1e-5)
+    for got, want in ((grad_x, inputs.grad), (grad_a, a_ref.grad), (grad_b, b_ref.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_cached_casts_train_exactly_as_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three optimiser steps under bf16 autocast (fp32 adapters cast to bf16): bit for bit the same losses and
     gradients as casting afresh at every use, so no step ever computes with a cast from before an update."""

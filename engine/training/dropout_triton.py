@@ -6,7 +6,7 @@ a layer, one of them the MLP's wide hidden state), drawn, multiplied in, and dra
 element's keep-or-drop comes from a counter-based generator (Philox, `tl.rand`) keyed by a seed tensor and
 the element's index, so the three kernels that read the dropped-out input compute it on the fly:
 
-- `a_forward`: dropout(x) @ A^T, scaled by 1 / (1 - p) (the rank-r product);
+- `a_forward`: mask * x @ A^T, scaled (by the LoRA scaling and 1 / (1 - p): the rank-r product);
 - `a_grad`: the gradient of A, g^T @ dropout(x), scaled;
 - `x_grad_`: adds the LoRA part of the input's gradient, (g @ A) masked and scaled, into it.
 
@@ -108,14 +108,15 @@ def _rank_block(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # tl.dot's smallest tile side is 16
 
 
-def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ a^T, for x [T, H] and a [R, H] of x's dtype: the rank-r product [T, R]."""
+def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """scale * mask * x @ a^T, for x [T, H] and a [R, H] of x's dtype: the rank-r product [T, R] (dropout's
+    1 / (1 - p) is not applied: fold it into `scale`)."""
     x, a = x.contiguous(), a.contiguous()
     rows, columns = x.shape
     rank = a.shape[0]
     out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     block_t = 64 if rows >= 8192 else 32
-    _a_forward_kernel[(triton.cdiv(rows, block_t),)](x, a, out, seed, rows, columns, rank, p, 1.0 / (1.0 - p),
+    _a_forward_kernel[(triton.cdiv(rows, block_t),)](x, a, out, seed, rows, columns, rank, p, scale,
                                                       BLOCK_T=block_t, BLOCK_H=64, BLOCK_R=_rank_block(rank))
     return out
 

@@ -147,11 +147,29 @@ def _forget_stack(key: tuple[int, ...], _: object) -> None:
     _STACKS.pop(key, None)
 
 
-def _scaled_as(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """`product * scale` in `dtype`: one kernel where a multiply and a cast would take two."""
-    if product.dtype == dtype:
-        return product.mul_(scale)
-    return torch.mul(product, scale, out=torch.empty(product.shape, dtype=dtype, device=product.device))
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale * (m1 @ m2)`, the scale in the GEMM's alpha: no kernel of its own."""
+    if scale == 1.0:
+        return m1 @ m2
+    out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
+    return out.addmm_(m1, m2, beta=0, alpha=scale)
+
+
+def _grad_mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`m1 @ m2` in `dtype`, an adapter's gradient: on CUDA a 16-bit product goes to fp32 straight from the
+    GEMM's fp32 accumulator (one kernel, and no rounding to 16 bits on the way)."""
+    if m1.dtype == dtype:
+        return m1 @ m2
+    if m1.is_cuda and dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(m1, m2, out_dtype=dtype)
+    return (m1 @ m2).to(dtype)
+
+
+def _product_scale(projection: _Projection) -> float:
+    """The factor on a rank-r product `A dropout(x)`: the LoRA scaling and the dropout's 1 / (1 - p). It goes
+    into the GEMM that makes the product, so that B's matmul, B's gradient and the gradient reaching A need
+    none (the backward scales the gradient reaching the product the same way, in its GEMM too)."""
+    return projection.scaling / (1.0 - projection.dropout)
 
 
 def _compute_dtype(x: torch.Tensor, projections: list[_Projection], adapters: list[torch.Tensor]) -> torch.dtype | None:
@@ -243,15 +261,15 @@ def _rng_replayed(device: torch.device, state: torch.Tensor) -> Iterator[None]:
 
 def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
                   noise: _Mask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base(inputs) + scaling * B A dropout(inputs), A dropout(inputs)) for 2-D `inputs` in `dtype`."""
+    """(base(inputs) + B P, P) for 2-D `inputs` in `dtype`, where P = scaling * A dropout(inputs), the
+    dropout's 1 / (1 - p) included (`_product_scale`)."""
+    scale = _product_scale(projection)
     if isinstance(noise, _Seed):
-        inputs_a = dropout_triton.a_forward(inputs, _cast(a, dtype), noise.seed, projection.dropout)
+        inputs_a = dropout_triton.a_forward(inputs, _cast(a, dtype), noise.seed, projection.dropout, scale)
     else:
-        inputs_a = (inputs if noise is None else inputs * noise) @ _cast(a, dtype).t()
-        if noise is not None:
-            inputs_a.mul_(1 / (1 - projection.dropout))
+        inputs_a = _scaled_mm(inputs if noise is None else inputs * noise, _cast(a, dtype).t(), scale)
     out = _base_forward(inputs, projection.base, dtype)
-    return out.addmm_(inputs_a, _cast(b, dtype).t(), alpha=projection.scaling), inputs_a
+    return out.addmm_(inputs_a, _cast(b, dtype).t()), inputs_a
 
 
 def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Tensor, projection: _Projection,
@@ -261,27 +279,26 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
     """(grad of inputs or None, grad of A, grad of B) of `_lora_forward`'s output; the inputs' gradient in
     `dtype`, added to `into` where given (another projection's of the same inputs), A's and B's in their own.
 
-    The scaling (and the dropout's 1 / (1 - p)) is applied where it costs no kernel: in the cast of A's and
-    B's gradients and in the `alpha` of the input gradient's matmul.
+    The forward's product already holds the scaling, so B's gradient needs none; the gradient reaching the
+    product gets it in its own GEMM, and A's gradient and the input's LoRA part then need none either.
     """
-    a_cast, s = _cast(a, dtype), projection.scaling
-    grad_b = _scaled_as(grad.t() @ inputs_a, s, b.dtype)
-    scale_a = s if noise is None else s / (1 - projection.dropout)
-    grad_a_out = grad @ _cast(b, dtype)  # the gradient reaching A's output, before scale_a
+    a_cast = _cast(a, dtype)
+    grad_b = _grad_mm(grad.t(), inputs_a, b.dtype)
+    grad_a_out = _scaled_mm(grad, _cast(b, dtype), _product_scale(projection))  # reaching A's output, scaled
     if isinstance(noise, _Seed):
-        grad_a = dropout_triton.a_grad(grad_a_out, inputs, noise.seed, projection.dropout, scale_a, a.dtype)
+        grad_a = dropout_triton.a_grad(grad_a_out, inputs, noise.seed, projection.dropout, 1.0, a.dtype)
     else:
-        grad_a = _scaled_as(grad_a_out.t() @ (inputs if noise is None else inputs * noise), scale_a, a.dtype)
+        grad_a = _grad_mm(grad_a_out.t(), inputs if noise is None else inputs * noise, a.dtype)
     if not need_input:
         return None, grad_a, grad_b
     weight = _frozen_weight(projection.base, dtype)
     grad_inputs = grad @ weight if into is None else into.addmm_(grad, weight)
     if noise is None:
-        grad_inputs.addmm_(grad_a_out, a_cast, alpha=scale_a)
+        grad_inputs.addmm_(grad_a_out, a_cast)
     elif isinstance(noise, _Seed):
-        dropout_triton.x_grad_(grad_inputs, grad_a_out, a_cast, noise.seed, projection.dropout, scale_a)
+        dropout_triton.x_grad_(grad_inputs, grad_a_out, a_cast, noise.seed, projection.dropout, 1.0)
     else:
-        grad_inputs.addcmul_(grad_a_out @ a_cast, noise, value=scale_a)
+        grad_inputs.addcmul_(grad_a_out @ a_cast, noise)
     return grad_inputs, grad_a, grad_b
 
 
@@ -311,12 +328,12 @@ def _projections_forward(flat: torch.Tensor, projections: list[_Projection],
             products.append(inputs_a)
         return outputs, products, None
     stacked = _stacked_cast(list(adapters[0::2]), dtype)
-    inputs_a = flat @ stacked.t()
+    inputs_a = _scaled_mm(flat, stacked.t(), _product_scale(projections[0]))  # one scaling, no dropout: shared
     outputs, start = [], 0
     for projection, b in zip(projections, adapters[1::2]):
         rank = b.shape[1]
         out = _base_forward(flat, projection.base, dtype)
-        outputs.append(out.addmm_(inputs_a[:, start:start + rank], _cast(b, dtype).t(), alpha=projection.scaling))
+        outputs.append(out.addmm_(inputs_a[:, start:start + rank], _cast(b, dtype).t()))
         start += rank
     return outputs, [inputs_a], stacked
 
@@ -336,20 +353,20 @@ def _projections_backward(flat: torch.Tensor, products: list[torch.Tensor], grad
                                                     dtype, need_input, grad_x)
             adapter_grads += [grad_a, grad_b]
         return grad_x, adapter_grads
-    (inputs_a,), scale = products, projections[0].scaling
-    grad_products = torch.empty_like(inputs_a)  # the gradient reaching each A's output, before the scaling
+    (inputs_a,), scale = products, _product_scale(projections[0])
+    grad_products = torch.empty_like(inputs_a)  # the gradient reaching each A's output, scaled as the product
     grad_bs, start = [], 0
     for projection, b, grad in zip(projections, adapters[1::2], grads):
         rank = b.shape[1]
-        torch.mm(grad, _cast(b, dtype), out=grad_products[:, start:start + rank])
-        grad_bs.append(_scaled_as(grad.t() @ inputs_a[:, start:start + rank], scale, b.dtype))
+        grad_products[:, start:start + rank].addmm_(grad, _cast(b, dtype), beta=0, alpha=scale)
+        grad_bs.append(_grad_mm(grad.t(), inputs_a[:, start:start + rank], b.dtype))
         if need_input:
             weight = _frozen_weight(projection.base, dtype)
             grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
         start += rank
-    grad_stacked = _scaled_as(grad_products.t() @ flat, scale, adapters[0].dtype)
+    grad_stacked = _grad_mm(grad_products.t(), flat, adapters[0].dtype)
     if grad_x is not None:
-        grad_x.addmm_(grad_products, stacked, alpha=scale)
+        grad_x.addmm_(grad_products, stacked)
     grad_as = grad_stacked.split([b.shape[1] for b in adapters[1::2]])
     return grad_x, [g for pair in zip(grad_as, grad_bs) for g in pair]
 

@@ -155,17 +155,19 @@ def test_offloading_on_cuda_keeps_layer_inputs_off_the_gpu_with_the_same_gradien
     reference, held = run(None)
     again, _ = run(None)
     kept, held_kept = run(False)
-    grads, held_offloaded = run(True)
+    # A race between the side stream's copies and the compute shows in some runs only: three of them. (Evicting
+    # each input only once the next layer had stored its own gave gaps of 1.5e-3 of the norm in three runs of
+    # four on an H200, session 5; eviction at once, as now, gave none.)
+    offloaded = [run(True) for _ in range(3)]
     # The gradients first: a memory bound that fails must not hide them.
-    # bf16 attention backward on CUDA is not bit-reproducible: the same run twice sets the noise floor
+    # bf16 attention backward on CUDA is not always bit-reproducible: the same run twice sets the noise floor
     noise = (again - reference).norm().item()
-    for name, other in (("kept", kept), ("offloaded", grads)):
+    for name, other in (("kept", kept), *((f"offloaded, run {i}", grads) for i, (grads, _) in enumerate(offloaded))):
         gap = (other - reference).norm().item()
         print(f"{name}: gradient gap {gap:.3e}, run-to-run noise {noise:.3e}, norm {reference.norm().item():.3e}")
-        assert gap <= max(2 * noise, 1e-3 * reference.norm().item()), name
+        assert gap <= max(2 * noise, 1e-5 * reference.norm().item()), name
     layer_input = 4 * 2048 * 1024 * 2
-    # 8 layer inputs on the GPU against one: the last layer's, which the backward needs first, stays there
-    assert held - held_offloaded >= 7 * layer_input
+    assert held - offloaded[0][1] >= 7 * layer_input  # 8 layer inputs on the GPU against at most one in flight
     # Kept in place: what torch's checkpointing keeps, give or take. Measured on an H200 (2026-12-02, session 4):
     # the engine's node held exactly two layer inputs' bytes more after the forward (cause not established);
     # anything held per layer would show as eight or more.

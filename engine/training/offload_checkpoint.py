@@ -9,12 +9,13 @@ The engine uses it for every checkpointing run on one device (speed.apply_checkp
 
 With `speed.offload_checkpoints` on one GPU, the input also leaves the GPU. Every decoder layer keeps only
 its input for the backward, where it runs again: 2 x hidden bytes per token and layer (1 GiB for an 8B model
-at 2 x 2048 tokens). Here each input is copied to pinned host memory on a side stream once the next layer
-has stored its own (overlapped with that layer's forward), and the GPU copy is freed; the last layer's
-input, which the backward needs first, never leaves the GPU, so the backward starts without waiting for a
-copy. In the backward each layer's input comes back on the side stream while the layer after it (in
-forward order) recomputes, so at most two inputs are on the GPU at a time. The recompute replays the
-forward's random state (the LoRA dropout masks) and autocast state, as torch's checkpointing does.
+at 2 x 2048 tokens). Here the input is copied to pinned host memory on a side stream as soon as the layer
+has read it, overlapped with the layer's own forward, and the GPU copy is freed. (Keeping each input on the
+GPU until the next layer had stored its own, so that the last one need not come back, gave gradients that
+differed from run to run on an H200; copying at once gives torch's checkpointing's gradients exactly.) In
+the backward each layer's input comes back on the side stream while the layer after it (in forward order)
+recomputes, so at most two inputs are on the GPU at a time. The recompute replays the forward's random
+state (the LoRA dropout masks) and autocast state, as torch's checkpointing does.
 
 Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so the
 tests compare the gradients there. Layers called with more than one positional argument, or whose keyword
@@ -45,32 +46,19 @@ def _side_stream(device: torch.device) -> Any:
 
 
 class _Stored:
-    """One layer input, kept as it is, or (offloaded from CUDA) on the GPU until the next layer's input is
-    stored and in pinned host memory after that; and its way back."""
+    """One layer input, in pinned host memory (offloaded from CUDA) or as it is, and its way back."""
 
     def __init__(self, tensor: torch.Tensor, offload: bool) -> None:
         self.device, self.shape, self.dtype = tensor.device, tensor.shape, tensor.dtype
-        self.gpu: torch.Tensor | None = None  # on its way back, or (before eviction) still resident
-        self.host: torch.Tensor | None = None
-        self.ready: Any = None  # the copy back has landed (None while resident: nothing to wait for)
+        self.gpu: torch.Tensor | None = None
+        self.ready: Any = None
         self.offloaded = offload and tensor.device.type == "cuda"
         self.previous: weakref.ReferenceType[_Stored] | None = None
         if not self.offloaded:
-            self.host = tensor.detach()  # kept where it is
+            self.host: torch.Tensor | None = tensor.detach()  # kept where it is
             return
-        self.gpu = tensor.detach()
         self.previous = _LAST_STORED.get(self.device)  # weak: the chain never keeps an old step's inputs alive
         _LAST_STORED[self.device] = weakref.ref(self)
-        earlier = self.previous() if self.previous is not None else None
-        if earlier is not None:
-            earlier.evict()
-
-    def evict(self) -> None:
-        """Copy a still resident input to pinned host memory on the side stream and let its GPU memory go
-        (a no-op once evicted, fetched or on its way back)."""
-        if self.gpu is None or self.host is not None or self.ready is not None:
-            return
-        tensor, self.gpu = self.gpu, None
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the input has been computed
         with torch.cuda.stream(stream):
@@ -79,8 +67,7 @@ class _Stored:
         tensor.record_stream(stream)  # its GPU memory is not reused before the copy has read it
 
     def prefetch(self) -> None:
-        """Start copying the input back to the GPU (a no-op when kept in place or resident, or when under way
-        or done)."""
+        """Start copying the input back to the GPU (a no-op when kept in place, or when under way or done)."""
         if not self.offloaded or self.host is None or self.gpu is not None:
             return
         main = torch.cuda.current_stream(self.device)
@@ -99,9 +86,8 @@ class _Stored:
             assert tensor is not None, "a checkpointed layer's input was fetched twice"
             return tensor
         self.prefetch()
-        if self.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
-        tensor, self.gpu, self.host, self.ready = self.gpu, None, None, None
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        tensor, self.gpu, self.host = self.gpu, None, None
         assert tensor is not None, "a checkpointed layer's input was fetched twice"
         return tensor
 

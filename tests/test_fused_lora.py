@@ -267,13 +267,16 @@ def test_the_scaling_rides_in_the_gemms_alpha(dropout: float) -> None:
         assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_cached_casts_train_exactly_as_fresh_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kernel", ["for-loop", "foreach", "fused"])
+def test_cached_casts_train_exactly_as_fresh_ones(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three optimiser steps under bf16 autocast (fp32 adapters cast to bf16): bit for bit the same losses and
-    gradients as casting afresh at every use, so no step ever computes with a cast from before an update."""
+    gradients as casting afresh at every use, so no step ever computes with a cast from before an update.
+    Fused AdamW (the engine's optimiser on CUDA) leaves the parameters' version counters as they were."""
 
     def train() -> list[torch.Tensor]:
         model = _model(fused=True, dtype=torch.bfloat16, checkpointing=True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                      foreach=kernel == "foreach", fused=kernel == "fused")
         seen = []
         for _ in range(3):
             loss, grads = _step(model, autocast=True)

@@ -32,6 +32,7 @@ from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tunewiz.engine.training import dropout_triton, nf4_triton, swiglu_triton
 
@@ -124,6 +125,32 @@ def _forget_cast(key: int, _: object) -> None:
     _CASTS.pop(key, None)
 
 
+def _refresh_every_cast(*hook_args: object) -> None:
+    """After any optimiser's step: copy every live weight into its cast and stack again, in place, in two
+    batched copies (one kernel launch per group of tensors, not one per weight).
+
+    Fused AdamW (the engine's optimiser on CUDA) updates parameters without bumping their version counters, so
+    `_cast`'s version check alone would keep a cast from before the step, and the model would stop learning
+    after one step. The stamps are renewed, so the version check still catches any other change."""
+    casts, weights = [], []
+    for cast_key, (ref, _, _, cast) in list(_CASTS.items()):
+        weight = ref()
+        if weight is not None:
+            casts.append(cast)
+            weights.append(weight.detach())
+            _CASTS[cast_key] = (ref, weight._version, weight.data_ptr(), cast)
+    for stack_key, (refs, _, stacked) in list(_STACKS.items()):
+        parts = [ref() for ref in refs]
+        if all(part is not None for part in parts):
+            live = [part for part in parts if part is not None]
+            casts += list(stacked.split([part.shape[0] for part in live]))
+            weights += [part.detach() for part in live]
+            _STACKS[stack_key] = (refs, tuple((part._version, part.data_ptr()) for part in live), stacked)
+    if casts:
+        with torch.no_grad():
+            torch._foreach_copy_(casts, weights)
+
+
 # A matrices of projections that read one input, stacked and cast to the compute dtype: keyed by the weights'
 # ids, held with weak references to them and their versions and storage when stacked (as `_CASTS`).
 _STACKS: dict[tuple[int, ...], tuple[list[weakref.ref[torch.Tensor]], tuple[tuple[int, int], ...], torch.Tensor]] = {}
@@ -145,6 +172,9 @@ def _stacked_cast(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tens
 
 def _forget_stack(key: tuple[int, ...], _: object) -> None:
     _STACKS.pop(key, None)
+
+
+register_optimizer_step_post_hook(_refresh_every_cast)
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:

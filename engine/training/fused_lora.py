@@ -126,8 +126,8 @@ def _forget_cast(key: int, _: object) -> None:
 
 
 def _refresh_every_cast(*hook_args: object) -> None:
-    """After any optimiser's step: copy every live weight into its cast and stack again, in place, in two
-    batched copies (one kernel launch per group of tensors, not one per weight).
+    """After any optimiser's step: copy every live weight into its cast and stack again, in place, with one
+    foreach copy (one call from Python for them all, not one per weight).
 
     Fused AdamW (the engine's optimiser on CUDA) updates parameters without bumping their version counters, so
     `_cast`'s version check alone would keep a cast from before the step, and the model would stop learning

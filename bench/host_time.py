@@ -9,8 +9,8 @@ layers but tiny matrices (hidden 64, 16 tokens), prepared exactly as the trainer
 arithmetic takes next to nothing and a step's time is the host's work: module calls, autograd nodes, the
 LoRA layers' and fused blocks' Python, checkpointing's hooks and one operator dispatch per kernel a GPU
 would launch. Compare settings within one run of this command (`--variant NAME KEY=VALUE ...`, repeatable);
-`--torch-checkpointing` keeps torch's checkpointing instead of the engine's node; `--autocast` runs under
-bf16 autocast as a GPU run does (fp32 adapters cast once a step); `--profile N` prints the
+`--torch-checkpointing` keeps torch's checkpointing instead of the engine's node; `--autocast` runs as a GPU run
+does: frozen weights in bf16, bf16 autocast (fp32 adapters cast once a step), fused AdamW; `--profile N` prints the
 N costliest functions (cProfile) of the first variant.
 """
 
@@ -24,8 +24,10 @@ import time
 from typing import Any
 
 
-def build(layers: int, overrides: list[str], checkpointing: bool, torch_checkpointing: bool = False) -> tuple[Any, Any]:
-    """The tiny model as the trainer prepares it (speed levers, LoRA on all seven projections) and its optimiser."""
+def build(layers: int, overrides: list[str], checkpointing: bool, torch_checkpointing: bool = False,
+          autocast: bool = False) -> tuple[Any, Any]:
+    """The tiny model as the trainer prepares it (speed levers, LoRA on all seven projections) and its optimiser:
+    with `autocast` as on a GPU, the frozen weights in bf16 (the adapters stay fp32) and fused AdamW."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,14 +41,15 @@ def build(layers: int, overrides: list[str], checkpointing: bool, torch_checkpoi
     spec = spec_mod.RunSpec()
     spec.dataset.preset = "demo"
     spec = spec_mod.apply_overrides(spec, ['lora.target_modules=["all-linear"]', *overrides])
-    model, _ = prepare_trainable(base, spec, torch.float32, cuda=False)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    model, _ = prepare_trainable(base.to(dtype), spec, dtype, cuda=False)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         if not torch_checkpointing:  # as the trainer does once the Trainer has turned checkpointing on
             speed.apply_checkpointing(model, spec, cuda=False, several_gpus=False)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=autocast)
     return model, optimizer
 
 
@@ -77,8 +80,8 @@ def main() -> None:
                         help="a named set of spec overrides (repeatable); default: the engine's defaults and "
                              "the defaults without the fused blocks")
     parser.add_argument("--profile", type=int, default=0, help="print this many costliest functions")
-    parser.add_argument("--autocast", action="store_true", help="under bf16 autocast, as on a GPU (the fp32 "
-                        "adapters are then cast to bf16, once a step)")
+    parser.add_argument("--autocast", action="store_true", help="as on a GPU: frozen weights in bf16, bf16 "
+                        "autocast (the fp32 adapters are then cast to bf16, once a step) and fused AdamW")
     parser.add_argument("--torch-checkpointing", action="store_true",
                         help="checkpoint through torch's checkpointing instead of the engine's own node")
     args = parser.parse_args()
@@ -91,7 +94,8 @@ def main() -> None:
     print(f"{args.layers} layers, hidden 64, 16 tokens, checkpointing {checkpointing}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}, one CPU thread: ms per step (host work only)")
     for index, (name, overrides) in enumerate(variants):
-        model, optimizer = build(args.layers, overrides, not args.no_checkpointing, args.torch_checkpointing)
+        model, optimizer = build(args.layers, overrides, not args.no_checkpointing, args.torch_checkpointing,
+                                 args.autocast)
         print(f"  {name:<28} {step_ms(model, optimizer, args.steps, args.autocast):8.2f} ms")
         if index == 0 and args.profile:
             profiler = cProfile.Profile()

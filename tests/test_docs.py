@@ -129,6 +129,6 @@ def test_readme_numbers_come_from_the_results() -> None:
     count = {1: "one", 2: "two", 3: "three"}.get(len(engine), str(len(engine)))
     assert re.search(rf"within {min(engine):.1%} to\s+{max(engine):.1%} of the baseline's \({count} sessions", readme)
     (no_lean,) = curve_gaps(speed, "engine_no_lean")
-    (dropout,) = curve_gaps(speed, "baseline_other_dropout")
+    dropout = max(curve_gaps(speed, "baseline_other_dropout"))  # the same 1.50% in each session that ran it
     assert f"{no_lean:.1%} with `speed.lean_lora = false`" in readme
     assert re.search(rf"own dropout differ by {dropout:.1%}", readme.replace("\n", " "))

@@ -185,11 +185,16 @@ def test_accelerate_turns_the_fsdp_command_into_its_fsdp_settings(monkeypatch: p
                                                                    tmp_path: Path) -> None:
     """accelerate's own validation and environment step, as `accelerate launch` runs them (no GPU needed)."""
     import accelerate.commands.launch as accelerate_launch
+    import accelerate.utils.launch as accelerate_launch_utils
     from accelerate.commands.launch import _validate_launch_command
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     # No accelerate config file of the user's leaks in.
     monkeypatch.setattr(accelerate_launch, "default_config_file", str(tmp_path / "none.yaml"))
+    # accelerate 1.16 names the devices through the variable of the host's accelerator, and this test's host has
+    # none; the command runs on a CUDA host (accelerate 1.15 set CUDA_VISIBLE_DEVICES wherever it ran).
+    monkeypatch.setattr(accelerate_launch_utils, "get_torch_accelerator_backend",
+                        lambda check_available=True: ("cuda", None), raising=False)
     args, _defaults, _precision = _validate_launch_command(
         parse_accelerate(accelerate_command(LaunchPlan(gpu_ids=[0, 1, 2, 3], strategy="fsdp"), RUN)))
     env = prepare_multi_gpu_env(args)

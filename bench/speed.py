@@ -109,11 +109,14 @@ class Case:
     micro_batch: int = MICRO_BATCH
     packing: bool = False
     learning_rate: float = 2e-4
+    seq_len: int = SEQ_LEN
 
     @property
     def name(self) -> str:
         gc = "gc" if self.checkpointing else "nogc"
         extra = "-packed" if self.packing else ""
+        if self.seq_len != SEQ_LEN:
+            extra += f"-{self.seq_len}x{self.micro_batch}"
         return f"{self.suite}-{self.shape}-{self.method}-{gc}-{self.variant}{extra}"
 
     @property
@@ -163,10 +166,20 @@ def suite_cases(suite: str) -> list[Case]:
             Case("fused", shape, "lora", False, variant) for variant in ("engine", "engine_unfused_lora")] + [
             Case("fused", "llama-3.2-1b", method, True, "engine_fused_offload_no_dropout")
             for method in ("lora", "qlora")]
+    if suite == "shapes":  # the other shapes, held to the 8B's ratios against Unsloth (dropout 0, as its
+        # loop): 1B and 3B at 2 x 2048, and the 8B at one sequence of 4096 (`SEQ=4096 BATCH=1` for vs-unsloth.sh)
+        small = ("llama-3.2-1b", "llama-3.2-3b")
+        return ([Case("shapes", shape, method, True, "engine_fused_offload_no_dropout") for shape in small
+                 for method in ("lora", "qlora")]
+                + [Case("shapes", shape, "lora", False, "engine_fused_lora_no_dropout") for shape in small]
+                + [Case("shapes", "llama-3.1-8b", method, checkpointing, variant, seq_len=4096, micro_batch=1)
+                   for method, checkpointing, variant in (("lora", True, "engine_fused_offload_no_dropout"),
+                                                          ("qlora", True, "engine_fused_offload_no_dropout"),
+                                                          ("lora", False, "engine_fused_lora_no_dropout"))])
     if suite == "packing":
         return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
                 for packed in (False, True)]
-    raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing, fused or all")
+    raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing, fused, shapes or all")
 
 
 def write_varied_texts(path: Path, rows: int = 400, seed: int = 0) -> Path:
@@ -180,14 +193,14 @@ def write_varied_texts(path: Path, rows: int = 400, seed: int = 0) -> Path:
 
 
 def case_spec(case: Case, model_dir: Path, data: Path) -> spec_mod.RunSpec:
-    spec = run_spec(model_dir, data, case.method, SEQ_LEN, case.checkpointing, case.steps, case.micro_batch)
+    spec = run_spec(model_dir, data, case.method, case.seq_len, case.checkpointing, case.steps, case.micro_batch)
     spec.name = case.name[:64]
     if case.data == "demo":
         spec.dataset = dataclasses.replace(spec.dataset, source=None, preset="demo", format="auto", eval_fraction=0.0)
     spec.training = dataclasses.replace(spec.training, packing=case.packing, learning_rate=case.learning_rate,
                                         save_every=10_000)
     if case.variant.startswith("engine_auto"):
-        choice = recommend.choice_for(str(model_dir), HardwareReport(), SEQ_LEN, AUTO_CARD_BYTES, gpus=1)
+        choice = recommend.choice_for(str(model_dir), HardwareReport(), case.seq_len, AUTO_CARD_BYTES, gpus=1)
         spec = choice.apply(spec)
     return spec_mod.apply_overrides(spec, list(case.overrides()))
 
@@ -266,7 +279,7 @@ def settings_of(case: Case, spec: spec_mod.RunSpec) -> dict[str, Any]:
 
 
 def summarise(case: Case, result: dict[str, Any], wall_s: float, spec: spec_mod.RunSpec) -> dict[str, Any]:
-    row: dict[str, Any] = {**dataclasses.asdict(case), "name": case.name, "seq_len": SEQ_LEN, "r": 16,
+    row: dict[str, Any] = {**dataclasses.asdict(case), "name": case.name, "r": 16,
                            "wall_s": round(wall_s, 1), "status": result["status"], "settings": settings_of(case, spec)}
     if result["status"] != "completed":
         return {**row, "error": result.get("error", "")}
@@ -277,8 +290,9 @@ def summarise(case: Case, result: dict[str, Any], wall_s: float, spec: spec_mod.
     gpu = result.get("gpu") or os.environ.get("BENCH_GPU_NAME", "")
     peak = peak_flops(gpu)
     losses = result["losses"]
+    mfu = tokens_per_s * flops_per_token(arch, case.seq_len) / peak if peak and tokens_per_s else None
     return {**row, "gpu": gpu, "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-            "mfu": round(tokens_per_s * flops_per_token(arch, SEQ_LEN) / peak, 4) if peak and tokens_per_s else None,
+            "mfu": round(mfu, 4) if mfu else None,
             "peak_allocated_gib": round((result["peak_allocated_bytes"] or 0) / GIB, 3),
             "peak_reserved_gib": round((result["peak_reserved_bytes"] or 0) / GIB, 3),
             "first_loss": losses[0] if losses else None, "losses": [round(x, 4) for x in losses]}
@@ -374,7 +388,9 @@ def _table_row(r: dict[str, Any], ref: dict[str, Any] | None,
         cells += [other.get("tokens_per_s", ""), other.get("peak_reserved_gib", ""),
                   _ratio(r.get("tokens_per_s"), other.get("tokens_per_s")),
                   _ratio(r.get("peak_reserved_gib"), other.get("peak_reserved_gib"))]
-    head = [r["shape"], r["method"], "on" if r["checkpointing"] else "off", r["variant"]]
+    seq_len = r.get("seq_len", SEQ_LEN)
+    length = "" if seq_len == SEQ_LEN else f" ({seq_len} x {r.get('micro_batch', MICRO_BATCH)})"
+    head = [r["shape"], r["method"], "on" if r["checkpointing"] else "off", r["variant"] + length]
     return "| " + " | ".join(str(c) for c in head + cells) + " |"
 
 
@@ -430,7 +446,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out += ["Unsloth columns: Unsloth's loop (.whl/anchor.py: dropout 0, alpha = r) on the same random-init "
                 "folder in the same call; compare it with the rows at dropout 0.", ""]
     sessions = list(dict.fromkeys(r.get("machine") for r in rows))
-    for suite, reference in (("headline", baselines), ("fused", baselines), ("levers", plains)):
+    for suite, reference in (("headline", baselines), ("fused", baselines), ("shapes", baselines),
+                             ("levers", plains)):
         against = "plain engine (every lever off)" if suite == "levers" else "baseline"
         for session in sessions:
             chosen = [r for r in rows if r["suite"] == suite and r.get("machine") == session]

@@ -347,3 +347,30 @@ def test_benchmark_table_has_unsloth_columns_for_rows_of_the_same_call(tmp_path:
     assert lines[1].endswith("| 20000.0 | 7.0 | 0.60x | 1.20x |")  # off: unsloth-nogc
     call_1 = text.split("(call 1")[1]  # another call's rows get no Unsloth columns
     assert "Unsloth tok/s" not in call_1.split("\n\n")[1]
+
+
+def test_benchmark_shapes_suite_runs_the_other_shapes_and_long_sequences_against_unsloth(tmp_path: Any) -> None:
+    """#17 holds 1B, 3B and the 8B at one sequence of 4096 to the 8B's ratios: their cases train at their own
+    length and batch, and the table sets each against Unsloth's row of the same shape, length and batch."""
+    cases = {c.name: c for c in bench_speed.suite_cases("shapes")}
+    long = cases["shapes-llama-3.1-8b-lora-gc-engine_fused_offload_no_dropout-4096x1"]
+    assert {c.shape for c in cases.values()} == {"llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"}
+    spec = bench_speed.case_spec(long, tmp_path, tmp_path / "long.jsonl")
+    assert (spec.training.max_seq_length, spec.training.micro_batch_size) == (4096, 1)
+    assert spec.lora.dropout == 0.0 and spec.speed.offload_checkpoints
+    row = bench_speed.summarise(long, {"status": "failed", "error": "x"}, 1.0, spec)
+    assert (row["seq_len"], row["micro_batch"]) == (4096, 1)
+
+    def engine(seq_len: int, batch: int, tokens: float) -> dict[str, Any]:
+        return {"suite": "shapes", "shape": "llama-3.1-8b", "method": "lora", "checkpointing": True,
+                "variant": "engine_fused_offload_no_dropout", "status": "completed", "tokens_per_s": tokens,
+                "mfu": 0.3, "peak_allocated_gib": 17.0, "peak_reserved_gib": 17.0, "first_loss": 12.5, "gpu": "H200",
+                "seq_len": seq_len, "micro_batch": batch, "settings": {"micro_batch": batch}, "machine": "m"}
+
+    unsloth = {"stack": "unsloth", "method": "lora", "seq": 4096, "batch": 1, "shape": "8b", "tokens_per_s": 10000.0,
+               "peak_reserved_gib": 17.0, "machine": "m"}
+    text = bench_speed.table([engine(4096, 1, 11000), engine(2048, 2, 12000), unsloth])
+    lines = [line for line in text.splitlines() if line.startswith("| llama-3.1-8b")]
+    (long_line,) = [line for line in lines if "(4096 x 1)" in line]
+    assert long_line.endswith("| 1.10x | 1.00x |")  # against Unsloth's row of 4096 x 1
+    assert [line for line in lines if line != long_line][0].endswith("|  |  |")  # 2048 x 2: no Unsloth row of it

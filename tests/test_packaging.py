@@ -31,6 +31,14 @@ def test_every_package_folder_is_listed() -> None:
     assert listed == on_disk
 
 
+def test_each_dependency_is_listed_once() -> None:
+    import re
+
+    names = [re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
+             for requirement in _project()["project"]["dependencies"]]
+    assert len(names) == len(set(names)), sorted(name for name in names if names.count(name) > 1)
+
+
 def test_the_distribution_claims_only_the_tunewiz_namespace() -> None:
     listed = _project()["tool"]["setuptools"]["packages"]
     assert all(name.startswith("tunewiz.") for name in listed)

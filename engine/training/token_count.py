@@ -3,8 +3,9 @@
 transformers' Trainer adds each micro-batch's non-padding tokens to `state.num_input_tokens_seen` with
 `.item()` right after its backward: the host then waits for the whole backward to finish before it can
 queue gradient clipping and the optimiser, and the GPU idles while it does (`python -m bench.profile_step
-MODEL --sync-debug` lists such waits). Here the count stays a tensor on the device until the end of the
-step, where the engine's callback already waits for the GPU (to time the step), and is read there.
+MODEL --sync-debug` lists such waits). Here the count stays a tensor on the device until the step is logged:
+on one GPU it travels with the step's lagged log (engine/training/step_log.py), else it is read at the
+step's end, where the Trainer's log waits for the GPU anyway.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class TokenCounter:
     def discard(self) -> None:
         """Forget what was counted since the last `take` (a step that did not finish)."""
         self._pending = None
+
+    def take_pending(self) -> Any:
+        """The count since the last `take`, as the device tensor it is (None where nothing was counted), without
+        waiting: a lagged step log reads it with the step's loss (engine/training/step_log.py). One process only."""
+        pending, self._pending = self._pending, None
+        return pending
 
     def take(self) -> int:
         """The tokens counted since the last call, summed over every rank; waits for the device.

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from tunewiz.engine.fileio import atomic_write_json
 from tunewiz.engine.run import coach, monitor, ranks
 from tunewiz.engine.run.context import EngineContext, TrainOutcome
 from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints
-from tunewiz.engine.training import distributed, download, models, oom, speed
+from tunewiz.engine.training import distributed, download, models, oom, speed, step_log
 from tunewiz.engine.training.generate import answers, matches
 from tunewiz.engine.training.sealing import SealingTrainerMixin
+from tunewiz.engine.training.step_log import LaggedLogMixin, StepClock
 from tunewiz.engine.training.token_count import DeferredTokenCountMixin, TokenCounter
 
 
@@ -208,13 +210,18 @@ def _training_arguments(spec: RunSpec, output: Path, total: int, cuda: bool, dty
         remove_unused_columns=False,
         logging_nan_inf_filter=False,  # a NaN loss must reach the coach, not be averaged away
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        # a batch's copy to the GPU must not wait for the step before it (a lagged log never waits: step_log.py)
+        accelerator_config={"non_blocking": cuda},
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient every step
         torch_compile=spec.speed.compile and cuda, **options,
     )
 
 
 def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: PreparedData | PreparedPairs,
-                   total: int, sample_every: int, watch: coach.Watch, tokens: TokenCounter | None) -> Any:
+                   total: int, sample_every: int, watch: coach.Watch, tokens: TokenCounter | None,
+                   lagged: bool) -> Any:
+    """The callback that turns the Trainer's progress into events (`lagged`: each step's log comes one step late,
+    with its token count: engine/training/step_log.py)."""
     import torch
     from transformers import TrainerCallback
 
@@ -229,7 +236,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             self.first_step: int | None = None
             self.last_log: tuple[float, int, int] | None = None  # (compute time, step, tokens)
             self.compute_s = 0.0  # time inside training steps, without eval, samples and saving
-            self.step_began = 0.0
+            self.clock = StepClock(cuda)
+            self.catch_up: Callable[[], None] | None = None  # a lagged Trainer's: its held log written first
             self.last_train_loss: float | None = None
             self.last_eval_loss: float | None = None
             self.broken_at: int | None = None  # the step whose loss was NaN or infinite
@@ -244,6 +252,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
                 ctx.log(note)
             self.started = time.monotonic()
             self.first_step = state.global_step
+            self.compute_s = 0.0
+            self.clock.pause()
             self.last_log = (0.0, state.global_step, state.num_input_tokens_seen)
             ctx.emit("phase", phase="train", message=f"training {total} steps"
                      + (f" from step {state.global_step}" if state.global_step else ""),
@@ -262,6 +272,7 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             if "loss" not in logs:
                 return
             assert self.last_log is not None and self.first_step is not None
+            self.compute_s += self.clock.seconds_through(state.global_step)
             last_compute, last_step, last_tokens = self.last_log
             dt = max(self.compute_s - last_compute, 1e-9)
             steps_done = state.global_step - last_step
@@ -269,7 +280,8 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             per_step = (now - self.started) / max(1, state.global_step - self.first_step)
             if not math.isfinite(float(logs["loss"])):  # no step event can hold it: stop, keep the last checkpoint
                 watch("step", {"step": state.global_step, "loss": float(logs["loss"])})
-                self.broken_at = state.global_step
+                if self.broken_at is None:  # the first step that broke (a lagged log may bring the next one too)
+                    self.broken_at = state.global_step
                 control.should_training_stop = True
                 control.should_evaluate = control.should_save = False
                 return
@@ -285,23 +297,28 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             self.last_log = (self.compute_s, state.global_step, tokens)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.step_began = time.monotonic()
+            self.clock.begin()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if cuda:  # the GPU runs behind the Python loop: wait for it, or tokens/s would count queued work
-                torch.cuda.synchronize()
-            self.compute_s += time.monotonic() - self.step_began
-            if tokens is not None:  # counted on the device during the step (engine/training/token_count.py)
-                state.num_input_tokens_seen += tokens.take()
+            self.clock.end(state.global_step)  # timed on the GPU's clock: nothing waits for the GPU here
+            if tokens is not None and not lagged:  # counted on the device during the step (token_count.py);
+                state.num_input_tokens_seen += tokens.take()  # a lagged log reads it with the step's loss
             if ranks.any_rank(ctx.should_stop()):  # every rank stops at the same step
                 ctx.stop_event.set()
                 control.should_training_stop = True
                 control.should_save = True
                 return
             if state.global_step % sample_every == 0 or state.global_step == total:
+                if self.catch_up is not None:  # the events stay in order: the steps before, then the samples
+                    self.catch_up()
                 emit_samples(state.global_step)
+                self.clock.pause()
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.clock.pause()
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.clock.pause()
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             ctx.emit("checkpoint", step=state.global_step, path=str(path))
 
@@ -316,6 +333,15 @@ def _make_callback(ctx: EngineContext, model: Any, encoder: ChatEncoder, data: P
             for s, reply in zip(data.samples, replies)])
 
     return EventsCallback()
+
+
+def _connect(trainer: Any, callback: Any, tokens: TokenCounter | None, lagged: bool) -> None:
+    """Give the engine's Trainer its token counter and log lag, and the events callback the Trainer's catch-up."""
+    if tokens is not None:
+        tokens.discard()  # a step that ran out of memory counted for nothing
+        trainer.token_counter = tokens
+    trainer.lag_logs = lagged
+    callback.catch_up = trainer.catch_up if lagged else None
 
 
 def _finite(value: Any) -> float | None:
@@ -376,7 +402,8 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
     tokens = None if preferring else TokenCounter()
-    callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx), tokens)
+    lagged = not preferring and step_log.wanted(cuda, ranks.world_size())
+    callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx), tokens, lagged)
 
     from transformers import DataCollatorWithFlattening, PrinterCallback
 
@@ -396,9 +423,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
             trainer = _trainer_class(fused_loss)(model=model, args=args, train_dataset=ExampleDataset(data.train),
                                                  eval_dataset=ExampleDataset(data.eval) if data.eval else None,
                                                  data_collator=collator, callbacks=[callback])
-            if tokens is not None:
-                tokens.discard()  # a step that ran out of memory counted for nothing
-                trainer.token_counter = tokens
+            _connect(trainer, callback, tokens, lagged)
         trainer.remove_callback(PrinterCallback)  # our events replace its prints
         return trainer
 
@@ -497,7 +522,7 @@ def _trainer_class(fused_loss: bool) -> type:
     """transformers' Trainer; with the fused loss, evaluation also computes the loss without logits."""
     from transformers import Trainer
 
-    class SealingTrainer(SealingTrainerMixin, DeferredTokenCountMixin, Trainer):
+    class SealingTrainer(SealingTrainerMixin, LaggedLogMixin, DeferredTokenCountMixin, Trainer):
         pass
 
     if not fused_loss:

@@ -395,6 +395,34 @@ def test_triton_swiglu_kernels_match_torch(dtype: torch.dtype) -> None:
     assert torch.allclose(grad_up.cpu().float(), expected_up, **tolerance)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bit for bit needs a GPU: Triton's interpreter "
+                    "truncates to bf16 where the GPU rounds to nearest")
+def test_triton_swiglu_rounds_in_bf16_as_transformers_mlp() -> None:
+    """In bf16 the kernels round where torch's operations do (SiLU's output, the gradient reaching it): the output
+    and gradients are transformers' bit for bit, but for an element in ten thousand or fewer where the exponential
+    functions' last bits differ (by one bf16 step at most)."""
+    pytest.importorskip("triton")
+    import torch.nn.functional as F
+
+    from tunewiz.engine.training import swiglu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
+    gate, up, grad = (torch.randn(8, 4096, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
+    gate_ref, up_ref = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    expected = F.silu(gate_ref) * up_ref  # transformers' LlamaMLP: act_fn(gate_proj(x)) * up_proj(x)
+    expected.backward(grad)
+    got = swiglu_triton.forward(gate, up)
+    grad_gate, grad_up = swiglu_triton.backward(gate, up, grad.clone(), torch.empty_like(gate))
+    for mine, reference in ((got, expected.detach()), (grad_gate, gate_ref.grad), (grad_up, up_ref.grad)):
+        assert reference is not None
+        differ = mine != reference
+        assert differ.float().mean().item() <= 1e-4
+        step = torch.finfo(torch.bfloat16).eps * reference[differ].float().abs().clamp_min(1e-30)
+        assert ((mine[differ].float() - reference[differ].float()).abs() <= step * 1.01).all()
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors: needs TRITON_INTERPRET=1 "
                     "(on CUDA the gpu test runs the kernels inside the fused MLP)")
 def test_fused_mlp_with_the_triton_kernels_gives_peft_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,28 @@ def test_rotation_and_gradients_match_transformers(dtype: torch.dtype, batch_ang
     assert torch.allclose(mine_k.grad.float(), k.grad.float(), **tolerance)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bit for bit needs a GPU: Triton's interpreter "
+                    "truncates to bf16 where the GPU rounds to nearest")
+def test_bf16_rotation_and_gradients_are_transformers_bit_for_bit() -> None:
+    """In bf16 each product is rounded before the sum, as transformers' operations round: the same bits, forward
+    and backward (the first step's loss of a run is then the same as transformers')."""
+    pytest.importorskip("triton")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cos, sin = (t.to(torch.bfloat16) for t in _angles(2, 6, 16, device))
+    q, k = _projected(2, 4, 6, 16, torch.bfloat16, device), _projected(2, 2, 6, 16, torch.bfloat16, device)
+    mine_q, mine_k = (t.detach().clone().requires_grad_() for t in (q, k))
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    got = rope_triton.RotaryEmbedding.apply(mine_q, mine_k, cos, sin)
+    assert all(torch.equal(mine, reference) for mine, reference in zip(got, expected, strict=True))
+    grads = (torch.randn_like(expected[0]), torch.randn_like(expected[1]))
+    torch.autograd.backward(expected, grads)
+    torch.autograd.backward(got, grads)
+    assert torch.equal(mine_q.grad, q.grad) and torch.equal(mine_k.grad, k.grad)
+
+
 def _model() -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 

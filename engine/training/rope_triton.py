@@ -4,7 +4,9 @@ transformers' `apply_rotary_pos_emb` takes about ten elementwise kernels forward
 concatenation, two products and a sum, for Q and for K) and autograd as many backward; liger-kernel's one
 kernel goes through a dispatcher on every call (environment reads and device queries, host time the GPU
 waits through). Here one kernel rotates Q and K of a token together, in float32 registers, and the
-backward is the same rotation by the opposite angle. It serves the Llama-like attentions
+backward is the same rotation by the opposite angle. Each product is rounded to the tensors' dtype before
+the sum, as transformers' bf16 operations round: the rotated queries and keys, and their gradients, are
+bit for bit transformers'. It serves the Llama-like attentions
 (`LLAMA_LIKE_MODULES`), whose cos and sin are `cat(freqs, freqs)`: both halves of a head share an angle.
 CPU tensors, other layouts and a missing Triton take the function the model's module had before.
 """
@@ -34,8 +36,11 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         mask = rows < heads
         first = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         second = tl.load(x_ptr + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, (first * cos - second * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + offsets + HALF, (second * cos + first * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        dtype = out_ptr.dtype.element_ty  # each product rounded to it before the sum, as transformers' ops round
+        first_cos, second_sin = (first * cos).to(dtype).to(tl.float32), (second * sin).to(dtype).to(tl.float32)
+        second_cos, first_sin = (second * cos).to(dtype).to(tl.float32), (first * sin).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offsets, (first_cos - second_sin).to(dtype), mask=mask)
+        tl.store(out_ptr + offsets + HALF, (second_cos + first_sin).to(dtype), mask=mask)
 
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len, cos_batch_stride,

@@ -1,7 +1,9 @@
 """Triton kernels for SwiGLU's elementwise work in the fused LoRA MLP (engine/training/fused_lora.py).
 
 One pass each way over the intermediate activations, in fp32 registers, where torch's operations
-take two passes forward and about ten backward. The fused MLP uses them on CUDA tensors where Triton
+take two passes forward and about ten backward. Intermediate results are rounded to the tensors' dtype
+where torch's operations round them (SiLU's output; the gradient reaching it), so that a bf16 MLP computes
+what transformers' computes. The fused MLP uses them on CUDA tensors where Triton
 is installed (`AVAILABLE`); the tests also run them on a CPU through TRITON_INTERPRET=1.
 """
 
@@ -24,8 +26,9 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         mask = offsets < n
         gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
         up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
-        out = gate * tl.sigmoid(gate) * up
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+        dtype = out_ptr.dtype.element_ty
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded first, as torch's silu is
+        tl.store(out_ptr + offsets, (silu * up).to(dtype), mask=mask)
 
     @triton.jit
     def _backward_kernel(gate_ptr, up_ptr, grad_ptr, grad_up_ptr, n, BLOCK: tl.constexpr):
@@ -35,9 +38,11 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
         up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-        sigmoid = tl.sigmoid(gate)
-        grad_up = grad * gate * sigmoid
-        grad_gate = grad * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        dtype = grad_ptr.dtype.element_ty
+        sigmoid = 1.0 / (1.0 + tl.exp(-gate))  # as torch's silu_backward computes it
+        grad_up = grad * (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # silu(gate) as the forward has it
+        grad_silu = (grad * up).to(dtype).to(tl.float32)  # the gradient reaching silu, rounded as autograd's is
+        grad_gate = grad_silu * sigmoid * (1.0 + gate * (1.0 - sigmoid))
         tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_ptr + offsets, grad_gate.to(grad_ptr.dtype.element_ty), mask=mask)
 

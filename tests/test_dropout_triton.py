@@ -47,9 +47,13 @@ def test_masks_keep_one_minus_p_and_follow_their_seed() -> None:
 
 
 @pytest.mark.parametrize("rank", [8, 16])
-def test_the_three_kernels_compute_dropout_lora_with_one_mask(rank: int) -> None:
-    """Shapes off every block size; each kernel against torch on the mask it draws."""
-    rows, columns, p, scale = 70, 200, 0.3, 1.7
+@pytest.mark.parametrize(("rows", "columns"), [(70, 200), (600, 72)], ids=["one-slice", "row-slices"])
+def test_the_three_kernels_compute_dropout_lora_with_one_mask(rank: int, rows: int, columns: int) -> None:
+    """Shapes off every block size (and enough rows for A's gradient to sum slices of them); each kernel against
+    torch on the mask it draws."""
+    p, scale = 0.3, 1.7
+    if rows > 256:
+        assert dropout_triton._splits(rows, 2, torch.device(DEVICE)) > 1
     generator = torch.Generator().manual_seed(0)
     x, a = (torch.randn(rows, columns, generator=generator).to(DEVICE, DTYPE),
             torch.randn(rank, columns, generator=generator).to(DEVICE, DTYPE))

@@ -43,7 +43,7 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         return tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
 
     @triton.jit
-    def _a_forward_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+    def _a_forward_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_bucket,
                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         ranks = tl.arange(0, BLOCK_R)
@@ -59,23 +59,28 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
                  mask=(rows[:, None] < rows_n) & (ranks[None, :] < rank))
 
     @triton.jit
-    def _a_grad_kernel(g_ptr, x_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+    def _a_grad_kernel(g_ptr, x_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_per_split,
                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        """One [ranks, cols] block of A's gradient over one slice of the rows: fp32 partial sums, one slice a
+        program, so that a few thousand rows fill the GPU (the slices are summed after)."""
         cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        part = tl.program_id(1)
         ranks = tl.arange(0, BLOCK_R)
         seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-        for start in range(0, rows_n, BLOCK_T):
+        first = part * rows_per_split
+        end = tl.minimum(first + rows_per_split, rows_n)
+        for start in range(first, end, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
             g_t = tl.load(g_ptr + rows[None, :] * rank + ranks[:, None],  # g^T's [ranks, rows] tile
-                          mask=(rows[None, :] < rows_n) & (ranks[:, None] < rank), other=0.0)
-            x = _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p)
+                          mask=(rows[None, :] < end) & (ranks[:, None] < rank), other=0.0)
+            x = _dropped_out(x_ptr, seed, rows, cols, end, columns, p)
             acc += tl.dot(g_t.to(x.dtype), x)
-        tl.store(out_ptr + ranks[:, None] * columns + cols[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + part * rank * columns + ranks[:, None] * columns + cols[None, :], acc * scale,
                  mask=(ranks[:, None] < rank) & (cols[None, :] < columns))
 
     @triton.jit
-    def _x_grad_kernel(g_ptr, a_ptr, grad_x_ptr, seed_ptr, rows_n, columns, rank, p, scale,
+    def _x_grad_kernel(g_ptr, a_ptr, grad_x_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_bucket,
                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -108,6 +113,22 @@ def _rank_block(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # tl.dot's smallest tile side is 16
 
 
+def _bucket(rows: int) -> int:
+    """The rows' power of two: the tuned launch settings are kept per bucket, not per padded batch length."""
+    return 1 << max(rows - 1, 1).bit_length()
+
+
+# Launch settings tried once per shape (columns, rank, bucket of rows) on a GPU, the fastest kept (Triton's
+# autotuner): the kernels read x once and are bound by memory, so what matters is how many tiles are in flight.
+_TILES = [{"BLOCK_T": t, "BLOCK_H": h} for t, h in ((32, 64), (64, 64), (64, 128), (128, 64))]
+_CONFIGS = ([triton.Config(tile, num_warps=warps, num_stages=stages) for tile in _TILES
+             for warps, stages in ((4, 3), (8, 4))] if AVAILABLE else [])
+_a_forward_tuned = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"])(_a_forward_kernel)
+                    if AVAILABLE else None)
+_x_grad_tuned = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"], restore_value=["grad_x_ptr"])(
+    _x_grad_kernel) if AVAILABLE else None)
+
+
 def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     """scale * mask * x @ a^T, for x [T, H] and a [R, H] of x's dtype: the rank-r product [T, R] (dropout's
     1 / (1 - p) is not applied: fold it into `scale`)."""
@@ -115,10 +136,19 @@ def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, sc
     rows, columns = x.shape
     rank = a.shape[0]
     out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
-    block_t = 64 if rows >= 8192 else 32
-    _a_forward_kernel[(triton.cdiv(rows, block_t),)](x, a, out, seed, rows, columns, rank, p, scale,
-                                                      BLOCK_T=block_t, BLOCK_H=64, BLOCK_R=_rank_block(rank))
+    arguments = (x, a, out, seed, rows, columns, rank, p, scale, _bucket(rows))
+    if x.is_cuda:
+        _a_forward_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)](*arguments, BLOCK_R=_rank_block(rank))
+    else:  # Triton's interpreter (the CPU tests): one fixed tile
+        _a_forward_kernel[(triton.cdiv(rows, 32),)](*arguments, BLOCK_T=32, BLOCK_H=64, BLOCK_R=_rank_block(rank))
     return out
+
+
+def _splits(rows: int, column_blocks: int, device: torch.device) -> int:
+    """Row slices for A's gradient: enough programs for about four per multiprocessor, each slice at least 256
+    rows (the sum of the slices' partials costs a pass over [slices, R, H] floats)."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(rows // 256, -(-4 * processors // column_blocks)))
 
 
 def a_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
@@ -128,10 +158,15 @@ def a_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float, scale
     g, x = g.contiguous(), x.contiguous()
     rows, columns = x.shape
     rank = g.shape[1]
-    out = torch.empty(rank, columns, dtype=dtype, device=x.device)
-    _a_grad_kernel[(triton.cdiv(columns, 32),)](g, x, out, seed, rows, columns, rank, p, scale,
-                                                BLOCK_T=64, BLOCK_H=32, BLOCK_R=_rank_block(rank))
-    return out
+    block_h = 64
+    splits = _splits(rows, triton.cdiv(columns, block_h), x.device)
+    per_split = triton.cdiv(triton.cdiv(rows, splits), 64) * 64
+    splits = triton.cdiv(rows, per_split)
+    partials = torch.empty(splits, rank, columns, dtype=torch.float32, device=x.device)
+    _a_grad_kernel[(triton.cdiv(columns, block_h), splits)](g, x, partials, seed, rows, columns, rank, p, scale,
+                                                             per_split, BLOCK_T=64, BLOCK_H=block_h,
+                                                             BLOCK_R=_rank_block(rank))
+    return (partials[0] if splits == 1 else partials.sum(0)).to(dtype)
 
 
 def x_grad_(grad_x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
@@ -142,7 +177,11 @@ def x_grad_(grad_x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, seed: torch.
     g, a = g.contiguous(), a.contiguous()
     rows, columns = grad_x.shape
     rank = g.shape[1]
-    grid = (triton.cdiv(rows, 64), triton.cdiv(columns, 64))
-    _x_grad_kernel[grid](g, a, grad_x, seed, rows, columns, rank, p, scale,
-                         BLOCK_T=64, BLOCK_H=64, BLOCK_R=_rank_block(rank))
+    arguments = (g, a, grad_x, seed, rows, columns, rank, p, scale, _bucket(rows))
+    if grad_x.is_cuda:
+        _x_grad_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]), triton.cdiv(columns, meta["BLOCK_H"]))](
+            *arguments, BLOCK_R=_rank_block(rank))
+    else:
+        _x_grad_kernel[(triton.cdiv(rows, 64), triton.cdiv(columns, 64))](*arguments, BLOCK_T=64, BLOCK_H=64,
+                                                                           BLOCK_R=_rank_block(rank))
     return grad_x

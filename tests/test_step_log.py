@@ -56,6 +56,13 @@ class _Context:
         return False
 
 
+def _tokenizer(folder: Path) -> Any:
+    """The tokenizer of the random-init test models (the demo model's, or the one carried to a GPU machine)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def _tiny_model(tokenizer: Any, device: str = "cpu") -> Any:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -84,12 +91,14 @@ class _Order(TrainerCallback):
         self.seen.append(("save", state.global_step))
 
 
-def _train(tmp_path: Path, tokenizer: Any, lagged: bool, steps: int = 6, nan_at: int | None = None,
+def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, nan_at: int | None = None,
            device: str = "cpu", watch: Any = None, **training: Any) -> tuple[Any, _Context, _Order, Any]:
     """A real engine Trainer on a tiny random model and the demo data, `lagged` or reading each step at once
     (`watch`: one more callback)."""
     import torch
     from transformers import PrinterCallback
+
+    tokenizer = _tokenizer(tokenizer_dir)
 
     spec = RunSpec(name="t")
     spec.dataset.preset = "demo"
@@ -142,9 +151,9 @@ def _state(output: Path, step: int) -> dict[str, Any]:
     return {"global_step": state["global_step"], "tokens": state["num_input_tokens_seen"], "history": history}
 
 
-def test_lagged_logs_write_what_reading_at_once_writes_one_step_later(tmp_path: Path, demo_tokenizer: Any) -> None:
-    at_once, ctx_at_once, order_at_once, _ = _train(tmp_path / "at_once", demo_tokenizer, lagged=False, eval_every=3)
-    lagged, ctx_lagged, order_lagged, _ = _train(tmp_path / "lagged", demo_tokenizer, lagged=True, eval_every=3)
+def test_lagged_logs_write_what_reading_at_once_writes_one_step_later(tmp_path: Path, tokenizer_dir: Path) -> None:
+    at_once, ctx_at_once, order_at_once, _ = _train(tmp_path / "at_once", tokenizer_dir, lagged=False, eval_every=3)
+    lagged, ctx_lagged, order_lagged, _ = _train(tmp_path / "lagged", tokenizer_dir, lagged=True, eval_every=3)
 
     # Every event (steps, evals, checkpoints) in the same order with the same values: loss, gradient norm,
     # learning rate, epoch and tokens seen.
@@ -164,18 +173,18 @@ def test_lagged_logs_write_what_reading_at_once_writes_one_step_later(tmp_path: 
 
 
 def test_lagged_logs_count_tokens_of_steps_between_logs_before_a_checkpoint(tmp_path: Path,
-                                                                           demo_tokenizer: Any) -> None:
-    at_once, at_once_ctx, *_ = _train(tmp_path / "at_once", demo_tokenizer, lagged=False, steps=5, log_every=2,
+                                                                           tokenizer_dir: Path) -> None:
+    at_once, at_once_ctx, *_ = _train(tmp_path / "at_once", tokenizer_dir, lagged=False, steps=5, log_every=2,
                                       save_every=3)
-    lagged, ctx, *_ = _train(tmp_path / "lagged", demo_tokenizer, lagged=True, steps=5, log_every=2, save_every=3)
+    lagged, ctx, *_ = _train(tmp_path / "lagged", tokenizer_dir, lagged=True, steps=5, log_every=2, save_every=3)
     assert _state(tmp_path / "lagged", 3) == _state(tmp_path / "at_once", 3)
     assert lagged.state.num_input_tokens_seen == at_once.state.num_input_tokens_seen
     assert _without_timing(ctx.events) == _without_timing(at_once_ctx.events)
     assert [e["step"] for e in ctx.events if e["type"] == "step"] == [1, 2, 4]  # step 5 is no logging step
 
 
-def test_a_lagged_nan_loss_stops_the_run_and_keeps_no_checkpoint_of_it(tmp_path: Path, demo_tokenizer: Any) -> None:
-    trainer, ctx, order, callback = _train(tmp_path, demo_tokenizer, lagged=True, steps=8, nan_at=3, eval_every=100)
+def test_a_lagged_nan_loss_stops_the_run_and_keeps_no_checkpoint_of_it(tmp_path: Path, tokenizer_dir: Path) -> None:
+    trainer, ctx, order, callback = _train(tmp_path, tokenizer_dir, lagged=True, steps=8, nan_at=3, eval_every=100)
     assert callback.broken_at == 3  # the first broken step, though the lag brought step 4's log too
     assert trainer.state.global_step == 4  # one step further than reading at once, and not saved
     assert [e["step"] for e in ctx.events if e["type"] == "step"] == [1, 2]
@@ -212,7 +221,7 @@ def test_the_engine_lags_only_on_one_cuda_device() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_lagged_step_never_waits_for_the_gpu(tmp_path: Path, demo_tokenizer: Any) -> None:
+def test_a_lagged_step_never_waits_for_the_gpu(tmp_path: Path, tokenizer_dir: Path) -> None:
     """From the third step on, nothing in a training step synchronises with the GPU (torch's sync debug mode
     warns at every synchronising call); the events still hold every step, timed on the GPU's clock."""
     import warnings
@@ -232,7 +241,7 @@ def test_a_lagged_step_never_waits_for_the_gpu(tmp_path: Path, demo_tokenizer: A
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _, ctx, _, _ = _train(tmp_path, demo_tokenizer, lagged=True, steps=7, device="cuda", watch=Watch())
+            _, ctx, _, _ = _train(tmp_path, tokenizer_dir, lagged=True, steps=7, device="cuda", watch=Watch())
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]

@@ -20,6 +20,7 @@ counter is 32-bit); the callers check.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -123,9 +124,9 @@ def _bucket(rows: int) -> int:
 _TILES = [{"BLOCK_T": t, "BLOCK_H": h} for t, h in ((32, 64), (64, 64), (64, 128), (128, 64))]
 _CONFIGS = ([triton.Config(tile, num_warps=warps, num_stages=stages) for tile in _TILES
              for warps, stages in ((4, 3), (8, 4))] if AVAILABLE else [])
-_a_forward_tuned = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"])(_a_forward_kernel)
-                    if AVAILABLE else None)
-_x_grad_tuned = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"], restore_value=["grad_x_ptr"])(
+_a_forward_tuned: Any = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"])(_a_forward_kernel)
+                         if AVAILABLE else None)
+_x_grad_tuned: Any = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"], restore_value=["grad_x_ptr"])(
     _x_grad_kernel) if AVAILABLE else None)
 
 

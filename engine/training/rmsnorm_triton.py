@@ -28,6 +28,8 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
     import triton
     import triton.language as tl
 
+    from tunewiz.engine.training.triton_rounding import as_rounded
+
     @triton.jit
     def _forward_kernel(x_ptr, weight_ptr, out_ptr, rstd_ptr, columns, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -35,9 +37,10 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         mask = offsets < columns
         x = tl.load(x_ptr + row * columns + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / columns + eps)
-        normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the input's dtype first
+        normed = as_rounded(x * rstd, x_ptr.dtype.element_ty)  # rounded to the input's dtype first
         weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * columns + offsets, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * columns + offsets, as_rounded(normed * weight, dtype).to(dtype), mask=mask)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit

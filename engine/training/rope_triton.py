@@ -28,6 +28,8 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
     import triton
     import triton.language as tl
 
+    from tunewiz.engine.training.triton_rounding import as_rounded
+
     @triton.jit
     def _rotate(x_ptr, out_ptr, token, cos, sin, columns, heads: tl.constexpr, HEADS: tl.constexpr,
                 HALF: tl.constexpr):
@@ -36,11 +38,12 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         mask = rows < heads
         first = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         second = tl.load(x_ptr + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty  # each product rounded to it before the sum, as transformers' ops round
-        first_cos, second_sin = (first * cos).to(dtype).to(tl.float32), (second * sin).to(dtype).to(tl.float32)
-        second_cos, first_sin = (second * cos).to(dtype).to(tl.float32), (first * sin).to(dtype).to(tl.float32)
-        tl.store(out_ptr + offsets, (first_cos - second_sin).to(dtype), mask=mask)
-        tl.store(out_ptr + offsets + HALF, (second_cos + first_sin).to(dtype), mask=mask)
+        dtype: tl.constexpr = out_ptr.dtype.element_ty  # each product rounded to it before the sum, as
+        # transformers' operations round them
+        first_cos, second_sin = as_rounded(first * cos, dtype), as_rounded(second * sin, dtype)
+        second_cos, first_sin = as_rounded(second * cos, dtype), as_rounded(first * sin, dtype)
+        tl.store(out_ptr + offsets, as_rounded(first_cos - second_sin, dtype).to(dtype), mask=mask)
+        tl.store(out_ptr + offsets + HALF, as_rounded(second_cos + first_sin, dtype).to(dtype), mask=mask)
 
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len, cos_batch_stride,

@@ -20,15 +20,17 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
     import triton
     import triton.language as tl
 
+    from tunewiz.engine.training.triton_rounding import as_rounded
+
     @triton.jit
     def _forward_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
         up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded first, as torch's silu is
-        tl.store(out_ptr + offsets, (silu * up).to(dtype), mask=mask)
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        silu = as_rounded(gate / (1.0 + tl.exp(-gate)), dtype)  # rounded first, as torch's silu is
+        tl.store(out_ptr + offsets, as_rounded(silu * up, dtype).to(dtype), mask=mask)
 
     @triton.jit
     def _backward_kernel(gate_ptr, up_ptr, grad_ptr, grad_up_ptr, n, BLOCK: tl.constexpr):
@@ -38,13 +40,13 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
         up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-        dtype = grad_ptr.dtype.element_ty
+        dtype: tl.constexpr = grad_ptr.dtype.element_ty
         sigmoid = 1.0 / (1.0 + tl.exp(-gate))  # as torch's silu_backward computes it
-        grad_up = grad * (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # silu(gate) as the forward has it
-        grad_silu = (grad * up).to(dtype).to(tl.float32)  # the gradient reaching silu, rounded as autograd's is
+        grad_up = grad * as_rounded(gate / (1.0 + tl.exp(-gate)), dtype)  # silu(gate) as the forward has it
+        grad_silu = as_rounded(grad * up, dtype)  # the gradient reaching silu, rounded as autograd's is
         grad_gate = grad_silu * sigmoid * (1.0 + gate * (1.0 - sigmoid))
-        tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_ptr + offsets, grad_gate.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_up_ptr + offsets, as_rounded(grad_up, dtype).to(dtype), mask=mask)
+        tl.store(grad_ptr + offsets, as_rounded(grad_gate, dtype).to(dtype), mask=mask)
 
 
 def _grid(n: int) -> tuple[int]:

@@ -118,11 +118,34 @@ def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return held[3]
     cast = weight.detach().to(dtype)
     _CASTS[key] = (weakref.ref(weight, functools.partial(_forget_cast, key)), version, storage, cast)
+    _COPIES.clear()
     return cast
 
 
 def _forget_cast(key: int, _: object) -> None:
     _CASTS.pop(key, None)
+    _COPIES.clear()
+
+
+# What the optimiser-step hook copies: [casts and stack parts], [their weights], built from `_CASTS` and `_STACKS`
+# when it is first needed after one of them changed (emptied then), not at every step.
+_COPIES: list[list[torch.Tensor]] = []
+
+
+def _copy_lists() -> list[list[torch.Tensor]]:
+    casts, weights = [], []
+    for ref, _, _, cast in _CASTS.values():
+        weight = ref()
+        if weight is not None:
+            casts.append(cast)
+            weights.append(weight.detach())  # shares the weight's storage: sees every in-place update
+    for refs, _, stacked in _STACKS.values():
+        parts = [ref() for ref in refs]
+        live = [part for part in parts if part is not None]
+        if len(live) == len(parts):
+            casts += list(stacked.split([part.shape[0] for part in live]))
+            weights += [part.detach() for part in live]
+    return [casts, weights]
 
 
 def _refresh_every_cast(*hook_args: object) -> None:
@@ -131,24 +154,23 @@ def _refresh_every_cast(*hook_args: object) -> None:
 
     Fused AdamW (the engine's optimiser on CUDA) updates parameters without bumping their version counters, so
     `_cast`'s version check alone would keep a cast from before the step, and the model would stop learning
-    after one step. The stamps are renewed, so the version check still catches any other change."""
-    casts, weights = [], []
-    for cast_key, (ref, _, _, cast) in list(_CASTS.items()):
-        weight = ref()
-        if weight is not None:
-            casts.append(cast)
-            weights.append(weight.detach())
-            _CASTS[cast_key] = (ref, weight._version, weight.data_ptr(), cast)
-    for stack_key, (refs, _, stacked) in list(_STACKS.items()):
-        parts = [ref() for ref in refs]
-        if all(part is not None for part in parts):
-            live = [part for part in parts if part is not None]
-            casts += list(stacked.split([part.shape[0] for part in live]))
-            weights += [part.detach() for part in live]
-            _STACKS[stack_key] = (refs, tuple((part._version, part.data_ptr()) for part in live), stacked)
+    after one step. The stamps of weights whose version did move (other optimisers) are renewed, so the version
+    check still catches any other change without casting again what was just copied."""
+    if not _COPIES:
+        _COPIES.extend(_copy_lists())
+    casts, weights = _COPIES
     if casts:
         with torch.no_grad():
             torch._foreach_copy_(casts, weights)
+    for cast_key, (ref, version, storage, cast) in list(_CASTS.items()):
+        weight = ref()
+        if weight is not None and weight._version != version:
+            _CASTS[cast_key] = (ref, weight._version, storage, cast)
+    for stack_key, (refs, stamp, stacked) in list(_STACKS.items()):
+        parts = [ref() for ref in refs]
+        now = tuple((part._version, part.data_ptr()) for part in parts if part is not None)
+        if len(now) == len(parts) and now != stamp:
+            _STACKS[stack_key] = (refs, now, stacked)
 
 
 # A matrices of projections that read one input, stacked and cast to the compute dtype: keyed by the weights'
@@ -167,11 +189,13 @@ def _stacked_cast(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tens
     stacked = torch.cat([w.detach() for w in weights]).to(dtype)
     forget = functools.partial(_forget_stack, key)
     _STACKS[key] = ([weakref.ref(w, forget) for w in weights], stamp, stacked)
+    _COPIES.clear()
     return stacked
 
 
 def _forget_stack(key: tuple[int, ...], _: object) -> None:
     _STACKS.pop(key, None)
+    _COPIES.clear()
 
 
 register_optimizer_step_post_hook(_refresh_every_cast)

@@ -83,6 +83,10 @@ VARIANTS = {
     "engine_fused_lora_no_dropout": ("speed.fused_lora=true", "lora.dropout=0.0"),
     "engine_fused_offload_no_dropout": ("speed.fused_lora=true", "speed.offload_checkpoints=true", "lora.dropout=0.0"),
     "engine_offload": ("speed.offload_checkpoints=true",),
+    # each step read as it ends (before speed.lagged_logs): what the lag gains, and how this session's numbers
+    # compare with earlier rows, which timed steps from their start on the host and left out the time between them
+    "engine_fused_offload_sync_logs": ("speed.offload_checkpoints=true", "lora.dropout=0.0", "speed.lagged_logs=false"),
+    "engine_fused_lora_sync_logs": ("lora.dropout=0.0", "speed.lagged_logs=false"),
     "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
     "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout
     "engine_auto_fused_dropout": ("speed.fused_dropout=true",),  # the automatic choice, dropout in the kernels
@@ -154,7 +158,9 @@ def suite_cases(suite: str) -> list[Case]:
         # the cases Unsloth's loop compares with (dropout 0) first, as a call's budget may end the list early
         shape = "llama-3.1-8b"
         return [Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
-                for variant in ("engine_fused_offload_no_dropout", "engine_fused_lora_no_dropout")] + [
+                for variant in ("engine_fused_offload_no_dropout", "engine_fused_offload_sync_logs",
+                                "engine_fused_lora_no_dropout")] + [
+            Case("fused", shape, "lora", False, "engine_fused_lora_sync_logs"),
             Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
             Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2),
             Case("fused", shape, "lora", False, "engine_auto_no_dropout", steps=6, warmup=2),

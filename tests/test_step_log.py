@@ -215,9 +215,11 @@ def test_the_clock_counts_host_gaps_between_steps_but_not_pauses() -> None:
     assert clock.seconds_through(3) == 0.0
 
 
-def test_the_engine_lags_only_on_one_cuda_device() -> None:
-    assert step_log.wanted(cuda=True, processes=1)
-    assert not step_log.wanted(cuda=False, processes=1) and not step_log.wanted(cuda=True, processes=2)
+def test_the_engine_lags_only_on_one_cuda_device_and_where_asked() -> None:
+    lagged = RunSpec().speed.lagged_logs
+    assert lagged and step_log.wanted(lagged, cuda=True, processes=1)
+    assert not step_log.wanted(lagged, cuda=False, processes=1) and not step_log.wanted(lagged, cuda=True, processes=2)
+    assert not step_log.wanted(False, cuda=True, processes=1)  # speed.lagged_logs = false
 
 
 @pytest.fixture

@@ -190,14 +190,20 @@ class SpeedSpec:
                                      "as the kernels read the input, never stored nor drawn again in full (torch's "
                                      "masks cost several passes over each layer's input a step). The masks differ "
                                      "from torch's draws, not in distribution. Off by default: on an H200 it ran at "
-                                     "0.93x the speed of torch's masks (8B LoRA, docs/speed.md), as our Triton "
-                                     "matmuls are slower than cuBLAS's.")
+                                     "0.93x the speed of torch's masks (8B LoRA, docs/speed.md), and at 0.96x "
+                                     "after its kernels were tuned, as our Triton matmuls are slower than "
+                                     "cuBLAS's.")
     offload_checkpoints: bool = _f(False, "With gradient checkpointing on one CUDA GPU, each checkpointed layer's "
                                           "input waits in pinned CPU memory (copied on a side stream, overlapped "
                                           "with compute) instead of on the GPU: 2 bytes x hidden size per token and "
                                           "layer less (0.98 GiB measured on an 8B model at 2 x 2048 tokens, speed "
                                           "within the noise). Off by default; the recommender turns it on where it "
                                           "lets a bigger micro-batch fit (docs/speed.md).")
+    lagged_logs: bool = _f(True, "On one CUDA GPU, each step's loss, gradient norm and token count are copied to "
+                                 "the host without waiting and logged at the next step, so the host never waits "
+                                 "for the GPU between steps (the dashboards show each step one step later). "
+                                 "Measured on an 8B model without checkpointing: 1.04x Unsloth's speed with it, "
+                                 "0.98x before it (docs/speed.md). `false` reads each step as it ends.")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "
                               "off only on long runs.")
 

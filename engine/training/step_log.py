@@ -28,10 +28,10 @@ from typing import Any
 from tunewiz.engine.training.token_count import TokenCounter
 
 
-def wanted(cuda: bool, processes: int) -> bool:
-    """Whether a run lags its step logs: on one CUDA device (on a CPU the host waits for every operation anyway;
-    several processes gather their losses with collectives at each log)."""
-    return cuda and processes == 1
+def wanted(lagged_logs: bool, cuda: bool, processes: int) -> bool:
+    """Whether a run lags its step logs: where `speed.lagged_logs` asks for it, on one CUDA device (on a CPU the
+    host waits for every operation anyway; several processes gather their losses with collectives at each log)."""
+    return lagged_logs and cuda and processes == 1
 
 
 class StepClock:

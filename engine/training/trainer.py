@@ -402,7 +402,7 @@ def train(ctx: EngineContext) -> TrainOutcome:
         ctx.log(batch_line)
     sample_every = spec.training.sample_every or default_interval(total, 4)
     tokens = None if preferring else TokenCounter()
-    lagged = not preferring and step_log.wanted(cuda, ranks.world_size())
+    lagged = not preferring and step_log.wanted(spec.speed.lagged_logs, cuda, ranks.world_size())
     callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx), tokens, lagged)
 
     from transformers import DataCollatorWithFlattening, PrinterCallback

@@ -93,9 +93,11 @@ class _Order(TrainerCallback):
 
 
 def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, nan_at: int | None = None,
-           device: str = "cpu", watch: Any = None, **training: Any) -> tuple[Any, _Context, _Order, Any]:
+           device: str = "cpu", watch: Any = None, fail_at: int | None = None,
+           **training: Any) -> tuple[Any, _Context, _Order, Any]:
     """A real engine Trainer on a tiny random model and the demo data, `lagged` or reading each step at once
-    (`watch`: one more callback)."""
+    (`watch`: one more callback; `nan_at`: the loss is NaN from that step on; `fail_at`: that step's second
+    micro-batch raises, as an out-of-memory error would, and the Trainer is returned in `ctx.failed`)."""
     import torch
     from transformers import PrinterCallback
 
@@ -122,11 +124,18 @@ def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, na
     order = _Order()
     args = _training_arguments(spec, tmp_path, steps, device == "cuda", torch.float32, bool(data.eval))
     trainer_class = _trainer_class(False)
-    if nan_at is not None:
+    if nan_at is not None or fail_at is not None:
         class Breaking(trainer_class):  # type: ignore[misc, valid-type]
+            batches = 0
+
             def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+                if self.model.training and self.state.global_step + 1 == fail_at:
+                    self.batches += 1
+                    if self.batches == 2:
+                        raise RuntimeError("CUDA out of memory (a stand-in)")
                 loss = super().compute_loss(*args, **kwargs)
-                return loss * float("nan") if self.state.global_step + 1 >= nan_at and self.model.training else loss
+                broken = nan_at is not None and self.state.global_step + 1 >= nan_at and self.model.training
+                return loss * float("nan") if broken else loss
         trainer_class = Breaking
     trainer = trainer_class(model=model, args=args, train_dataset=ExampleDataset(data.train),
                             eval_dataset=ExampleDataset(data.eval) if data.eval else None,
@@ -134,7 +143,11 @@ def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, na
                             callbacks=[callback, order, *([watch] if watch else [])])
     trainer.remove_callback(PrinterCallback)
     _connect(trainer, callback, tokens, lagged)
-    trainer.train()
+    if fail_at is None:
+        trainer.train()
+    else:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            trainer.train()
     return trainer, ctx, order, callback
 
 
@@ -190,6 +203,21 @@ def test_a_lagged_nan_loss_stops_the_run_and_keeps_no_checkpoint_of_it(tmp_path:
     assert trainer.state.global_step == 4  # one step further than reading at once, and not saved
     assert [e["step"] for e in ctx.events if e["type"] == "step"] == [1, 2]
     assert not any(kind == "save" for kind, _ in order.seen) and not list(tmp_path.glob("checkpoints/checkpoint-*"))
+
+
+def test_an_error_mid_step_still_logs_the_step_before_and_counts_none_of_its_own(tmp_path: Path,
+                                                                                  tokenizer_dir: Path) -> None:
+    """A step that fails (out of memory, say) after the first of its micro-batches: the held log of the step
+    before is written on the way out, and the failed step's counted tokens are not added (it trained nothing;
+    out-of-memory recovery resumes from a checkpoint)."""
+    _, whole, *_ = _train(tmp_path / "whole", tokenizer_dir, lagged=False, steps=4, eval_every=100, save_every=100)
+    failed, ctx, *_ = _train(tmp_path / "failed", tokenizer_dir, lagged=True, steps=6, fail_at=4, eval_every=100,
+                             save_every=100)
+    steps = [e for e in ctx.events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3]  # step 3's log was held when step 4 failed
+    reference = next(e for e in whole.events if e["type"] == "step" and e["step"] == 3)
+    assert steps[-1]["loss"] == reference["loss"]
+    assert failed.state.num_input_tokens_seen == reference["tokens_seen"]
 
 
 def test_the_clock_counts_host_gaps_between_steps_but_not_pauses() -> None:

@@ -174,11 +174,14 @@ class LaggedLogMixin:
     def catch_up(self, start_time: float | None = None) -> None:
         """Write the log still held, if any, and count the tokens since (both wait for the GPU): the state is then
         exact, as a checkpoint, an evaluation or the end needs it."""
+        self._write_held(start_time)
+        if self.token_counter is not None:
+            self.state.num_input_tokens_seen += self.token_counter.take()  # steps not logged yet (log_every > 1)
+
+    def _write_held(self, start_time: float | None = None) -> None:
         held, self._held = self._held, None
         if held is not None:
             self._write(held, start_time)
-        if self.token_counter is not None:
-            self.state.num_input_tokens_seen += self.token_counter.take()  # steps not logged yet (log_every > 1)
 
     def _write(self, held: HeldLog, start_time: float | None) -> None:
         loss, grad_norm, tokens = held.read()
@@ -200,8 +203,8 @@ class LaggedLogMixin:
         try:
             result = super().train(*args, **kwargs)  # type: ignore[misc]
         except BaseException:
-            with contextlib.suppress(Exception):  # the step's log if it can still be read; the error goes on
-                self.catch_up()
+            with contextlib.suppress(Exception):  # the finished step's log if it can still be read (not the
+                self._write_held()  # tokens of the step that failed: they trained nothing); the error goes on
             raise
         self.catch_up()  # a loop that ended without the Trainer saying it would stop
         return result

@@ -185,14 +185,13 @@ class SpeedSpec:
                                 "covers, the rest keeps it. Not under FSDP. Measured with checkpointing on an 8B model "
                                 "(docs/speed.md): 1.10x the speed without it for LoRA, 1.00x and 1.44x for QLoRA on "
                                 "two hosts, before later work on the host's share of a step.")
-    fused_dropout: bool = _f(False, "With `speed.fused_lora` on a CUDA GPU, the LoRA dropout runs inside our Triton "
-                                     "kernels of the adapters' matmuls: each mask comes from a counter-based generator "
-                                     "as the kernels read the input, never stored nor drawn again in full (torch's "
-                                     "masks cost several passes over each layer's input a step). The masks differ "
-                                     "from torch's draws, not in distribution. Off by default: on an H200 it ran at "
-                                     "0.93x the speed of torch's masks (8B LoRA, docs/speed.md), and at 0.96x "
-                                     "after its kernels were tuned, as our Triton matmuls are slower than "
-                                     "cuBLAS's.")
+    fused_dropout: bool = _f(False, "With `speed.fused_lora` on a CUDA GPU, the LoRA dropout masks come from a "
+                                     "counter-based generator inside our Triton kernels: never written nor drawn "
+                                     "again in full (torch's masks cost several passes over each layer's input a "
+                                     "step). The masks differ from torch's draws, not in distribution. Off by "
+                                     "default: its first version, with the matmuls in Triton, ran at 0.93x and 0.96x "
+                                     "the speed of torch's masks on an H200 (8B LoRA, docs/speed.md); this one, a "
+                                     "one-pass dropped-out copy for cuBLAS's matmuls, is not measured yet.")
     offload_checkpoints: bool = _f(False, "With gradient checkpointing on one CUDA GPU, each checkpointed layer's "
                                           "input waits in pinned CPU memory (copied on a side stream, overlapped "
                                           "with compute) instead of on the GPU: 2 bytes x hidden size per token and "

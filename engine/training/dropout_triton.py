@@ -1,14 +1,18 @@
-"""LoRA dropout inside the adapter's matmuls, in Triton (`speed.fused_dropout`, on CUDA).
+"""LoRA dropout from a counter-based generator, in Triton (`speed.fused_dropout`, on CUDA).
 
 peft drops out the input of each LoRA A matrix: a mask the size of the layer's input per projection (seven
 a layer, one of them the MLP's wide hidden state), drawn, multiplied in, and drawn again in the backward
-(engine/training/fused_lora.py redraws them rather than keep them). Here the mask is never stored: each
+(engine/training/fused_lora.py redraws them rather than keep them): with torch, each draw writes the mask,
+and each use reads the input and the mask and writes their product. Here no mask is ever written: each
 element's keep-or-drop comes from a counter-based generator (Philox, `tl.rand`) keyed by a seed tensor and
-the element's index, so the three kernels that read the dropped-out input compute it on the fly:
+the element's index, so a kernel that reads the input computes it on the fly:
 
-- `a_forward`: mask * x @ A^T, scaled (by the LoRA scaling and 1 / (1 - p): the rank-r product);
-- `a_grad`: the gradient of A, g^T @ dropout(x), scaled;
-- `x_grad_`: adds the LoRA part of the input's gradient, (g @ A) masked and scaled, into it.
+- `dropped`: x with the dropped elements zeroed, in one pass (read x, write the copy), for cuBLAS's matmuls
+  with A (the forward's rank-r product, A's gradient);
+- `x_grad_`: adds the LoRA part of the input's gradient, (g @ A) masked and scaled, into it, in one pass.
+
+(A first version ran the two matmuls with A in Triton too, never writing the copy; its matmuls were slower
+than cuBLAS's: 0.93x and 0.96x the speed of torch's masks, docs/speed.md.)
 
 The seed is a one-element tensor drawn from torch's generator on the device (no host synchronisation),
 so a run's masks follow `training.seed`, and checkpointing's recompute (which replays the random state)
@@ -26,6 +30,7 @@ import torch
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 MAX_ELEMENTS = 2**31 - 1  # tl.rand's offsets are 32-bit
+BLOCK_T, BLOCK_H = 16, 256  # the dropped-out copy's tile: 4,096 elements a program
 
 if AVAILABLE:  # the module imports without Triton (the CPU install), but offers no kernels there
     import triton
@@ -37,48 +42,15 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         return tl.rand(seed, rows[:, None] * columns + cols[None, :]) >= p
 
     @triton.jit
-    def _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p):
-        """The [rows, cols] tile of x, the dropped elements zeroed (not yet scaled by 1 / (1 - p))."""
-        inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * columns + cols[None, :], mask=inside, other=0.0)
-        return tl.where(_kept(seed, rows, cols, columns, p), x, tl.zeros_like(x))
-
-    @triton.jit
-    def _a_forward_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_bucket,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _dropped_kernel(x_ptr, out_ptr, seed_ptr, rows_n, columns, p, BLOCK_T: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        ranks = tl.arange(0, BLOCK_R)
-        seed = tl.load(seed_ptr)
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for start in range(0, columns, BLOCK_H):
-            cols = start + tl.arange(0, BLOCK_H)
-            x = _dropped_out(x_ptr, seed, rows, cols, rows_n, columns, p)
-            a_t = tl.load(a_ptr + ranks[None, :] * columns + cols[:, None],  # A^T's [cols, ranks] tile
-                          mask=(ranks[None, :] < rank) & (cols[:, None] < columns), other=0.0)
-            acc += tl.dot(x, a_t.to(x.dtype))
-        tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < rows_n) & (ranks[None, :] < rank))
-
-    @triton.jit
-    def _a_grad_kernel(g_ptr, x_ptr, out_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_per_split,
-                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-        """One [ranks, cols] block of A's gradient over one slice of the rows: fp32 partial sums, one slice a
-        program, so that a few thousand rows fill the GPU (the slices are summed after)."""
-        cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-        part = tl.program_id(1)
-        ranks = tl.arange(0, BLOCK_R)
-        seed = tl.load(seed_ptr)
-        acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-        first = part * rows_per_split
-        end = tl.minimum(first + rows_per_split, rows_n)
-        for start in range(first, end, BLOCK_T):
-            rows = start + tl.arange(0, BLOCK_T)
-            g_t = tl.load(g_ptr + rows[None, :] * rank + ranks[:, None],  # g^T's [ranks, rows] tile
-                          mask=(rows[None, :] < end) & (ranks[:, None] < rank), other=0.0)
-            x = _dropped_out(x_ptr, seed, rows, cols, end, columns, p)
-            acc += tl.dot(g_t.to(x.dtype), x)
-        tl.store(out_ptr + part * rank * columns + ranks[:, None] * columns + cols[None, :], acc * scale,
-                 mask=(ranks[:, None] < rank) & (cols[None, :] < columns))
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        inside = (rows[:, None] < rows_n) & (cols[None, :] < columns)
+        offsets = rows[:, None].to(tl.int64) * columns + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        kept = _kept(tl.load(seed_ptr), rows, cols, columns, p)
+        tl.store(out_ptr + offsets, tl.where(kept, x, tl.zeros_like(x)), mask=inside)
 
     @triton.jit
     def _x_grad_kernel(g_ptr, a_ptr, grad_x_ptr, seed_ptr, rows_n, columns, rank, p, scale, rows_bucket,
@@ -99,6 +71,7 @@ if AVAILABLE:  # the module imports without Triton (the CPU install), but offers
         tl.store(grad_x_ptr + offsets, (current + added).to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 
+
 def usable(like: torch.Tensor, elements: int) -> bool:
     """Whether the kernels take an input of `elements` elements of `like`'s dtype and device: 16-bit on CUDA,
     few enough for a 32-bit counter. (fp32 stays with torch's masks: Triton's fp32 dot rounds through tf32.)"""
@@ -114,60 +87,29 @@ def _rank_block(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # tl.dot's smallest tile side is 16
 
 
+def dropped(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """x [T, H] with the elements the mask of `seed` drops zeroed (not scaled by 1 / (1 - p): the callers put
+    that in their matmul's alpha), as a new tensor."""
+    x = x.contiguous()
+    rows, columns = x.shape
+    out = torch.empty_like(x)
+    _dropped_kernel[(triton.cdiv(rows, BLOCK_T), triton.cdiv(columns, BLOCK_H))](x, out, seed, rows, columns, p,
+                                                                                  BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H)
+    return out
+
+
 def _bucket(rows: int) -> int:
     """The rows' power of two: the tuned launch settings are kept per bucket, not per padded batch length."""
     return 1 << max(rows - 1, 1).bit_length()
 
 
 # Launch settings tried once per shape (columns, rank, bucket of rows) on a GPU, the fastest kept (Triton's
-# autotuner): the kernels read x once and are bound by memory, so what matters is how many tiles are in flight.
+# autotuner): the kernel reads and writes the input's gradient once and is bound by memory.
 _TILES = [{"BLOCK_T": t, "BLOCK_H": h} for t, h in ((32, 64), (64, 64), (64, 128), (128, 64))]
 _CONFIGS = ([triton.Config(tile, num_warps=warps, num_stages=stages) for tile in _TILES
              for warps, stages in ((4, 3), (8, 4))] if AVAILABLE else [])
-_a_forward_tuned: Any = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"])(_a_forward_kernel)
-                         if AVAILABLE else None)
 _x_grad_tuned: Any = (triton.autotune(_CONFIGS, key=["columns", "rank", "rows_bucket"], restore_value=["grad_x_ptr"])(
     _x_grad_kernel) if AVAILABLE else None)
-
-
-def a_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """scale * mask * x @ a^T, for x [T, H] and a [R, H] of x's dtype: the rank-r product [T, R] (dropout's
-    1 / (1 - p) is not applied: fold it into `scale`)."""
-    x, a = x.contiguous(), a.contiguous()
-    rows, columns = x.shape
-    rank = a.shape[0]
-    out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
-    arguments = (x, a, out, seed, rows, columns, rank, p, scale, _bucket(rows))
-    if x.is_cuda:
-        _a_forward_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)](*arguments, BLOCK_R=_rank_block(rank))
-    else:  # Triton's interpreter (the CPU tests): one fixed tile
-        _a_forward_kernel[(triton.cdiv(rows, 32),)](*arguments, BLOCK_T=32, BLOCK_H=64, BLOCK_R=_rank_block(rank))
-    return out
-
-
-def _splits(rows: int, column_blocks: int, device: torch.device) -> int:
-    """Row slices for A's gradient: enough programs for about four per multiprocessor, each slice at least 256
-    rows (the sum of the slices' partials costs a pass over [slices, R, H] floats)."""
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(rows // 256, -(-4 * processors // column_blocks)))
-
-
-def a_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
-           dtype: torch.dtype) -> torch.Tensor:
-    """scale * g^T @ dropout(x, p) (the mask only, no 1 / (1 - p): fold it into `scale`), in `dtype`: A's
-    gradient [R, H] for g [T, R], the gradient reaching A's output."""
-    g, x = g.contiguous(), x.contiguous()
-    rows, columns = x.shape
-    rank = g.shape[1]
-    block_h = 64
-    splits = _splits(rows, triton.cdiv(columns, block_h), x.device)
-    per_split = triton.cdiv(triton.cdiv(rows, splits), 64) * 64
-    splits = triton.cdiv(rows, per_split)
-    partials = torch.empty(splits, rank, columns, dtype=torch.float32, device=x.device)
-    _a_grad_kernel[(triton.cdiv(columns, block_h), splits)](g, x, partials, seed, rows, columns, rank, p, scale,
-                                                             per_split, BLOCK_T=64, BLOCK_H=block_h,
-                                                             BLOCK_R=_rank_block(rank))
-    return (partials[0] if splits == 1 else partials.sum(0)).to(dtype)
 
 
 def x_grad_(grad_x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,

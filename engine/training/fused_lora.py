@@ -313,15 +313,21 @@ def _rng_replayed(device: torch.device, state: torch.Tensor) -> Iterator[None]:
         setter(current)
 
 
+def _dropped(inputs: torch.Tensor, noise: _Mask, projection: _Projection) -> torch.Tensor:
+    """`inputs` as A reads them: the dropped elements zeroed (by the mask, or by the seed's in one Triton pass),
+    not yet scaled by 1 / (1 - p) (`_product_scale` puts that in the matmul's alpha)."""
+    if noise is None:
+        return inputs
+    if isinstance(noise, _Seed):
+        return dropout_triton.dropped(inputs, noise.seed, projection.dropout)
+    return inputs * noise
+
+
 def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
                   noise: _Mask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(base(inputs) + B P, P) for 2-D `inputs` in `dtype`, where P = scaling * A dropout(inputs), the
     dropout's 1 / (1 - p) included (`_product_scale`)."""
-    scale = _product_scale(projection)
-    if isinstance(noise, _Seed):
-        inputs_a = dropout_triton.a_forward(inputs, _cast(a, dtype), noise.seed, projection.dropout, scale)
-    else:
-        inputs_a = _scaled_mm(inputs if noise is None else inputs * noise, _cast(a, dtype).t(), scale)
+    inputs_a = _scaled_mm(_dropped(inputs, noise, projection), _cast(a, dtype).t(), _product_scale(projection))
     out = _base_forward(inputs, projection.base, dtype)
     return out.addmm_(inputs_a, _cast(b, dtype).t()), inputs_a
 
@@ -339,10 +345,7 @@ def _lora_backward(inputs: torch.Tensor, inputs_a: torch.Tensor, grad: torch.Ten
     a_cast = _cast(a, dtype)
     grad_b = _grad_mm(grad.t(), inputs_a, b.dtype)
     grad_a_out = _scaled_mm(grad, _cast(b, dtype), _product_scale(projection))  # reaching A's output, scaled
-    if isinstance(noise, _Seed):
-        grad_a = dropout_triton.a_grad(grad_a_out, inputs, noise.seed, projection.dropout, 1.0, a.dtype)
-    else:
-        grad_a = _grad_mm(grad_a_out.t(), inputs if noise is None else inputs * noise, a.dtype)
+    grad_a = _grad_mm(grad_a_out.t(), _dropped(inputs, noise, projection), a.dtype)
     if not need_input:
         return None, grad_a, grad_b
     weight = _frozen_weight(projection.base, dtype)

@@ -97,7 +97,7 @@ def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, na
            **training: Any) -> tuple[Any, _Context, _Order, Any]:
     """A real engine Trainer on a tiny random model and the demo data, `lagged` or reading each step at once
     (`watch`: one more callback; `nan_at`: the loss is NaN from that step on; `fail_at`: that step's second
-    micro-batch raises, as an out-of-memory error would, and the Trainer is returned in `ctx.failed`)."""
+    micro-batch raises, as an out-of-memory error would, which `trainer.train()` lets through)."""
     import torch
     from transformers import PrinterCallback
 
@@ -105,14 +105,9 @@ def _train(tmp_path: Path, tokenizer_dir: Path, lagged: bool, steps: int = 6, na
 
     spec = RunSpec(name="t")
     spec.dataset.preset = "demo"
-    spec.training.max_steps = steps
-    spec.training.micro_batch_size = 2
-    spec.training.gradient_accumulation = 2
-    spec.training.learning_rate = 1e-3
-    spec.training.max_seq_length = 128
-    spec.training.sample_every = 1000
-    spec.training.save_every = 4
-    for key, value in training.items():
+    settings = {"max_steps": steps, "micro_batch_size": 2, "gradient_accumulation": 2, "learning_rate": 1e-3,
+                "max_seq_length": 128, "sample_every": 1000, "save_every": 4, **training}
+    for key, value in settings.items():
         setattr(spec.training, key, value)
     data = prepare(spec, tokenizer)
     model, _ = prepare_trainable(_tiny_model(tokenizer, device), spec, torch.float32, cuda=device == "cuda")

@@ -157,7 +157,8 @@ def test_a_nan_loss_stops_training_without_saving_and_is_alerted() -> None:
     import torch
 
     model = torch.nn.Module()  # no layers: nothing for the engine's checkpointing to take over
-    callback = _make_callback(ctx, model, None, SimpleNamespace(samples=[]), 10, 5, coach.attach(ctx), None)
+    callback = _make_callback(ctx, model, None, SimpleNamespace(samples=[]), 10, 5, coach.attach(ctx), None,
+                              lagged=False)
     state = SimpleNamespace(global_step=4, num_input_tokens_seen=400, epoch=0.4)
     args = SimpleNamespace(train_batch_size=1, gradient_accumulation_steps=1)
     control = TrainerControl(should_save=True, should_evaluate=True)

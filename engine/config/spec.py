@@ -199,8 +199,8 @@ class SpeedSpec:
                                           "within the noise). Off by default; the recommender turns it on where it "
                                           "lets a bigger micro-batch fit (docs/speed.md).")
     lagged_logs: bool = _f(True, "On one CUDA GPU, each step's loss, gradient norm and token count are copied to "
-                                 "the host without waiting and logged at the next step, so the host never waits "
-                                 "for the GPU between steps (the dashboards show each step one step later). "
+                                 "the host without waiting and logged at the next step, so the host does not wait "
+                                 "for the GPU at each step's end (the dashboards show each step one step later). "
                                  "Measured on an 8B model without checkpointing: 1.04x Unsloth's speed with it, "
                                  "0.98x before it (docs/speed.md). `false` reads each step as it ends.")
     compile: bool = _f(False, "torch.compile the model: a few minutes of compiling before the first step; pays "

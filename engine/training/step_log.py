@@ -1,4 +1,4 @@
-"""Each step's numbers read one step late, so that the host never waits for the GPU between steps.
+"""Each step's numbers read one step late, so that the host does not wait for the GPU at each step's end.
 
 transformers' Trainer reads the loss and the gradient norm with `.item()` at every logging step (every step,
 as the engine logs), right after queueing the optimiser: the host waits there until the GPU has finished the

@@ -72,6 +72,34 @@ def test_offloaded_checkpointing_gives_torch_checkpointing_gradients(fused: bool
         assert torch.allclose(grad, reference[name], atol=1e-5), name
 
 
+def test_the_recompute_skips_the_down_projections_frozen_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its output only feeds the layer's output, which the backward never reads: once per step, not twice.
+    Every other frozen projection runs in the forward and again in the recompute; the gradients stay torch's
+    (`test_offloaded_checkpointing_gives_torch_checkpointing_gradients`)."""
+    from tunewiz.engine.training import fused_lora
+
+    model = _model(offload=True, fused=True)
+    names = {id(module.get_base_layer()): name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name.endswith("_proj") and hasattr(module, "get_base_layer")}
+    calls: dict[str, int] = {}
+    real = fused_lora._base_forward
+
+    def counted(inputs: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        calls[names[id(base)]] = calls.get(names[id(base)], 0) + 1
+        return real(inputs, base, dtype)
+
+    monkeypatch.setattr(fused_lora, "_base_forward", counted)
+    _grads(model, autocast=False)
+    assert calls == {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 4, "up_proj": 4,
+                     "down_proj": 2}  # 2 layers: forward and recompute, down's forward only
+    assert not offload_checkpoint.output_unread()  # only while a layer recomputes
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert calls["down_proj"] == 2
+
+
 def _refuse(*args: Any, **kwargs: Any) -> None:
     raise AssertionError("this path must not run")
 

@@ -12,6 +12,10 @@ LoRA with `addmm` and has a hand-derived backward that keeps only what it needs:
 - no dropout masks: each LoRA dropout draws its mask in the forward (on the input of A only, as peft
   does), and the backward draws the same masks again from the random state saved at the forward.
 
+In the engine's checkpointing recompute of a Llama-like layer, whose output the backward never reads, the MLP
+skips the down projection's frozen matmul (`offload_checkpoint.output_unread`) and returns one unwritten element
+in the output's shape.
+
 The frozen weights get no gradient. bitsandbytes 4-bit weights (QLoRA) are dequantised once per use
 through `bitsandbytes.functional.dequantize_4bit`, on CUDA into buffers reused across layers (no
 buffer on a CPU, where bitsandbytes cannot fill one). Anything else (adapters disabled or merged,
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tunewiz.engine.training import dropout_triton, nf4_triton, swiglu_triton
+from tunewiz.engine.training import dropout_triton, nf4_triton, offload_checkpoint, swiglu_triton
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5.24).
 LLAMA_LIKE_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
@@ -245,8 +249,8 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
     The buffer is overwritten by the next layer's dequantisation: callers use it at once and never
     keep it (the GPU runs the matmul that reads it before the copy that overwrites it). A buffer that
-    still holds the weight asked for is not written again: with checkpointing, the backward of o_proj
-    and down_proj comes right after their recompute. NF4 goes through our one-pass Triton kernel
+    still holds the weight asked for is not written again: with checkpointing, o_proj's backward comes
+    right after its recompute. NF4 goes through our one-pass Triton kernel
     (engine/training/nf4_triton.py), anything else through bitsandbytes. bitsandbytes dequantises into a given
     buffer only on CUDA; elsewhere (the CPU tests) into a new tensor.
     """
@@ -323,11 +327,17 @@ def _dropped(inputs: torch.Tensor, noise: _Mask, projection: _Projection) -> tor
     return inputs * noise
 
 
+def _product(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, noise: _Mask,
+             dtype: torch.dtype) -> torch.Tensor:
+    """The rank-r product P = scaling * A dropout(inputs) for 2-D `inputs` in `dtype`, the dropout's 1 / (1 - p)
+    included (`_product_scale`)."""
+    return _scaled_mm(_dropped(inputs, noise, projection), _cast(a, dtype).t(), _product_scale(projection))
+
+
 def _lora_forward(inputs: torch.Tensor, projection: _Projection, a: torch.Tensor, b: torch.Tensor,
                   noise: _Mask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base(inputs) + B P, P) for 2-D `inputs` in `dtype`, where P = scaling * A dropout(inputs), the
-    dropout's 1 / (1 - p) included (`_product_scale`)."""
-    inputs_a = _scaled_mm(_dropped(inputs, noise, projection), _cast(a, dtype).t(), _product_scale(projection))
+    """(base(inputs) + B P, P) for 2-D `inputs` in `dtype`, P as `_product` makes it."""
+    inputs_a = _product(inputs, projection, a, noise, dtype)
     out = _base_forward(inputs, projection.base, dtype)
     return out.addmm_(inputs_a, _cast(b, dtype).t()), inputs_a
 
@@ -516,8 +526,12 @@ class LoraSwiGLU(torch.autograd.Function):
             (gate_out, up_out), products, ctx.stacked = _projections_forward(flat, [gate, up], adapters[:4], dtype,
                                                                              shared)
             hidden = swiglu_forward(gate_out, up_out)
-            out, down_a = _lora_forward(hidden, down, adapters[4], adapters[5],
-                                        _noise(hidden.shape, hidden, down), dtype)
+            noise = _noise(hidden.shape, hidden, down)
+            if offload_checkpoint.output_unread():  # a recompute: only what the backward saves matters
+                down_a = _product(hidden, down, adapters[4], noise, dtype)
+                out = hidden.new_empty(()).expand(hidden.shape[0], down.base.out_features)  # no memory
+            else:
+                out, down_a = _lora_forward(hidden, down, adapters[4], adapters[5], noise, dtype)
         ctx.save_for_backward(x, gate_out, up_out, down_a, *adapters, *products)
         ctx.projections, ctx.dtype = projections, dtype
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -18,13 +18,13 @@ recomputes, so at most two inputs are on the GPU at a time. The recompute replay
 state (the LoRA dropout masks) and autocast state, as torch's checkpointing does.
 
 Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so the
-tests compare the gradients there.
+tests compare the gradients there. Layers called with more than one positional argument, or whose keyword
+arguments carry a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
 
 The recompute's output is never read: the backward needs only its graph. In a Llama-like decoder layer the
 MLP's output feeds nothing but that output (through the residual add), so while such a layer recomputes,
 `output_unread()` is true and the fused MLP skips the down projection's frozen matmul (`fused_lora.LoraSwiGLU`):
-a quarter of the layer's matmul work in the recompute, about 8% of an 8B checkpointed step. Layers called with more than one positional argument, or whose keyword
-arguments carry a tensor that needs a gradient, take torch's own (non-reentrant) checkpointing.
+a quarter of the layer's matmul work in the recompute, about 8% of an 8B checkpointed step's.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -77,6 +78,25 @@ def test_preset_sample_trains_renders_and_passes_the_checker(name: str, demo_tok
     assert report.rows == report.examples == stats["rows_read"]
     assert report.format == catalog.datasets()[name].format
     assert any(s.trained for s in report.example) and any(not s.trained for s in report.example)
+
+
+def test_the_data_cache_tells_apart_preparations_with_other_stop_tokens(demo_tokenizer: Any, tmp_path: Path) -> None:
+    """A model whose generation config adds a stop token trains each answer only up to it: the cache of a run
+    without that stop token must not be reused (two runs share one TUNEWIZ_HOME)."""
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}<|endoftext|> then more words"}]}
+            for i in range(12)]
+    data_file = tmp_path / "chat.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    spec = RunSpec(name="t")
+    spec.dataset = dataclasses.replace(spec.dataset, source=str(data_file), eval_fraction=0.0)
+    stop = demo_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    plain = prepare(spec, demo_tokenizer)
+    stopped = prepare(spec, demo_tokenizer, stop_ids=[stop])
+    assert plain.fingerprint != stopped.fingerprint
+    trained = [sum(label != -100 for label in example.labels) for example in stopped.train]
+    assert trained < [sum(label != -100 for label in example.labels) for example in plain.train]
+    assert prepare(spec, demo_tokenizer, stop_ids=[stop]).fingerprint == stopped.fingerprint  # and its own is reused
 
 
 def test_label_names_turn_integer_labels_into_words() -> None:

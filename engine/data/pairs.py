@@ -162,4 +162,4 @@ def prepare_pairs(spec: RunSpec, tokenizer: Any, stop_ids: list[int] | None = No
         "supervised_tokens": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in train),
         "train_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in train),
     }
-    return PreparedPairs(train, evaluation, samples, stats, _fingerprint(spec, source, tokenizer, template))
+    return PreparedPairs(train, evaluation, samples, stats, _fingerprint(spec, source, encoder))

@@ -131,11 +131,15 @@ def read_examples(source: sources.DataSource, system_prompt: str | None = None, 
     return examples, reader.format, problems, messages, rows
 
 
-def _fingerprint(spec: RunSpec, source: sources.DataSource, tokenizer: Any, template: str | None) -> str:
+def _fingerprint(spec: RunSpec, source: sources.DataSource, encoder: ChatEncoder) -> str:
+    """What the prepared data depends on. The stop tokens count: each answer's trained span ends at the first
+    one (the model's generation config may add some to the tokenizer's EOS)."""
+    tokenizer = encoder.tokenizer
     parts = [str(CACHE_VERSION), repr(source), spec.dataset.system_prompt or "", str(spec.dataset.max_rows),
              str(spec.dataset.eval_fraction), str(spec.training.seed), str(spec.training.max_seq_length),
              str(spec.training.sample_prompts), tokenizer.name_or_path, str(len(tokenizer)),
-             template or getattr(tokenizer, "chat_template", "") or "", str(tokenizer.eos_token)]
+             encoder.template or getattr(tokenizer, "chat_template", "") or "", str(tokenizer.eos_token),
+             "|".join(encoder.end_tokens)]
     for path in (source.location, source.heldout):
         if source.kind == "file" and path:
             stat = Path(path).stat()
@@ -178,15 +182,15 @@ def prepare(spec: RunSpec, tokenizer: Any, offline_sample: bool = False, use_cac
     """Run the whole pipeline for `spec` (cached by a fingerprint of its inputs)."""
     source = sources.resolve(spec.dataset, offline_sample=offline_sample)
     template = resolve_template(spec.dataset.chat_template, tokenizer)
-    fingerprint = _fingerprint(spec, source, tokenizer, template)
+    encoder = ChatEncoder(tokenizer, template)
+    if stop_ids:
+        encoder.add_stop_ids(stop_ids)
+    fingerprint = _fingerprint(spec, source, encoder)
     cache = locations.cache_dir() / "datasets" / f"{fingerprint}{CACHE_SUFFIX}"
     if use_cache:
         cached = load_cache(cache, fingerprint)
         if cached is not None:
             return cached
-    encoder = ChatEncoder(tokenizer, template)
-    if stop_ids:
-        encoder.add_stop_ids(stop_ids)
     data = _prepare(spec, source, encoder)
     data.fingerprint = fingerprint
     if use_cache:

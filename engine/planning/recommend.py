@@ -36,9 +36,10 @@ EFFECTIVE_BATCH = 16
 # DDP tokens/s on 2 GPUs over twice that of 1 GPU: 8B LoRA 84%, QLoRA 80% (2 H200s, bench/results/multi_gpu.jsonl).
 SCALING = {"lora": 0.84, "qlora": 0.80}
 # Fastest first: no checkpointing beats a bigger micro-batch; micro-batch 1 with checkpointing is last.
-# "partial" recomputes only some layers (the fewest that fit): full checkpointing adds half again to a LoRA
-# step's FLOPs (bench/results/speed.jsonl: 8B at micro-batch 2 ran 1.48x faster without it), a quarter of
-# the layers an eighth.
+# "partial" recomputes only some layers (the fewest that fit): full checkpointing adds about a third to a LoRA
+# step's FLOPs (half again before the recompute skipped the down projection; bench/results/speed.jsonl: 8B
+# LoRA at micro-batch 2 ran 16,089 tok/s without it and 11,986 with it on an H200), a quarter of the layers
+# a twelfth.
 CONFIGS = ((False, 8), (False, 4), (False, 2), ("partial", 2), (True, 8), (True, 4), (False, 1), (True, 2),
            (True, 1))
 

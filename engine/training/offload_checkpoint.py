@@ -33,7 +33,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,6 +44,10 @@ from torch.utils import _pytree as pytree
 MLP_LAST_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
 
 _SIDE_STREAMS: dict[torch.device, Any] = {}
+_ANCHORS: dict[torch.device, torch.Tensor] = {}
+# The input stored last on each device: the next one stored links back to it, so that each backward
+# can bring back the input of the layer before it while it computes.
+_LAST_STORED: dict[torch.device, weakref.ReferenceType[_Stored]] = {}
 # Set on the thread that recomputes a layer of MLP_LAST_LAYERS (autograd runs a CUDA backward on a thread of its own).
 _RECOMPUTE = threading.local()
 
@@ -54,17 +58,13 @@ def output_unread() -> bool:
 
 
 @contextlib.contextmanager
-def _recomputing(output_unread: bool) -> Any:
+def _recomputing(output_unread: bool) -> Iterator[None]:
     before = getattr(_RECOMPUTE, "output_unread", False)
     _RECOMPUTE.output_unread = output_unread
     try:
         yield
     finally:
         _RECOMPUTE.output_unread = before
-_ANCHORS: dict[torch.device, torch.Tensor] = {}
-# The input stored last on each device: the next one stored links back to it, so that each backward
-# can bring back the input of the layer before it while it computes.
-_LAST_STORED: dict[torch.device, weakref.ReferenceType[_Stored]] = {}
 
 
 def _side_stream(device: torch.device) -> Any:

@@ -22,16 +22,18 @@ def _spec(*overrides: str) -> RunSpec:
     return apply_overrides(spec, list(overrides))
 
 
-def _model(*, offload: bool, fused: bool) -> Any:
-    """A tiny random Llama with LoRA (dropout 0.1) on all 7 projections and checkpointing on every layer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _model(*, offload: bool, fused: bool, family: str = "llama") -> Any:
+    """A tiny random model of `family` (Llama unless said) with LoRA (dropout 0.1) on all 7 projections and
+    checkpointing on every layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunewiz.engine.training.trainer import prepare_trainable
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                                        num_attention_heads=4, num_key_value_heads=2,
-                                                        vocab_size=VOCAB))
+    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+                                  tie_word_embeddings=False)
+    base = AutoModelForCausalLM.from_config(config)
     spec = _spec("lora.dropout=0.1", 'lora.target_modules=["all-linear"]', f"speed.fused_lora={str(fused).lower()}")
     model, _ = prepare_trainable(base, spec, torch.float32, cuda=False)
     torch.manual_seed(2)
@@ -72,13 +74,11 @@ def test_offloaded_checkpointing_gives_torch_checkpointing_gradients(fused: bool
         assert torch.allclose(grad, reference[name], atol=1e-5), name
 
 
-def test_the_recompute_skips_the_down_projections_frozen_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its output only feeds the layer's output, which the backward never reads: once per step, not twice.
-    Every other frozen projection runs in the forward and again in the recompute; the gradients stay torch's
-    (`test_offloaded_checkpointing_gives_torch_checkpointing_gradients`)."""
+def _counted_grads(model: Any, monkeypatch: pytest.MonkeyPatch
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]:
+    """`_grads`, and how often each kind of projection ran its frozen matmul in the fused blocks."""
     from tunewiz.engine.training import fused_lora
 
-    model = _model(offload=True, fused=True)
     names = {id(module.get_base_layer()): name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if name.endswith("_proj") and hasattr(module, "get_base_layer")}
     calls: dict[str, int] = {}
@@ -89,15 +89,34 @@ def test_the_recompute_skips_the_down_projections_frozen_matmul(monkeypatch: pyt
         return real(inputs, base, dtype)
 
     monkeypatch.setattr(fused_lora, "_base_forward", counted)
-    _grads(model, autocast=False)
-    assert calls == {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 4, "up_proj": 4,
-                     "down_proj": 2}  # 2 layers: forward and recompute, down's forward only
+    loss, grads = _grads(model, autocast=False)
+    return loss, grads, calls
+
+
+# 2 layers: each frozen matmul in the forward and again in the recompute, but the down projection's only once
+SKIPPING = {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 4, "up_proj": 4, "down_proj": 2}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_recompute_skips_the_down_projections_frozen_matmul_with_torch_checkpointing_gradients(
+        family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The down projection's output only feeds the layer's output, which the backward never reads. Held for each
+    decoder layer of `MLP_LAST_LAYERS`, so that a transformers release that adds work after the MLP fails here."""
+    reference_loss, reference = _grads(_model(offload=False, fused=True, family=family), autocast=False)
+    model = _model(offload=True, fused=True, family=family)
+    assert type(model.base_model.model.model.layers[0]).__name__ in offload_checkpoint.MLP_LAST_LAYERS
+    loss, grads, calls = _counted_grads(model, monkeypatch)
+    assert calls == SKIPPING
     assert not offload_checkpoint.output_unread()  # only while a layer recomputes
+    assert torch.equal(loss, reference_loss)
+    assert reference.keys() == grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0 and torch.allclose(grad, reference[name], atol=1e-5), name
     calls.clear()
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    assert calls["down_proj"] == 2
+    assert calls["down_proj"] == 2  # outside a recompute it runs
 
 
 def _refuse(*args: Any, **kwargs: Any) -> None:

@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: the engine's model set-up, profiled with torch.profiler.
 
     python -m bench.profile_step MODEL_DIR [--method lora|qlora] [--no-checkpointing] [--plain] [--set KEY=VALUE ...]
-                                 [--trace T.json.gz] [--unsloth]
+                                 [--trace T.json.gz] [--memory S.pickle] [--unsloth]
 
 It builds the model exactly as the engine's trainer does (tunewiz.engine.training.models.load_model and
 tunewiz.engine.training.trainer.prepare_trainable; `--plain` turns the speed levers off), runs micro-batch 2 × 2048
@@ -11,12 +11,15 @@ plus the ten costliest kernels, and the wall time of a synchronised step (its ex
 is time the GPU waits for the host). `--trace` also records the host side and charges those waits to
 Python frames (bench/host_gaps.py). `--unsloth` profiles Unsloth's model instead, set up as
 `.whl/anchor.py` sets it up (r=16, alpha=16, dropout 0, its own checkpointing), on the same step: run
-it with Unsloth's wheels on the path, in the same call as the engine's profile.
+it with Unsloth's wheels on the path, in the same call as the engine's profile. `--memory` records one more
+step's CUDA memory history and prints what the GPU held at its peak reserved memory (bench/memory_peak.py).
+The allocator runs with expandable segments, as the engine's runs do (unless the environment says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from collections import defaultdict
@@ -57,7 +60,13 @@ def main() -> None:
                         "trace (.json or .json.gz) and print where the GPU waits for the host (bench.host_gaps)")
     parser.add_argument("--sync-debug", action="store_true", help="also run one step with torch's CUDA sync debug "
                         "mode and print every place that made the host wait for the GPU inside the step")
+    parser.add_argument("--memory", type=Path, help="also record one step's CUDA memory history, write it here and "
+                        "print what was held at the peak reserved memory (bench.memory_peak)")
     args = parser.parse_args()
+    from tunewiz.engine.run.worker import ALLOCATOR_ENV, ALLOCATOR_SETTING
+
+    if not any(os.environ.get(name) for name in ALLOCATOR_ENV):  # before CUDA starts, as the engine's worker
+        os.environ[ALLOCATOR_ENV[0]] = ALLOCATOR_SETTING
 
     if args.unsloth:
         model, note = unsloth_model(args.model, args.method, not args.no_checkpointing), "Unsloth"
@@ -101,6 +110,8 @@ def main() -> None:
         trace_host_gaps(step, args.trace, args.steps)
     if args.sync_debug:
         print_synchronising_calls(step)
+    if args.memory:
+        record_memory(step, args.memory)
 
 
 def training_step(model: Any, optimizer: Any, tokens: Any, autocast: bool) -> Callable[[], None]:
@@ -206,3 +217,27 @@ def trace_host_gaps(step: Any, path: Path, steps: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def record_memory(step: Callable[[], None], path: Path) -> None:
+    """Run one step with torch's CUDA memory history on; write it with the memory held before; print its peak."""
+    import pickle
+
+    import torch
+
+    from bench import memory_peak
+
+    torch.cuda.synchronize()
+    recorded: dict[str, Any] = {"start_allocated": torch.cuda.memory_allocated(),
+                                "start_reserved": torch.cuda.memory_reserved()}
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    try:
+        step()
+        torch.cuda.synchronize()
+        recorded["snapshot"] = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    with path.open("wb") as handle:
+        pickle.dump(recorded, handle)
+    print(f"memory history: {path}")
+    print(memory_peak.render(memory_peak.analyse(recorded)))

@@ -301,6 +301,11 @@ async def test_attach_shows_the_whole_history(state: str, tmp_path: Path, placed
         assert state.upper() in title and run.run_id in title
         progress = text_of(screen.query_one("#run-progress"))
         assert f"step {view.step}/{view.total_steps}" in progress
+        # the header is redrawn without a layout pass: a height that followed its text would keep the one line of
+        # "reading the run's events…" whenever no other layout came after the view (a flaky snapshot once)
+        height = screen.query_one("#run-progress").styles.height
+        assert height is not None and (height.value, height.unit.name) == (2, "CELLS")
+        assert screen.query_one("#run-progress").size.height == 2
         alert = text_of(screen.query_one("#run-alert"))
         if state == "failed":
             assert "CUDA out of memory" in alert and "micro_batch_size" in alert and "r starts it again" in alert

@@ -215,10 +215,6 @@ def trace_host_gaps(step: Any, path: Path, steps: int) -> None:
     print(host_gaps.render(host_gaps.analyse(host_gaps.load(path)), steps=steps))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def record_memory(step: Callable[[], None], path: Path) -> None:
     """Run one step with torch's CUDA memory history on; write it with the memory held before; print its peak."""
     import pickle
@@ -241,3 +237,7 @@ def record_memory(step: Callable[[], None], path: Path) -> None:
         pickle.dump(recorded, handle)
     print(f"memory history: {path}")
     print(memory_peak.render(memory_peak.analyse(recorded)))
+
+
+if __name__ == "__main__":
+    main()

@@ -145,3 +145,23 @@ def test_no_import_circles(package: str) -> None:
             graph.setdefault(i.module, set()).add(i.target)
     circle = _cycle(graph)
     assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def _script_guard_is_last(tree: ast.Module) -> bool:
+    """Whether an `if __name__ == "__main__":` block, if any, is the module's last statement: a definition after
+    it does not exist yet when the script runs (bench.profile_step's `--memory` once failed on a NameError so)."""
+    guards = [index for index, node in enumerate(tree.body) if isinstance(node, ast.If)
+              and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
+              and node.test.left.id == "__name__"]
+    return all(index == len(tree.body) - 1 for index in guards)
+
+
+def test_script_guards_come_last() -> None:
+    scripts = [path for folder in ("engine", "tui", "bench", "tools") for path in (ROOT / folder).rglob("*.py")]
+    late = [str(path.relative_to(ROOT)) for path in scripts if not _script_guard_is_last(ast.parse(path.read_text()))]
+    assert late == [], f"definitions after `if __name__ == '__main__':` in {late}"
+
+
+def test_the_guard_check_sees_a_late_definition() -> None:
+    assert not _script_guard_is_last(ast.parse('if __name__ == "__main__":\n    main()\ndef main(): ...\n'))
+    assert _script_guard_is_last(ast.parse('def main(): ...\nif __name__ == "__main__":\n    main()\n'))

@@ -432,6 +432,9 @@ def train(ctx: EngineContext) -> TrainOutcome:
     resources = monitor.ResourceMonitor(ctx.emit, enabled=ranks.is_main()).start()
     resources.sample()
     if cuda:
+        # Loading leaves blocks cached but free (casts, the fused blocks' set-up): give them back, so that what the
+        # run holds, and the run card's reserved peak, are the training's alone.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the run card's peaks are the training's, not the loading's
     started = time.time()
     result = None

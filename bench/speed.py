@@ -95,7 +95,11 @@ VARIANTS = {
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
     "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
+    "baseline_other_dropout_2": (),  # two more draws: one draw's gap is one sample of the floor
+    "baseline_other_dropout_3": (),
 }
+# The baseline's loop seed for each draw of dropout masks other than the spec's: spec seed + this.
+OTHER_DROPOUT_DRAWS = {"baseline_other_dropout": 1, "baseline_other_dropout_2": 2, "baseline_other_dropout_3": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,8 @@ def suite_cases(suite: str) -> list[Case]:
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         variants = ("baseline", "engine", "engine_bf16_adapters", "engine_unfused", "engine_no_lean",
-                    "engine_fused_lora", "baseline_other_dropout", "baseline_no_dropout", "engine_no_dropout")
+                    "engine_fused_lora", "baseline_other_dropout", "baseline_no_dropout", "engine_no_dropout",
+                    "baseline_other_dropout_2", "baseline_other_dropout_3")
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
                      learning_rate=1e-4) for variant in variants]
     if suite == "fused":  # the fused LoRA blocks against the engine's defaults, the baseline and Unsloth, 8B;
@@ -255,7 +260,8 @@ def measure(case: Case, work: Path, model_dir: Path, data: Path, gpu: str) -> di
     started = time.time()
     if case.is_baseline:
         result_path = home / "baseline.json"
-        reseed = ["--dropout-seed", str(spec.training.seed + 1)] if case.variant == "baseline_other_dropout" else []
+        draw = OTHER_DROPOUT_DRAWS.get(case.variant)
+        reseed = ["--dropout-seed", str(spec.training.seed + draw)] if draw else []
         done = subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(result_path), *reseed],
                               env=env, capture_output=True, text=True, timeout=900)
         if done.returncode:

@@ -10,12 +10,12 @@ The engine uses it for every checkpointing run on one device (speed.apply_checkp
 With `speed.offload_checkpoints` on one GPU, the input also leaves the GPU. Every decoder layer keeps only
 its input for the backward, where it runs again: 2 x hidden bytes per token and layer (1 GiB for an 8B model
 at 2 x 2048 tokens). Here the input is copied to pinned host memory on a side stream as soon as the layer
-has read it, overlapped with the layer's own forward, and the GPU copy is freed. (Keeping each input on the
-GPU until the next layer had stored its own, so that the last one need not come back, gave gradients that
-differed from run to run on an H200; copying at once gives torch's checkpointing's gradients exactly.) In
-the backward each layer's input comes back on the side stream while the layer after it (in forward order)
-recomputes, so at most two inputs are on the GPU at a time. The recompute replays the forward's random
-state (the LoRA dropout masks) and autocast state, as torch's checkpointing does.
+has read it, overlapped with the layer's own forward, and the GPU copy is freed. In the backward each layer's
+input comes back on the side stream while the layer after it (in forward order) recomputes, so at most two
+inputs are on the GPU at a time. The recompute replays the forward's random state (the LoRA dropout masks)
+and autocast state, as torch's checkpointing does. Under the math attention, offloaded runs give torch's
+checkpointing's gradients exactly on an H200; flash and cuDNN attention's backward sums in an order that
+moves with the timing, so there any change of timing (the side stream's copies) changes the last bits.
 
 Without offloading, and on a CPU, nothing is copied (the input is kept as it is): the same recompute, so the
 tests compare the gradients there. Layers called with more than one positional argument, or whose keyword
@@ -105,7 +105,16 @@ class _Stored:
         with torch.cuda.stream(stream):
             self.gpu.copy_(self.host, non_blocking=True)
             self.ready = stream.record_event()
-        self.gpu.record_stream(stream)
+        # No record_stream: the main stream waits for the copy before it reads the tensor (fetch), so its memory
+        # goes back to the main stream's pool as soon as the recompute is done with it. With record_stream each
+        # freed input waited for the side stream's next event, checked only at a later allocation: with the host
+        # ten layers ahead of the GPU, eleven inputs (0.34 GiB on 8B) were held at the peak (bench.memory_peak).
+
+    def __del__(self) -> None:
+        # Dropped before it was fetched (a backward that failed half-way): the main stream must not reuse the
+        # memory while the copy may still write into it.
+        if self.gpu is not None and self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
 
     def fetch(self) -> torch.Tensor:
         """The input on its device, once; the host copy is released."""

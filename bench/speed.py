@@ -66,6 +66,10 @@ LEVERS = {
     "fused_adamw": ("training.optimizer=\"adamw_torch_fused\"",),
     "compile": ("speed.compile=true",),
 }
+# The suites' LoRA dropout: the engine's default until 2026-12-03 (now 0), kept so that rows stay comparable across
+# sessions and the curve suite's noise floor (another draw of the masks) exists. The automatic choice's cases take
+# the engine's defaults; the *_no_dropout variants set 0.
+SUITE_DROPOUT = 0.05
 # "engine_auto": the engine with the batch and checkpointing `tunewiz recommend` picks on a card of this much
 # free memory (the issue's "automatic choices on an 80 GB card").
 AUTO_CARD_BYTES = 80 * 10**9
@@ -88,8 +92,9 @@ VARIANTS = {
     "engine_fused_offload_sync_logs": ("speed.offload_checkpoints=true", "lora.dropout=0.0", "speed.lagged_logs=false"),
     "engine_fused_lora_sync_logs": ("lora.dropout=0.0", "speed.lagged_logs=false"),
     "engine_auto_fused": ("speed.fused_lora=true",),  # the automatic choice, with the fused blocks
-    "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout
-    "engine_auto_fused_dropout": ("speed.fused_dropout=true",),  # the automatic choice, dropout in the kernels
+    "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout (now ours)
+    "engine_auto_dropout": ("lora.dropout=0.05",),  # the automatic choice at the engine's dropout before 2026-12-03
+    "engine_auto_fused_dropout": ("speed.fused_dropout=true", "lora.dropout=0.05"),  # ... its dropout in the kernels
     "engine_fused_dropout": ("speed.fused_dropout=true",),  # the defaults (dropout 0.05), dropout in the kernels
     "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
@@ -169,6 +174,7 @@ def suite_cases(suite: str) -> list[Case]:
             Case("fused", shape, "lora", False, "engine_fused_lora_no_dropout"),
             Case("fused", shape, "lora", False, "engine_auto_fused", steps=6, warmup=2),
             Case("fused", shape, "lora", False, "engine_auto_no_dropout", steps=6, warmup=2),
+            Case("fused", shape, "lora", False, "engine_auto_dropout", steps=6, warmup=2),
             Case("fused", shape, "lora", False, "engine_auto_fused_dropout", steps=6, warmup=2)] + [
             Case("fused", shape, method, True, "engine_fused_dropout") for method in ("lora", "qlora")] + [
             Case("fused", shape, method, True, variant) for method in ("lora", "qlora")
@@ -210,9 +216,11 @@ def case_spec(case: Case, model_dir: Path, data: Path) -> spec_mod.RunSpec:
         spec.dataset = dataclasses.replace(spec.dataset, source=None, preset="demo", format="auto", eval_fraction=0.0)
     spec.training = dataclasses.replace(spec.training, packing=case.packing, learning_rate=case.learning_rate,
                                         save_every=10_000)
-    if case.variant.startswith("engine_auto"):
+    if case.variant.startswith("engine_auto"):  # the engine's own defaults, as a user gets them
         choice = recommend.choice_for(str(model_dir), HardwareReport(), case.seq_len, AUTO_CARD_BYTES, gpus=1)
         spec = choice.apply(spec)
+    else:
+        spec.lora = dataclasses.replace(spec.lora, dropout=SUITE_DROPOUT)
     return spec_mod.apply_overrides(spec, list(case.overrides()))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,6 +106,19 @@ def test_benchmark_flops_match_the_published_accounting() -> None:
     assert bench_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert bench_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert bench_speed.peak_flops("Some Future GPU") is None
+
+
+def test_benchmark_suites_keep_their_dropout_and_the_automatic_choice_takes_the_engines(tmp_path: Path) -> None:
+    """The suites run at dropout 0.05 whatever the engine's default (rows stay comparable, and the curve suite's
+    noise floor is another draw of the masks); the automatic choice runs as a user gets it."""
+    def dropout(variant: str, checkpointing: bool = True) -> float:
+        case = bench_speed.Case("fused", "llama-3.1-8b", "lora", checkpointing, variant)
+        return bench_speed.case_spec(case, Path("llama-3.1-8b"), tmp_path / "data.jsonl").lora.dropout
+
+    assert dropout("engine") == dropout("baseline") == dropout("engine_offload") == bench_speed.SUITE_DROPOUT == 0.05
+    assert dropout("engine_fused_offload_no_dropout") == 0.0
+    assert dropout("engine_auto_fused", checkpointing=False) == RunSpec().lora.dropout == 0.0
+    assert dropout("engine_auto_dropout", checkpointing=False) == 0.05
 
 
 def test_benchmark_table_compares_within_one_suite_and_card() -> None:

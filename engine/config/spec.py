@@ -65,7 +65,9 @@ class LoraSpec:
     r: int = _f(16, "Adapter rank: higher learns more and costs more memory.", lo=1, hi=1024)
     alpha: float = _f(32.0, "Scaling numerator (the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).",
                       lo=0, lo_open=True)
-    dropout: float = _f(0.05, "Dropout on the adapter input during training.", lo=0, hi=0.9)
+    dropout: float = _f(0.0, "Dropout on the adapter input during training. 0 as in peft, Unsloth and torchtune's "
+                             "LoRA recipes: on an 8B model 0.05 costs 13% of the speed (docs/speed.md). Raise it "
+                             "(0.05 to 0.1) when the eval loss rises while the training loss falls.", lo=0, hi=0.9)
     target_modules: list[str] = _f(["all-linear"], "Module names to adapt. `all-linear` adapts every linear "
                                    "projection of the decoder (attention and MLP), named per model family.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
@@ -189,9 +191,9 @@ class SpeedSpec:
                                      "counter-based generator inside our Triton kernels: never written nor drawn "
                                      "again in full (torch's masks cost several passes over each layer's input a "
                                      "step). The masks differ from torch's draws, not in distribution. Off by "
-                                     "default: its first version, with the matmuls in Triton, ran at 0.93x and 0.96x "
-                                     "the speed of torch's masks on an H200 (8B LoRA, docs/speed.md); this one, a "
-                                     "one-pass dropped-out copy for cuBLAS's matmuls, is not measured yet.")
+                                     "default: slower than torch's masks on an H200 (8B LoRA, docs/speed.md); its "
+                                     "first version, with the matmuls in Triton, at 0.93x and 0.96x; this one, a "
+                                     "one-pass dropped-out copy for cuBLAS's matmuls, at 0.97x.")
     offload_checkpoints: bool = _f(False, "With gradient checkpointing on one CUDA GPU, each checkpointed layer's "
                                           "input waits in pinned CPU memory (copied on a side stream, overlapped "
                                           "with compute) instead of on the GPU: 2 bytes x hidden size per token and "

@@ -133,7 +133,7 @@ class Settings:
     seq_len: int = 2048
     gradient_checkpointing: bool = True
     optimizer: str = "adamw_torch_fused"
-    lora_dropout: bool = True
+    lora_dropout: bool = False
     double_quant: bool = True
     fused_kernels: str = "all"  # speed.fused_kernels: "all", "loss" or "off"
     adapter_bytes: int = 4  # bytes per adapter weight: 4 (fp32, the default) or 2 (bf16)

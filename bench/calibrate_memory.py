@@ -141,26 +141,22 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") == "completed"]
 
 
+def features(arch: ModelArch, settings: Settings) -> list[float]:
+    """The estimator's terms before its coefficients: reserved = (1 + o) * (fixed + a * kept + b * checkpointed
+    + c * logits + d * fused logits) + k, linear in (1 + o), (1 + o) * a, ... and k."""
+    fixed = estimator.weight_bytes(arch, settings) + estimator.adapter_bytes(arch, settings)
+    checkpointed, kept = estimator.activation_terms(arch, settings)
+    logits = 0.0 if settings.chunked_logits else arch.vocab * settings.tokens
+    fused_logits = arch.hidden * settings.tokens if settings.chunked_logits else 0.0
+    return [fixed, kept, checkpointed, logits, fused_logits, 1.0]
+
+
 def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Least-squares fit of the free coefficients to measured peak reserved memory."""
     import numpy as np
 
-    features, targets = [], []
-    for row in rows:
-        arch, settings = row_settings(row)
-        fixed = estimator.weight_bytes(arch, settings) + estimator.adapter_bytes(arch, settings)
-        saved = dataclasses.replace(settings)
-        per_layer = estimator.layer_activation_bytes_per_token(arch, saved) * saved.tokens
-        if settings.gradient_checkpointing:
-            act_gc, act_nogc = arch.layers * 2 * arch.hidden * saved.tokens + per_layer, 0.0
-        else:
-            act_gc, act_nogc = 0.0, arch.layers * per_layer + 2 * arch.hidden * saved.tokens
-        logits = 0.0 if settings.fused_loss else arch.vocab * saved.tokens
-        fused_logits = arch.hidden * saved.tokens if settings.fused_loss else 0.0
-        # reserved = (1 + o) * (fixed + a*act + b*act_gc + c*logits + d*fused) + k, linearised as below
-        features.append([fixed, act_nogc, act_gc, logits, fused_logits, 1.0])
-        targets.append(row["torch_peak_reserved_bytes"])
-    x, y = np.array(features, dtype=float), np.array(targets, dtype=float)
+    x = np.array([features(*row_settings(row)) for row in rows], dtype=float)
+    y = np.array([row["torch_peak_reserved_bytes"] for row in rows], dtype=float)
     weights = 1.0 / y  # minimise relative error
     solution, *_ = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)
     scale = solution[0]

@@ -8,12 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from bench.calibrate_memory import row_settings
+from bench.calibrate_memory import features, row_settings
 from tunewiz.engine.config import catalog
 from tunewiz.engine.planning.estimator import COEFFICIENTS, ModelArch, Settings, adapter_params, estimate
 
 CALIBRATION = Path(__file__).parent / "data" / "memory_calibration.jsonl"
 ROWS = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
+
+
+def test_the_calibration_fit_models_exactly_what_the_estimator_computes() -> None:
+    """`bench.calibrate_memory fit` refits the coefficients on the estimator's own terms: with today's
+    coefficients its linear model gives every row the estimator's number (offloaded and partial checkpointing,
+    the fused blocks' recompute, QLoRA's buffers, preference runs and the CPU alike)."""
+    c = COEFFICIENTS
+    scale = 1 + c["overhead_fraction"]
+    weights = [scale, scale * c["activations_no_checkpointing"], scale * c["activations_checkpointing"],
+               scale * c["logits_bytes_per_vocab_token"], scale * c["fused_loss_bytes_per_hidden_token"],
+               c["overhead_bytes"]]
+    arch = ModelArch.from_entry(catalog.models()["llama-3.1-8b"])
+    settings = [row_settings(r) for r in ROWS] + [(arch, s) for s in (
+        Settings(offload_checkpoints=True), Settings(checkpoint_layers=16), Settings(method="qlora"),
+        Settings(objective="dpo"), Settings(gradient_checkpointing=False, lora_dropout=True, fused_lora=False))]
+    for row_arch, row in settings:
+        linear = sum(w * f for w, f in zip(weights, features(row_arch, row)))
+        assert linear == pytest.approx(estimate(row_arch, row).total, rel=1e-6), row
 
 
 def test_calibration_covers_what_the_estimator_claims() -> None:

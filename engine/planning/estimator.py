@@ -265,16 +265,17 @@ def checkpointed_layers(arch: ModelArch, settings: Settings) -> int:
     return min(settings.checkpoint_layers or arch.layers, arch.layers)
 
 
-def activation_bytes(arch: ModelArch, settings: Settings) -> int:
-    """Checkpointed layers keep their input and one of them is recomputed at a time; the others keep
-    everything (partial checkpointing mixes the two, each with its own fitted coefficient). With the
-    inputs offloaded to CPU memory, at most two are on the GPU at once: the one in use and the next
-    one coming back (the engine offloads on a single GPU only, not on a CPU nor with several GPUs)."""
+def activation_terms(arch: ModelArch, settings: Settings) -> tuple[float, float]:
+    """The activation bytes before their fitted coefficients: (checkpointed layers, layers that keep everything).
+
+    Checkpointed layers keep their input and one of them is recomputed at a time; the others keep everything
+    (partial checkpointing mixes the two). With the inputs offloaded to CPU memory, at most two are on the GPU
+    at once: the one in use and the next one coming back (the engine offloads on a single GPU only, not on a
+    CPU nor with several GPUs)."""
     scale = settings.tokens * (2 if settings.cpu else 1)
-    per_layer = layer_activation_bytes_per_token(arch, settings) * scale
     recomputed = checkpointed_layers(arch, settings)
     kept = arch.layers - recomputed
-    total = 0.0
+    checkpointed = full = 0.0
     if recomputed:
         offloaded = settings.offload_checkpoints and not settings.cpu and settings.gpus == 1
         inputs = min(recomputed, 2) if offloaded else recomputed
@@ -282,12 +283,17 @@ def activation_bytes(arch: ModelArch, settings: Settings) -> int:
         # have too: its term stays the unfused one, which the fitted coefficient scales to cover them (the fused
         # blocks' calibration rows with checkpointing are within 2.5% so, and 7.4% under with the fused count).
         recompute_peak = layer_activation_bytes_per_token(arch, replace(settings, fused_lora=False))
-        saved = inputs * 2 * arch.hidden * settings.tokens + recompute_peak * scale
-        total += saved * COEFFICIENTS["activations_checkpointing"]
+        checkpointed = inputs * 2 * arch.hidden * settings.tokens + recompute_peak * scale
     if kept:
         extra = 0 if recomputed else 2 * arch.hidden * settings.tokens
-        total += (kept * per_layer + extra) * COEFFICIENTS["activations_no_checkpointing"]
-    return int(total)
+        full = kept * layer_activation_bytes_per_token(arch, settings) * scale + extra
+    return checkpointed, full
+
+
+def activation_bytes(arch: ModelArch, settings: Settings) -> int:
+    checkpointed, full = activation_terms(arch, settings)
+    return int(checkpointed * COEFFICIENTS["activations_checkpointing"]
+               + full * COEFFICIENTS["activations_no_checkpointing"])
 
 
 def logits_bytes(arch: ModelArch, settings: Settings) -> int:

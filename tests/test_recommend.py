@@ -135,6 +135,17 @@ def test_offloaded_checkpoints_when_they_let_a_bigger_batch_fit_on_one_gpu() -> 
     assert not two.offload_checkpoints
 
 
+@pytest.mark.parametrize("card_gb", [16, 24, 32, 80])
+def test_the_suggested_command_trains_what_was_estimated(card_gb: int) -> None:
+    """`recommend` suggests `tunewiz train demo --set ...`: the demo preset with those overrides is the run the
+    choice's memory estimate is for (the demo's own dropout, 0.05, would keep more in each recompute)."""
+    from tunewiz.engine.config import presets
+
+    choice = choice_for("llama-3.1-8b", machine(gpu(card_gb)))
+    spec = spec_mod.apply_overrides(presets.resolve("demo")[0], choice.train_overrides("alpaca"))
+    assert estimate_spec(spec).total == choice.estimate.total
+
+
 def test_checkpointing_off_when_memory_allows() -> None:
     small = choice_for("qwen2.5-1.5b", machine(gpu(80)))
     assert small.method == "lora" and small.gradient_checkpointing is False and small.micro_batch_size >= 4

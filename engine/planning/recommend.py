@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunewiz.engine.config import catalog
-from tunewiz.engine.config.spec import Method, RunSpec, Strategy, TrainingSpec
+from tunewiz.engine.config.spec import LoraSpec, Method, RunSpec, Strategy, TrainingSpec
 from tunewiz.engine.errors import ModelError
 from tunewiz.engine.planning.estimator import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, ModelArch, Settings, estimate
 from tunewiz.engine.planning.hardware import GpuInfo, HardwareReport
@@ -113,7 +113,8 @@ class Choice:
                 "training.epochs": entry.epochs, "training.max_seq_length": self.max_seq_length,
                 "training.micro_batch_size": self.micro_batch_size,
                 "training.gradient_accumulation": self.gradient_accumulation,
-                "training.gradient_checkpointing": str(self.gradient_checkpointing).lower()}
+                "training.gradient_checkpointing": str(self.gradient_checkpointing).lower(),
+                "lora.dropout": LoraSpec().dropout}  # the estimate's (the demo's 0.05 keeps more in a recompute)
         if self.checkpoint_layers is not None:
             sets["training.checkpoint_layers"] = self.checkpoint_layers
         if self.offload_checkpoints:

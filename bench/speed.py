@@ -95,7 +95,7 @@ VARIANTS = {
     "engine_auto_no_dropout": ("lora.dropout=0.0",),  # the automatic choice at Unsloth's default dropout (now ours)
     "engine_auto_dropout": ("lora.dropout=0.05",),  # the automatic choice at the engine's dropout before 2026-12-03
     "engine_auto_fused_dropout": ("speed.fused_dropout=true", "lora.dropout=0.05"),  # ... its dropout in the kernels
-    "engine_fused_dropout": ("speed.fused_dropout=true",),  # the defaults (dropout 0.05), dropout in the kernels
+    "engine_fused_dropout": ("speed.fused_dropout=true",),  # the suite's dropout (0.05) inside the kernels
     "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),

@@ -15,6 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # module that imports it at collection time would otherwise leave it online, retrying for a minute).
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_name] = "1"
+# Under xdist each worker, and the engines its tests start, gets its share of the cores: torch's default of one
+# thread per core in every worker oversubscribes them, and two CPU trainings side by side then ran 5x slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(max(1, (os.cpu_count() or 1) // _workers)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (`make test` runs two workers), each file runs on one worker, so its module fixtures are
+    built once; the files that share the trained demo run on one worker, so it is trained once."""
+    for item in items:
+        group = "trained-demo" if "trained_demo" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

@@ -99,12 +99,11 @@ VARIANTS = {
     "engine_unfused_lora": ("speed.fused_lora=false",),  # the defaults before the fused blocks
     "engine_unfused_lora_no_dropout": ("speed.fused_lora=false", "lora.dropout=0.0"),
     "baseline_no_dropout": ("lora.dropout=0.0",),
-    "baseline_other_dropout": (),  # the same run with another draw of dropout masks: the curves' noise floor
-    "baseline_other_dropout_2": (),  # two more draws: one draw's gap is one sample of the floor
-    "baseline_other_dropout_3": (),
 }
-# The baseline's loop seed for each draw of dropout masks other than the spec's: spec seed + this.
-OTHER_DROPOUT_DRAWS = {"baseline_other_dropout": 1, "baseline_other_dropout_2": 2, "baseline_other_dropout_3": 3}
+# The same baseline run with other draws of its dropout masks (same init, same data order): the curves' noise
+# floor is how far these draws lie from each other. Each variant's loop seed is the spec's seed + its number.
+OTHER_DROPOUT_DRAWS = {"baseline_other_dropout": 1, **{f"baseline_other_dropout_{draw}": draw for draw in range(2, 8)}}
+VARIANTS.update({variant: () for variant in OTHER_DROPOUT_DRAWS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +159,7 @@ def suite_cases(suite: str) -> list[Case]:
         return cases + [Case("levers", shape, "lora", True, "engine_compile", steps=20, warmup=10) for shape in SHAPES]
     if suite == "curve":
         variants = ("baseline", "engine", "engine_bf16_adapters", "engine_unfused", "engine_no_lean",
-                    "engine_fused_lora", "baseline_other_dropout", "baseline_no_dropout", "engine_no_dropout",
-                    "baseline_other_dropout_2", "baseline_other_dropout_3")
+                    "engine_fused_lora", "baseline_no_dropout", "engine_no_dropout", *OTHER_DROPOUT_DRAWS)
         return [Case("curve", "llama-3.2-1b", "lora", True, variant, steps=50, warmup=0, data="demo",
                      learning_rate=1e-4) for variant in variants]
     if suite == "fused":  # the fused LoRA blocks against the engine's defaults, the baseline and Unsloth, 8B;
@@ -490,6 +488,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             if reference in curve:
                 out += [f"{variant} against {reference} ({session or 'earlier sessions'}): "
                         + curve_summary(curve[reference]["losses"], curve[variant]["losses"]), ""]
+    if noise := curve_noise(rows):
+        out += [noise_summary(noise), ""]
     packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
     if {True, False} <= packing.keys():
         out.append(_packing_summary(packing))
@@ -512,6 +512,60 @@ def curve_gaps(rows: list[dict], variant: str, reference: str = "baseline") -> l
             sessions.setdefault(r.get("machine"), {})[r["variant"]] = r
     return [curve_gap(s[reference]["losses"], s[variant]["losses"]) for s in sessions.values()
             if reference in s and variant in s]
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveNoise:
+    """The curves' noise floor and one variant measured against it."""
+
+    floor: list[float]  # curve_gap between each pair of the baseline's dropout draws
+    against: list[float]  # curve_gap between the variant and each draw
+    baseline_spread: float  # the widest curve_gap between the baseline's own rows of different calls
+    ranks: list[int]  # for each draw, the variant's place (1 = nearest) among the other draws and itself
+
+    @property
+    def within(self) -> bool:
+        return max(self.against) <= max(self.floor)
+
+    @property
+    def typical_rank(self) -> float:
+        """The mean place one more draw would take: the middle of the draws' count (the variant included)."""
+        return (len(self.ranks) + 1) / 2
+
+
+def curve_noise(rows: list[dict], variant: str = "engine") -> CurveNoise | None:
+    """`variant`'s latest curve against the latest curve of each draw of the baseline's dropout masks (the
+    baseline is draw 0), all on the variant's GPU. One gap against the baseline is one sample of the floor; the
+    pairs of draws give many. Pooling draws of different calls holds only while the baseline repeats itself
+    from call to call, which `baseline_spread` shows."""
+    curves = [r for r in rows if r["suite"] == "curve" and r["status"] == "completed"]
+    measured = [r for r in curves if r["variant"] == variant]
+    if not measured:
+        return None
+    gpu = measured[-1].get("gpu")
+    draws = {r["variant"]: r["losses"] for r in curves if r.get("gpu") == gpu
+             and (r["variant"] == "baseline" or r["variant"] in OTHER_DROPOUT_DRAWS)}
+    if len(draws) < 2:
+        return None
+    baselines = [r["losses"] for r in curves if r.get("gpu") == gpu and r["variant"] == "baseline"]
+    curves_of_draws = list(draws.values())
+    against = [curve_gap(draw, measured[-1]["losses"]) for draw in curves_of_draws]
+    ranks = [1 + sum(curve_gap(draw, other) < gap for other in curves_of_draws if other is not draw)
+             for draw, gap in zip(curves_of_draws, against)]
+    return CurveNoise(
+        floor=[curve_gap(a, b) for i, a in enumerate(curves_of_draws) for b in curves_of_draws[i + 1:]],
+        against=against, baseline_spread=max(curve_gap(baselines[0], other) for other in baselines), ranks=ranks)
+
+
+def noise_summary(noise: CurveNoise, variant: str = "engine") -> str:
+    draws = len(noise.against)
+    return (f"Noise floor: {draws} draws of the baseline's dropout masks (same init and data order; the baseline's "
+            f"own rows of different calls agree to {noise.baseline_spread:.2%}) lie {min(noise.floor):.2%} to "
+            f"{max(noise.floor):.2%} apart ({len(noise.floor)} pairs, median {statistics.median(noise.floor):.2%}). "
+            f"{variant} against each draw: {min(noise.against):.2%} to {max(noise.against):.2%} (median "
+            f"{statistics.median(noise.against):.2%}): {'within' if noise.within else 'outside'} the floor. Its "
+            f"place among each draw's neighbours: {statistics.fmean(noise.ranks):.1f} of {draws} on average "
+            f"(one more draw: {noise.typical_rank:.1f}).")
 
 
 def curve_summary(baseline: list[float], engine: list[float], window: int = 5) -> str:

@@ -195,6 +195,27 @@ def test_benchmark_curves_pair_each_variant_with_its_baseline() -> None:
     assert "engine_no_dropout against baseline_no_dropout (" in text and "averages 0.00%" in text
 
 
+def test_the_curves_noise_floor_is_every_pair_of_dropout_draws_on_the_engines_gpu() -> None:
+    def row(variant: str, level: float, gpu: str = "H200", machine: str = "call 1") -> dict[str, Any]:
+        return {"suite": "curve", "shape": "llama-3.2-1b", "method": "lora", "checkpointing": True, "variant": variant,
+                "status": "completed", "losses": [level] * 10, "gpu": gpu, "machine": machine}
+
+    rows = [row("baseline", 10.0), row("baseline_other_dropout", 10.1), row("engine", 10.25),
+            row("baseline", 10.0, machine="call 2"), row("baseline_other_dropout_2", 9.8, machine="call 2"),
+            row("baseline_other_dropout_3", 50.0, gpu="H100")]  # another card's draw stays out
+    noise = bench_speed.curve_noise(rows)
+    assert noise is not None and noise.baseline_spread == 0.0
+    # draws 10.0, 10.1 and 9.8: pairs 1%, 2%, about 2.97% (gaps are relative to the first curve of each pair)
+    assert sorted(round(gap, 4) for gap in noise.floor) == [0.01, 0.02, 0.0297]
+    assert sorted(round(gap, 4) for gap in noise.against) == [0.0149, 0.025, 0.0459]
+    assert not noise.within  # 4.59% against the widest pair's 2.97%
+    # from 10.1 the engine (1.49%) lies between 10.0 (0.99%) and 9.8 (2.97%); from the other two it is the farthest
+    assert noise.ranks == [3, 2, 3] and noise.typical_rank == 2.0
+    text = bench_speed.table(rows)
+    assert "3 draws of the baseline's dropout masks" in text and "outside the floor" in text
+    assert bench_speed.curve_noise([row("baseline", 10.0), row("engine", 10.1)]) is None  # one draw: no floor
+
+
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:
     summary = bench_speed.curve_summary([10.0] * 10, [10.0] * 5 + [10.5] * 5, window=5)
     assert "difference 0.0000" in summary and "largest gap of the 5-step moving averages 5.00%" in summary

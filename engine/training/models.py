@@ -20,6 +20,7 @@ from tunewiz.engine import locations
 from tunewiz.engine.config import catalog
 from tunewiz.engine.config.spec import RunSpec
 from tunewiz.engine.errors import HardwareError, ModelError
+from tunewiz.engine.training import packed_attention
 
 if TYPE_CHECKING:
     import torch
@@ -187,11 +188,16 @@ def choose_dtype(spec: RunSpec, cuda: bool, bf16_ok: bool) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[wanted]
 
 
-def attention_implementation(spec: RunSpec, cuda: bool) -> str:
+def attention_implementation(spec: RunSpec, cuda: bool, dtype: Any = None) -> str:
+    """`model.attention`, or for `auto`: flash-attn when installed, else torch's variable-length flash attention
+    for packed data (packed_attention), else SDPA."""
     if spec.model.attention != "auto":
         return spec.model.attention
     if cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if spec.training.packing and packed_attention.supported(cuda, dtype):
+        packed_attention.register()
+        return packed_attention.NAME
     return "sdpa"
 
 
@@ -232,8 +238,9 @@ def load_model(source: ModelSource, spec: RunSpec, dtype: torch.dtype, device: s
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(spec, device != "cpu"),
-                              "revision": source.revision, "trust_remote_code": spec.model.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": source.revision,
+                              "attn_implementation": attention_implementation(spec, device != "cpu", dtype),
+                              "trust_remote_code": spec.model.trust_remote_code}
     if spec.method == "qlora":
         from transformers import BitsAndBytesConfig
 

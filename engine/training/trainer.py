@@ -28,7 +28,7 @@ from tunewiz.engine.fileio import atomic_write_json
 from tunewiz.engine.run import coach, monitor, ranks
 from tunewiz.engine.run.context import EngineContext, TrainOutcome
 from tunewiz.engine.run.rundir import fsync_tree, scan_checkpoints
-from tunewiz.engine.training import distributed, download, models, oom, speed, step_log
+from tunewiz.engine.training import distributed, download, models, oom, packed_attention, speed, step_log
 from tunewiz.engine.training.generate import answers, matches
 from tunewiz.engine.training.sealing import SealingTrainerMixin
 from tunewiz.engine.training.step_log import LaggedLogMixin, StepClock
@@ -81,6 +81,17 @@ class PaddingCollator:
             labels.append(item["labels"] + [IGNORE_INDEX] * pad)
             mask.append([1] * len(item["input_ids"]) + [0] * pad)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def batch_collator(spec: RunSpec, attention: str, pad_id: int, cuda: bool) -> Any:
+    """Padded batches, or with `training.packing` one row of examples end to end; an attention that reads each
+    example's bounds from the batch (flash-attn, packed_attention) gets them from the collator."""
+    if not spec.training.packing:
+        return PaddingCollator(pad_id, 8 if cuda else 1)
+    from transformers import DataCollatorWithFlattening
+
+    bounds = str(attention).startswith(("flash_attention", packed_attention.NAME))
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=bounds)
 
 
 def _device() -> tuple[str, bool]:
@@ -405,10 +416,9 @@ def train(ctx: EngineContext) -> TrainOutcome:
     lagged = not preferring and step_log.wanted(spec.speed.lagged_logs, cuda, ranks.world_size())
     callback = _make_callback(ctx, model, encoder, data, total, sample_every, coach.attach(ctx), tokens, lagged)
 
-    from transformers import DataCollatorWithFlattening, PrinterCallback
+    from transformers import PrinterCallback
 
-    collator = (DataCollatorWithFlattening() if spec.training.packing
-                else PaddingCollator(tokenizer.pad_token_id, 8 if cuda else 1))
+    collator = batch_collator(spec, model.config._attn_implementation, tokenizer.pad_token_id, cuda)
 
     def build(spec: RunSpec) -> Any:
         trainer: Any

@@ -191,8 +191,9 @@ def suite_cases(suite: str) -> list[Case]:
                    for method, checkpointing, variant in (("lora", True, "engine_fused_offload_no_dropout"),
                                                           ("qlora", True, "engine_fused_offload_no_dropout"),
                                                           ("lora", False, "engine_fused_lora_no_dropout"))])
-    if suite == "packing":
-        return [Case("packing", "llama-3.2-1b", "lora", True, "engine", data="varied", micro_batch=8, packing=packed)
+    if suite == "packing":  # padded against packed batches of variable-length examples
+        return [Case("packing", shape, method, True, "engine", data="varied", micro_batch=8, packing=packed)
+                for shape, method in (("llama-3.2-1b", "lora"), ("llama-3.1-8b", "lora"), ("llama-3.1-8b", "qlora"))
                 for packed in (False, True)]
     raise SystemExit(f"unknown suite {suite!r}: headline, levers, curve, packing, fused, shapes or all")
 
@@ -437,7 +438,8 @@ def label(rows: list[dict[str, Any]], machine: str) -> list[dict[str, Any]]:
 
 def _packing_summary(packing: dict[bool, dict[str, Any]]) -> str:
     padded, packed = packing[False], packing[True]
-    return (f"Packing (variable-length data, micro-batch 8): {padded['tokens_per_s']} real tokens/s padded, "
+    return (f"Packing, {padded['shape']} {padded['method']} ({padded.get('machine') or 'earlier sessions'}; "
+            f"variable-length data, micro-batch 8): {padded['tokens_per_s']} real tokens/s padded, "
             f"{packed['tokens_per_s']} packed ({_ratio(packed['tokens_per_s'], padded['tokens_per_s'])}); "
             f"peak reserved {padded['peak_reserved_gib']} vs {packed['peak_reserved_gib']} GiB.")
 
@@ -490,9 +492,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                         + curve_summary(curve[reference]["losses"], curve[variant]["losses"]), ""]
     if noise := curve_noise(rows):
         out += [noise_summary(noise), ""]
-    packing = {r["packing"]: r for r in rows if r["suite"] == "packing" and r["status"] == "completed"}
-    if {True, False} <= packing.keys():
-        out.append(_packing_summary(packing))
+    pairs: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
+    for r in rows:
+        if r["suite"] == "packing" and r["status"] == "completed":
+            pairs.setdefault((r.get("machine"), r["shape"], r["method"]), {})[r["packing"]] = r
+    out += [_packing_summary(pair) for pair in pairs.values() if {True, False} <= pair.keys()]
     return "\n".join(out)
 
 

@@ -216,6 +216,24 @@ def test_the_curves_noise_floor_is_every_pair_of_dropout_draws_on_the_engines_gp
     assert bench_speed.curve_noise([row("baseline", 10.0), row("engine", 10.1)]) is None  # one draw: no floor
 
 
+def test_packing_is_compared_within_one_call_shape_and_method() -> None:
+    assert {(c.shape, c.method) for c in bench_speed.suite_cases("packing")} == {
+        ("llama-3.2-1b", "lora"), ("llama-3.1-8b", "lora"), ("llama-3.1-8b", "qlora")}
+
+    def row(machine: str, method: str, packed: bool, speed: float) -> dict[str, Any]:
+        return {"suite": "packing", "shape": "llama-3.1-8b", "method": method, "checkpointing": True,
+                "variant": "engine", "packing": packed, "status": "completed", "tokens_per_s": speed,
+                "peak_reserved_gib": 10.0, "machine": machine, "gpu": "H200"}
+
+    text = bench_speed.table([row("call 1", "lora", False, 100.0), row("call 1", "lora", True, 150.0),
+                              row("call 2", "lora", False, 120.0), row("call 2", "qlora", True, 90.0),
+                              row("call 2", "qlora", False, 60.0)])
+    lines = [line for line in text.splitlines() if line.startswith("Packing")]
+    assert len(lines) == 2  # call 2's LoRA has no packed row
+    assert "lora (call 1;" in lines[0] and "(1.50x)" in lines[0]
+    assert "qlora (call 2;" in lines[1] and "(1.50x)" in lines[1]
+
+
 def test_curve_summary_measures_the_gap_of_moving_averages() -> None:
     summary = bench_speed.curve_summary([10.0] * 10, [10.0] * 5 + [10.5] * 5, window=5)
     assert "difference 0.0000" in summary and "largest gap of the 5-step moving averages 5.00%" in summary

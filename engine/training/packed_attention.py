@@ -13,6 +13,7 @@ generation), SDPA's mask: those batches take transformers' SDPA path unchanged.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 from collections.abc import Callable
@@ -32,6 +33,7 @@ def supported(cuda: bool, dtype: Any) -> bool:
             and torch.cuda.get_device_capability()[0] >= 8)
 
 
+@functools.cache  # read once: the attention runs in every layer of every step, and the host's time counts
 def _varlen() -> tuple[Callable[..., Any], dict[str, Any], bool]:
     """torch's varlen_attn, the keyword that makes it causal (torch 2.10 `is_causal`, later `window_size`),
     and whether it takes fewer key/value heads than query heads itself."""
@@ -53,6 +55,8 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    import torch
+
     varlen_attn, causal, takes_gqa = _varlen()
     q, k, v = (tensor[0].transpose(0, 1).contiguous() for tensor in (query, key, value))  # (tokens, heads, dim)
     options: dict[str, Any] = dict(causal)
@@ -62,15 +66,9 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
         else:  # each key/value head serves the query heads next to it, as transformers' repeat_kv lays them out
             repeats = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    out = varlen_attn(q, k, v, lengths_q.to(q.device, dtype=_int32()), lengths_k.to(q.device, dtype=_int32()),
+    out = varlen_attn(q, k, v, lengths_q.to(q.device, torch.int32), lengths_k.to(q.device, torch.int32),
                       int(kwargs["max_length_q"]), int(kwargs["max_length_k"]), scale=scaling, **options)
     return out.unsqueeze(0), None
-
-
-def _int32() -> Any:
-    import torch
-
-    return torch.int32
 
 
 def register() -> None:
